@@ -1,0 +1,3 @@
+"""longrope-convert: LongRoPE long-context checkpoints from Hugging Face Llama models."""
+
+__version__ = "0.1.0"

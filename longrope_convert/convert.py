@@ -1,0 +1,184 @@
+"""Write a LongRoPE checkpoint: config with the factors, the modeling file, tokenizer, linked weights.
+
+The output is assembled in a hidden temporary folder next to it and renamed into place at the end,
+so an interrupted or failed run leaves nothing half-written. Weights are hard-linked (or copied,
+streaming) and never loaded: memory stays flat whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import modeling_longrope_llama
+from .errors import LongRoPEError
+from .factors import FactorSet, analytic_factor_set, find_shipped_factor_set, load_factor_set
+from .source import SourceModel
+
+MODELING_FILE = "modeling_longrope_llama.py"
+FACTORS_FILE = "longrope_factors.json"
+AUTO_MAP = {
+    "AutoModel": "modeling_longrope_llama.LongRoPELlamaModel",
+    "AutoModelForCausalLM": "modeling_longrope_llama.LongRoPELlamaForCausalLM",
+}
+# Files of the source that travel with the weights (licences must: Llama's licence requires it).
+COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
+                "chat_template.json")
+COPIED_PATTERNS = ("LICENSE*", "USE_POLICY*", "NOTICE*")
+
+
+@dataclass
+class ConversionResult:
+    output: Path
+    factor_set: FactorSet
+    factors_origin: str
+    weight_files: int
+    weight_bytes: int
+    weight_mode: str  # "hardlink", "copy" or "mixed"
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "output": str(self.output),
+            "target_length": self.factor_set.target_length,
+            "original_max_position_embeddings": self.factor_set.model.original_max_position_embeddings,
+            "factors": {"method": self.factor_set.method, "origin": self.factors_origin, "n_hat": self.factor_set.n_hat},
+            "weights": {"files": self.weight_files, "bytes": self.weight_bytes, "mode": self.weight_mode},
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def resolve_factors(source: SourceModel, target: int, factors: str | None,
+                    warn: Callable[[str], None]) -> tuple[FactorSet, str]:
+    """The factor set to use and where it came from: a file, an analytic method, or the shipped ones."""
+    if target <= source.original_window:
+        raise LongRoPEError(
+            f"--target {target} must be larger than the source's context window {source.original_window}"
+        )
+    if factors in ("pi", "ntk", "yarn", "llama3"):
+        return analytic_factor_set(factors, source.fingerprint, target), f"init:{factors}"
+    if factors is not None:
+        factor_set = load_factor_set(factors)
+        if not factor_set.model.matches(source.fingerprint):
+            raise LongRoPEError(
+                f"{factors}: factors were made for {factor_set.model.name} ({_describe(factor_set.model)}), "
+                f"not for this source ({_describe(source.fingerprint)})"
+            )
+        if factor_set.target_length != target:
+            raise LongRoPEError(f"{factors}: factors are for target {factor_set.target_length}, not --target {target}")
+        return factor_set, str(factors)
+    shipped = find_shipped_factor_set(source.fingerprint, target)
+    if shipped is not None:
+        return shipped[0], f"shipped:{shipped[1].parent.name}/{shipped[1].name}"
+    warn(
+        f"WARNING: no searched factors ship for this model at {target} tokens; using the YaRN-derived init "
+        "(recorded as 'init:yarn', not searched). Run 'longrope-convert search' for searched factors."
+    )
+    return analytic_factor_set("yarn", source.fingerprint, target), "init:yarn"
+
+
+def _describe(model) -> str:
+    return (f"head_dim {model.head_dim}, rope_theta {model.rope_theta:g}, window "
+            f"{model.original_max_position_embeddings}, {model.num_hidden_layers} layers, hidden {model.hidden_size}")
+
+
+def longrope_config(source_config: dict[str, Any], factor_set: FactorSet) -> dict[str, Any]:
+    """The source config with LongRoPE in the standard keys (stock transformers and vLLM read it without
+    remote code) and the extras only the shipped modeling file uses."""
+    config = {key: value for key, value in source_config.items() if key not in ("rope_parameters", "rope_scaling")}
+    config["rope_theta"] = factor_set.model.rope_theta
+    config["max_position_embeddings"] = factor_set.target_length
+    config["rope_scaling"] = {
+        "rope_type": "longrope",
+        "long_factor": factor_set.long_factor,
+        "short_factor": factor_set.short_factor,
+        "original_max_position_embeddings": factor_set.model.original_max_position_embeddings,
+        "factor": factor_set.scale,
+        "attention_factor": factor_set.long_mscale,
+    }
+    config["longrope"] = {
+        "n_hat": factor_set.n_hat,
+        "short_mscale": factor_set.short_mscale,
+        "method": factor_set.method,
+        "factors_file": FACTORS_FILE,
+    }
+    config["auto_map"] = dict(AUTO_MAP)
+    return config
+
+
+@contextmanager
+def atomic_folder(output: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary folder that becomes `output` only if the block completes."""
+    if output.exists() and not overwrite:
+        raise LongRoPEError(f"output '{output}' already exists; pass --overwrite to replace it")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
+    try:
+        yield staging
+        if output.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
+            os.replace(output, retired / output.name)
+            os.replace(staging, output)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def link_or_copy(source: Path, target: Path, copy: bool) -> str:
+    """Hard-link a weight file (following the Hub cache's symlinks); copy when linking is impossible."""
+    real = Path(os.path.realpath(source))
+    if not copy:
+        try:
+            os.link(real, target)
+            return "hardlink"
+        except OSError:  # other file system, or links not permitted
+            pass
+    shutil.copyfile(real, target)  # kernel-side copy on Linux: constant memory
+    return "copy"
+
+
+def write_checkpoint(source: SourceModel, factor_set: FactorSet, output: Path, factors_origin: str,
+                     overwrite: bool = False, copy_weights: bool = False,
+                     log: Callable[[str], None] = lambda message: None) -> ConversionResult:
+    started = time.perf_counter()
+    output = Path(output)
+    if output.resolve() == source.folder.resolve():
+        raise LongRoPEError("output folder must differ from the source folder")
+    with atomic_folder(output, overwrite) as staging:
+        config = longrope_config(source.config, factor_set)
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        shutil.copyfile(modeling_longrope_llama.__file__, staging / MODELING_FILE)
+        factor_set.save(staging / FACTORS_FILE)
+        extras = [source.folder / name for name in COPIED_FILES if (source.folder / name).is_file()]
+        extras += [path for pattern in COPIED_PATTERNS for path in sorted(source.folder.glob(pattern)) if path.is_file()]
+        for path in extras:
+            shutil.copyfile(path, staging / path.name)
+        modes, total = set(), 0
+        for path in source.weight_files:
+            log(f"weights: {path.name}")
+            modes.add(link_or_copy(path, staging / path.name, copy_weights))
+            total += path.stat().st_size
+    return ConversionResult(
+        output=output,
+        factor_set=factor_set,
+        factors_origin=factors_origin,
+        weight_files=len(source.weight_files),
+        weight_bytes=total,
+        weight_mode=modes.pop() if len(modes) == 1 else "mixed",
+        seconds=time.perf_counter() - started,
+    )

@@ -1,0 +1,135 @@
+"""Factor files (format and strict validation) and the analytic factor sets."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from longrope_convert.factors import (
+    FactorFileError,
+    ModelFingerprint,
+    analytic_factor_set,
+    find_shipped_factor_set,
+    load_factor_set,
+)
+from longrope_convert.modeling_longrope_llama import rope_inv_freq
+
+LLAMA3_8B = ModelFingerprint(architecture="LlamaForCausalLM", name="Meta-Llama-3-8B", head_dim=128,
+                             rope_theta=500000.0, original_max_position_embeddings=8192, num_hidden_layers=32,
+                             hidden_size=4096)
+
+
+def test_pi_and_ntk_sets():
+    pi = analytic_factor_set("pi", LLAMA3_8B, 65536)
+    assert pi.long_factor == [8.0] * 64 and pi.short_factor == [1.0] * 64 and pi.long_mscale == 1.0
+    ntk = analytic_factor_set("ntk", LLAMA3_8B, 65536)
+    # NTK-aware = the same RoPE with base b * s^(d / (d - 2))
+    new_base = 500000.0 * 8 ** (128 / 126)
+    torch.testing.assert_close(rope_inv_freq(500000.0, 128, ntk.long_factor), rope_inv_freq(new_base, 128),
+                               rtol=2e-6, atol=0)
+    assert ntk.long_factor[0] == 1.0 and math.isclose(ntk.long_factor[-1], 8.0)
+
+
+def test_llama3_set_equals_transformers_llama3_rope():
+    factor_set = analytic_factor_set("llama3", LLAMA3_8B, 65536)
+    config = LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=65536,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 8192})
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](config)
+    torch.testing.assert_close(rope_inv_freq(500000.0, 128, factor_set.long_factor), expected, rtol=1e-5, atol=0)
+
+
+def test_yarn_set_ramps_from_extrapolation_to_interpolation():
+    factor_set = analytic_factor_set("yarn", LLAMA3_8B, 65536)
+    factors = factor_set.long_factor
+    # beta_fast 32 / beta_slow 1 at base 5e5, window 8192: dims below 19 keep their frequency, above 39 get s
+    low = math.floor(128 * math.log(8192 / (32 * 2 * math.pi)) / (2 * math.log(500000.0)))
+    high = math.ceil(128 * math.log(8192 / (1 * 2 * math.pi)) / (2 * math.log(500000.0)))
+    assert (low, high) == (18, 35)
+    assert factors[: low + 1] == [1.0] * (low + 1) and factors[high:] == [8.0] * (64 - high)
+    assert all(a < b for a, b in zip(factors[low:high], factors[low + 1 : high + 1]))
+    assert math.isclose(factors[low + 5], 1.0 + 7.0 * 5 / (high - low))
+    assert math.isclose(factor_set.long_mscale, 0.1 * math.log(8) + 1)
+
+
+def test_analytic_sets_are_valid_files(tmp_path):
+    for method in ("pi", "ntk", "yarn", "llama3"):
+        factor_set = analytic_factor_set(method, LLAMA3_8B, 65536)
+        factor_set.save(tmp_path / f"{method}.json")
+        loaded = load_factor_set(tmp_path / f"{method}.json")
+        assert loaded == factor_set
+        assert loaded.method == f"init:{method}" and not loaded.is_searched
+
+
+def valid_file_data() -> dict:
+    return analytic_factor_set("yarn", LLAMA3_8B, 65536).to_json()
+
+
+def mutate(data: dict, path: str, value):
+    *parents, last = path.split(".")
+    target = data
+    for key in parents:
+        target = target[key]
+    if value is DELETE:
+        del target[last]
+    elif isinstance(target, list):
+        target[int(last)] = value
+    else:
+        target[last] = value
+    return data
+
+
+DELETE = object()
+BAD_FILES = [
+    ("long_factor", list(range(1, 64)), "long_factor", "head_dim/2 = 64"),
+    ("short_factor", [1.0] * 65, "short_factor", "head_dim/2 = 64"),
+    ("long_factor.10", float("inf"), "long_factor[10]", "finite"),
+    ("long_factor.3", float("nan"), "long_factor[3]", "finite"),
+    ("short_factor.0", 0.5, "short_factor[0]", ">= 1"),
+    ("long_factor.40", 2.0, "long_factor[40]", "non-decreasing"),
+    ("surprise", 1, "surprise", "unknown field"),
+    ("model.rope_scaling", 1, "model.rope_scaling", "unknown field"),
+    ("provenance.mood", "happy", "provenance.mood", "unknown field"),
+    ("n_hat", DELETE, "n_hat", "missing"),
+    ("n_hat", -1, "n_hat", "non-negative"),
+    ("long_mscale", 0, "long_mscale", "positive"),
+    ("target_length", 4096, "target_length", "must exceed"),
+    ("format", "yarn", "format", "longrope-factors"),
+    ("model.head_dim", "128", "model.head_dim", "wrong type"),
+    ("provenance.method", "", "provenance.method", "non-empty"),
+]
+
+
+@pytest.mark.parametrize("path,value,field,problem", BAD_FILES)
+def test_bad_factor_files_name_the_file_and_the_field(tmp_path, path, value, field, problem):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(mutate(valid_file_data(), path, value)))
+    with pytest.raises(FactorFileError) as caught:
+        load_factor_set(bad)
+    message = str(caught.value)
+    assert str(bad) in message and f"'{field}'" in message and problem in message
+    assert "\n" not in message
+
+
+def test_unreadable_factor_files(tmp_path):
+    with pytest.raises(FactorFileError, match="no such factor file"):
+        load_factor_set(tmp_path / "absent.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(FactorFileError, match="broken.json: not a readable JSON file"):
+        load_factor_set(tmp_path / "broken.json")
+
+
+def test_shipped_lookup_matches_fingerprint_and_target(tmp_path):
+    (tmp_path / "llama3").mkdir()
+    analytic_factor_set("ntk", LLAMA3_8B, 65536).save(tmp_path / "llama3" / "65536.json")
+    found, path = find_shipped_factor_set(LLAMA3_8B, 65536, tmp_path)
+    assert path.name == "65536.json" and found.method == "init:ntk"
+    assert find_shipped_factor_set(LLAMA3_8B, 32768, tmp_path) is None
+    renamed = ModelFingerprint(**{**LLAMA3_8B.__dict__, "name": "a fine-tune of it"})
+    assert find_shipped_factor_set(renamed, 65536, tmp_path) is not None
+    other_theta = ModelFingerprint(**{**LLAMA3_8B.__dict__, "rope_theta": 10000.0})
+    assert find_shipped_factor_set(other_theta, 65536, tmp_path) is None
