@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import modeling_longrope_llama
 from .errors import LongRoPEError
 from .factors import FactorSet, analytic_factor_set, find_shipped_factor_set, load_factor_set
 from .source import SourceModel
 
 MODELING_FILE = "modeling_longrope_llama.py"
+# Copied, not imported: conversion never imports torch, so its memory stays flat.
+MODELING_SOURCE = Path(__file__).with_name(MODELING_FILE)
 FACTORS_FILE = "longrope_factors.json"
 AUTO_MAP = {
     "AutoModel": "modeling_longrope_llama.LongRoPELlamaModel",
@@ -162,7 +163,7 @@ def write_checkpoint(source: SourceModel, factor_set: FactorSet, output: Path, f
     with atomic_folder(output, overwrite) as staging:
         config = longrope_config(source.config, factor_set)
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        shutil.copyfile(modeling_longrope_llama.__file__, staging / MODELING_FILE)
+        shutil.copyfile(MODELING_SOURCE, staging / MODELING_FILE)
         factor_set.save(staging / FACTORS_FILE)
         extras = [source.folder / name for name in COPIED_FILES if (source.folder / name).is_file()]
         extras += [path for pattern in COPIED_PATTERNS for path in sorted(source.folder.glob(pattern)) if path.is_file()]
