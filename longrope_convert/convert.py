@@ -7,6 +7,7 @@ streaming) and never loaded: memory stays flat whatever the model size.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -18,14 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .card import CARD_FILE, model_card, source_license
 from .errors import LongRoPEError
-from .factors import FactorSet, analytic_factor_set, find_shipped_factor_set, load_factor_set
+from .factors import FACTORS_FILE, FactorSet, analytic_factor_set, find_shipped_factor_set, load_factor_set
 from .source import SourceModel
 
 MODELING_FILE = "modeling_longrope_llama.py"
 # Copied, not imported: conversion never imports torch, so its memory stays flat.
 MODELING_SOURCE = Path(__file__).with_name(MODELING_FILE)
-FACTORS_FILE = "longrope_factors.json"
 AUTO_MAP = {
     "AutoModel": "modeling_longrope_llama.LongRoPELlamaModel",
     "AutoModelForCausalLM": "modeling_longrope_llama.LongRoPELlamaForCausalLM",
@@ -153,22 +154,40 @@ def link_or_copy(source: Path, target: Path, copy: bool) -> str:
     return "copy"
 
 
+def generated_files(source: SourceModel, factor_set: FactorSet, repo: str) -> dict[str, str]:
+    """The files conversion writes itself (the rest is copied or linked from the source)."""
+    card = model_card(factor_set, base_model=source.name, license_fields=source_license(source.folder), repo=repo)
+    return {
+        "config.json": json.dumps(longrope_config(source.config, factor_set), indent=2) + "\n",
+        MODELING_FILE: MODELING_SOURCE.read_text(),
+        FACTORS_FILE: factor_set.dumps(),
+        CARD_FILE: card,
+    }
+
+
+def copied_file_names(names: list[str]) -> list[str]:
+    """Which of the source's files travel with the weights."""
+    return [n for n in names if n in COPIED_FILES or any(fnmatch.fnmatch(n, p) for p in COPIED_PATTERNS)]
+
+
+def default_output(source_name: str, target: int) -> Path:
+    length = f"{target // 1024}k" if target % 1024 == 0 else str(target)
+    return Path(f"{Path(source_name).name}-longrope-{length}")
+
+
 def write_checkpoint(source: SourceModel, factor_set: FactorSet, output: Path, factors_origin: str,
-                     overwrite: bool = False, copy_weights: bool = False,
+                     overwrite: bool = False, copy_weights: bool = False, repo: str | None = None,
                      log: Callable[[str], None] = lambda message: None) -> ConversionResult:
+    """Write the converted checkpoint; `repo` is the name its model card loads it by (default: the folder)."""
     started = time.perf_counter()
     output = Path(output)
     if output.resolve() == source.folder.resolve():
         raise LongRoPEError("output folder must differ from the source folder")
     with atomic_folder(output, overwrite) as staging:
-        config = longrope_config(source.config, factor_set)
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        shutil.copyfile(MODELING_SOURCE, staging / MODELING_FILE)
-        factor_set.save(staging / FACTORS_FILE)
-        extras = [source.folder / name for name in COPIED_FILES if (source.folder / name).is_file()]
-        extras += [path for pattern in COPIED_PATTERNS for path in sorted(source.folder.glob(pattern)) if path.is_file()]
-        for path in extras:
-            shutil.copyfile(path, staging / path.name)
+        for name, text in generated_files(source, factor_set, repo or str(output)).items():
+            (staging / name).write_text(text)
+        for name in copied_file_names(sorted(p.name for p in source.folder.iterdir() if p.is_file())):
+            shutil.copyfile(source.folder / name, staging / name)
         modes, total = set(), 0
         for path in source.weight_files:
             log(f"weights: {path.name}")
@@ -183,3 +202,39 @@ def write_checkpoint(source: SourceModel, factor_set: FactorSet, output: Path, f
         weight_mode=modes.pop() if len(modes) == 1 else "mixed",
         seconds=time.perf_counter() - started,
     )
+
+
+def plan_conversion(source: str, revision: str | None, target: int, factors: str | None, output: Path | None,
+                    overwrite: bool, copy_weights: bool, push_to: str | None, branch: str | None, private: bool,
+                    warn: Callable[[str], None]) -> dict[str, Any]:
+    """What a conversion would download, write and push, with sizes; downloads and writes nothing."""
+    from .hub import download_plan, looks_like_repo_id
+    from .source import describe_config, read_source
+
+    if looks_like_repo_id(source):
+        config, download = download_plan(source, revision)
+        model = describe_config(config, source, Path(source))
+        available = {item["file"]: item["bytes"] for item in download}
+    else:
+        model, download = read_source(source), []
+        available = {p.name: p.stat().st_size for p in model.folder.iterdir() if p.is_file()}
+    factor_set, origin = resolve_factors(model, target, factors, warn)
+    output = Path(output or default_output(model.name, target))
+    if output.exists() and not overwrite:
+        raise LongRoPEError(f"output '{output}' already exists; pass --overwrite to replace it")
+    written = [{"file": name, "bytes": len(text.encode()), "how": "write"}
+               for name, text in generated_files(model, factor_set, push_to or str(output)).items()]
+    written += [{"file": name, "bytes": available[name], "how": "copy"} for name in copied_file_names(sorted(available))]
+    weights = [n for n in available if n.endswith(".safetensors") or n == "model.safetensors.index.json"]
+    written += [{"file": name, "bytes": available[name], "how": "copy" if copy_weights else "hard link"}
+                for name in sorted(weights)]
+    total = sum(item["bytes"] or 0 for item in written)
+    return {
+        "source": source, "revision": revision,
+        "download": [item for item in download if not item["cached"]],
+        "download_bytes": sum(item["bytes"] or 0 for item in download if not item["cached"]),
+        "factors": {"method": factor_set.method, "origin": origin, "target_length": target},
+        "output": str(output), "write": written, "write_bytes": total,
+        "push": {"repo": push_to, "branch": branch or "main", "private": private, "files": len(written),
+                 "bytes": total} if push_to else None,
+    }

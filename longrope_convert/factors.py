@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
@@ -37,6 +38,7 @@ from typing import Any
 from . import __version__
 from .errors import LongRoPEError
 
+FACTORS_FILE = "longrope_factors.json"  # its name inside a converted checkpoint
 FORMAT = "longrope-factors"
 VERSION = 1
 ANALYTIC_METHODS = ("pi", "ntk", "yarn", "llama3")
@@ -118,8 +120,15 @@ class FactorSet:
             "provenance": self.provenance,
         }
 
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), indent=2) + "\n"
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        """Write the file atomically (a temporary file renamed over it)."""
+        path = Path(path)
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(self.dumps())
+        os.replace(partial, path)
 
 
 def load_factor_set(path: str | Path) -> FactorSet:
@@ -263,7 +272,8 @@ def analytic_factor_set(method: str, model: ModelFingerprint, target_length: int
         n_hat=0,
         long_mscale=long_mscale,
         short_mscale=1.0,
-        provenance=new_provenance(f"init:{method}"),
+        # No timestamp: the same inputs give a byte-identical file (and an unchanged push).
+        provenance={"method": f"init:{method}", "tool_version": __version__},
     )
 
 

@@ -1,4 +1,4 @@
-"""Perplexity: documents as token ids, and the negative log-likelihood computed in chunks.
+"""Perplexity: documents, a LongRoPE model whose factors can be swapped, and chunked NLL.
 
 One implementation for the search's fitness, the evaluation and the tests. The model's hidden
 states are computed once; the LM head and the loss run over chunks of positions, so memory is
@@ -7,10 +7,107 @@ O(length x hidden), never O(length x vocab).
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .errors import LongRoPEError
+from .factors import FactorSet
+
+
+@dataclass
+class Document:
+    name: str
+    text: str
+
+
+def read_documents(sources: list[str]) -> list[Document]:
+    """Texts from files (.txt: one document; .jsonl: a "text" field per line), folders (their .txt and
+    .jsonl files, sorted) or a `datasets` id ("pg19", "pg19:test") when that library is installed."""
+    documents: list[Document] = []
+    for source in sources:
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+            if not files:
+                raise LongRoPEError(f"data folder '{path}' has no .txt or .jsonl files")
+            for file in files:
+                documents += _read_file(file)
+        elif path.is_file():
+            documents += _read_file(path)
+        else:
+            documents += _read_dataset(source)
+    return documents
+
+
+def _read_file(path: Path) -> list[Document]:
+    if path.suffix != ".jsonl":
+        return [Document(str(path), path.read_text(errors="replace"))]
+    documents = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            documents.append(Document(f"{path}:{number}", json.loads(line)["text"]))
+        except (ValueError, KeyError, TypeError):
+            raise LongRoPEError(f"{path}:{number}: not a JSON object with a 'text' field") from None
+    return documents
+
+
+def _read_dataset(name: str) -> list[Document]:
+    try:
+        import datasets
+    except ImportError:
+        raise LongRoPEError(f"data '{name}' is not a file or folder (and the `datasets` library, needed for "
+                            "dataset ids, is not installed)") from None
+    dataset_id, _, split = name.partition(":")
+    try:
+        rows = datasets.load_dataset(dataset_id, split=split or "test", streaming=True)
+        return [Document(f"{dataset_id}:{i}", row["text"]) for i, row in enumerate(rows)]
+    except Exception as error:  # the library raises many kinds; all mean "cannot use this id here"
+        raise LongRoPEError(f"data '{name}': cannot load dataset ({type(error).__name__}: {error})") from None
+
+
+def tokenized_documents(tokenizer, documents: list[Document], length: int,
+                        limit: int | None = None) -> tuple[list[torch.Tensor], list[str], int]:
+    """Up to `limit` documents of at least `length` tokens, each as BOS + its first length - 1 tokens.
+    Returns (token id tensors [1, length], their names, how many shorter documents were skipped)."""
+    kept, names, skipped = [], [], 0
+    for document in documents:
+        if limit is not None and len(kept) == limit:
+            break
+        ids = document_ids(tokenizer, document.text, length)
+        if ids.shape[1] < length:
+            skipped += 1
+            continue
+        kept.append(ids)
+        names.append(document.name)
+    return kept, names, skipped
+
+
+def load_longrope_model(folder: str | Path, config: dict, device: str | torch.device = "cpu"):
+    """The shipped LongRoPE model on the weights in `folder`, configured by the config dict given
+    (bf16 on CUDA, fp32 elsewhere; SDPA attention; eval mode)."""
+    from transformers import LlamaConfig
+
+    from .modeling_longrope_llama import LongRoPELlamaForCausalLM
+
+    device = torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = LongRoPELlamaForCausalLM.from_pretrained(
+        folder, config=LlamaConfig.from_dict(config), dtype=dtype, attn_implementation="sdpa")
+    return model.to(device).eval()
+
+
+def use_factor_set(model, factor_set: FactorSet) -> None:
+    """Swap a factor set into the model's rotary embedding in place."""
+    model.model.rotary_emb.set_factors(
+        long_factor=factor_set.long_factor, short_factor=factor_set.short_factor, n_hat=factor_set.n_hat,
+        long_mscale=factor_set.long_mscale, short_mscale=factor_set.short_mscale)
 
 
 def document_ids(tokenizer, text: str, length: int | None = None) -> torch.Tensor:

@@ -9,12 +9,12 @@ import json
 import math
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import LongRoPEError
-from .factors import ModelFingerprint
+from .factors import FactorSet, ModelFingerprint, factor_set_from_json
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("*.bin", "*.pth", "*.pt", "*.ckpt", "consolidated.*")
@@ -40,6 +40,7 @@ class SourceModel:
     rope: RopeSettings
     fingerprint: ModelFingerprint
     weight_files: list[Path]  # shards, plus the index file when sharded
+    longrope: FactorSet | None = None  # the factors of a source that is itself a LongRoPE checkpoint
 
     @property
     def original_window(self) -> int:
@@ -71,30 +72,43 @@ def read_source(folder: str | Path, name: str | None = None) -> SourceModel:
         raise LongRoPEError(f"source '{folder}' has no config.json; is it a Hugging Face checkpoint folder?") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise LongRoPEError(f"{config_path}: not a readable JSON file ({error})") from None
+    source = describe_config(config, name or folder.resolve().name, folder)
+    source.weight_files = check_weights(source)
+    return source
+
+
+def open_source(source: str, revision: str | None = None) -> SourceModel:
+    """A local folder, or a Hub repo id downloaded (only what conversion needs) into the Hub cache."""
+    from .hub import download_source, looks_like_repo_id
+
+    if looks_like_repo_id(source):
+        return read_source(download_source(source, revision), name=source)
+    if revision is not None:
+        raise LongRoPEError(f"--revision applies to Hub repo ids; '{source}' is a local path")
+    return read_source(source)
+
+
+def describe_config(config: Any, name: str, folder: Path) -> SourceModel:
+    """What a checkpoint's config.json says (no weights looked at yet)."""
+    config_path = folder / "config.json"
     if not isinstance(config, dict):
         raise LongRoPEError(f"{config_path}: must be a JSON object")
-
     model_type = config.get("model_type")
     if model_type != "llama":
         raise LongRoPEError(
-            f"source '{folder}' is a '{model_type}' model; longrope-convert converts Llama checkpoints "
+            f"source '{name}' is a '{model_type}' model; longrope-convert converts Llama checkpoints "
             "(model_type 'llama')"
         )
     rope = read_rope_settings(config)
-    if rope.rope_type == "longrope":
+    if rope.rope_type not in ("default", "longrope"):
         raise LongRoPEError(
-            f"source '{folder}' already uses LongRoPE; convert its base model, or extend it progressively with "
-            "'longrope-convert search'"
-        )
-    if rope.rope_type != "default":
-        raise LongRoPEError(
-            f"source '{folder}' already scales RoPE (rope_type '{rope.rope_type}', window "
+            f"source '{name}' already scales RoPE (rope_type '{rope.rope_type}', window "
             f"{config.get('max_position_embeddings')}); composing LongRoPE with it is not supported: convert the "
             "base model it was made from (e.g. meta-llama/Meta-Llama-3-8B rather than Llama-3.1)"
         )
     partial = rope.parameters.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
-        raise LongRoPEError(f"source '{folder}' rotates only part of each head (partial_rotary_factor {partial})")
+        raise LongRoPEError(f"source '{name}' rotates only part of each head (partial_rotary_factor {partial})")
 
     def positive_int(key: str) -> int:
         value = config.get(key)
@@ -108,19 +122,42 @@ def read_source(folder: str | Path, name: str | None = None) -> SourceModel:
     if head_dim % 2:
         raise LongRoPEError(f"{config_path}: head_dim {head_dim} is odd; RoPE needs an even head dimension")
     architectures = config.get("architectures") or ["LlamaForCausalLM"]
+    window = positive_int("max_position_embeddings")
     fingerprint = ModelFingerprint(
         architecture=architectures[0],
-        name=name or folder.resolve().name,
+        name=name,
         head_dim=head_dim,
         rope_theta=rope.rope_theta,
-        original_max_position_embeddings=positive_int("max_position_embeddings"),
+        # A LongRoPE source keeps the window its first stage started from: factors stay relative to it.
+        original_max_position_embeddings=rope.parameters.get("original_max_position_embeddings", window),
         num_hidden_layers=positive_int("num_hidden_layers"),
         hidden_size=hidden_size,
     )
-    source = SourceModel(folder=folder, name=fingerprint.name, config=config, rope=rope,
-                         fingerprint=fingerprint, weight_files=[])
-    source.weight_files = check_weights(source)
-    return source
+    longrope = checkpoint_factor_set(config, rope, fingerprint, config_path) if rope.rope_type == "longrope" else None
+    return SourceModel(folder=folder, name=name, config=config, rope=rope, fingerprint=fingerprint,
+                       weight_files=[], longrope=longrope)
+
+
+def checkpoint_factor_set(config: dict[str, Any], rope: RopeSettings, fingerprint: ModelFingerprint,
+                          origin: Path) -> FactorSet:
+    """The factor set a LongRoPE checkpoint's config describes, checked like a factor file."""
+    from .modeling_longrope_llama import default_long_mscale  # imports torch: only for LongRoPE sources
+
+    extras = config.get("longrope") or {}
+    scale = config["max_position_embeddings"] / fingerprint.original_max_position_embeddings
+    attention_factor = rope.parameters.get("attention_factor")
+    return factor_set_from_json({
+        "format": "longrope-factors", "version": 1,
+        "model": asdict(fingerprint),
+        "target_length": config["max_position_embeddings"],
+        "long_factor": rope.parameters.get("long_factor"),
+        "short_factor": rope.parameters.get("short_factor"),
+        "n_hat": extras.get("n_hat", 0),
+        "long_mscale": default_long_mscale(scale, fingerprint.original_max_position_embeddings)
+        if attention_factor is None else attention_factor,
+        "short_mscale": extras.get("short_mscale", 1.0),
+        "provenance": {"method": extras.get("method", "checkpoint")},
+    }, origin=f"{origin} (rope_scaling)")
 
 
 def check_weights(source: SourceModel) -> list[Path]:

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from transformers import AutoModel, AutoModelForCausalLM, LlamaForCausalLM
 
 from conftest import TINY_WINDOW, edit_json, tiny_llama_config
 from longrope_convert import cli, convert, modeling_longrope_llama
+from longrope_convert.card import front_matter
 from longrope_convert.factors import ModelFingerprint, analytic_factor_set, load_factor_set
 from longrope_convert.source import read_source
 
@@ -40,7 +42,7 @@ def test_conversion_writes_a_complete_checkpoint(tiny_source, tmp_path, capfd, m
                                   "mode": "hardlink"}
     assert summary["factors"]["method"] == "init:ntk"
     assert sorted(p.name for p in output.iterdir()) == [
-        "config.json", "generation_config.json", "longrope_factors.json", "model.safetensors",
+        "README.md", "config.json", "generation_config.json", "longrope_factors.json", "model.safetensors",
         "modeling_longrope_llama.py"]
     assert os.stat(output / "model.safetensors").st_ino == os.stat(tiny_source / "model.safetensors").st_ino
     assert (output / "modeling_longrope_llama.py").read_bytes() == Path(modeling_longrope_llama.__file__).read_bytes()
@@ -65,6 +67,19 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_model_card_inherits_the_source_licence(tiny_source, tmp_path, capfd, monkeypatch):
+    (tiny_source / "README.md").write_text("---\nlicense: other\nlicense_name: llama3\nlicense_link: LICENSE\n"
+                                           "tags: [chat]\n---\n# Source card, not copied\n")
+    (tiny_source / "LICENSE").write_text("the licence text")
+    assert run_cli(capfd, monkeypatch, tiny_source, "--target", 256, "--output", tmp_path / "out")[0] == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert front_matter(card) == {"base_model": "tiny-llama", "license": "other", "license_name": "llama3",
+                                  "license_link": "LICENSE", "library_name": "transformers",
+                                  "pipeline_tag": "text-generation", "tags": ["longrope", "long-context", "llama"]}
+    assert "Source card" not in card and "**not searched**: `init:yarn`" in card
+    assert (tmp_path / "out" / "LICENSE").read_text() == "the licence text"
 
 
 def test_converted_checkpoint_loads_with_and_without_remote_code(tiny_source, tmp_path):
@@ -113,6 +128,24 @@ def test_copy_weights_and_sharded_sources(tmp_path, capfd, monkeypatch):
         assert os.stat(output / name).st_ino != os.stat(source / name).st_ino
     model = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True)
     assert torch.equal(model.lm_head.weight, LlamaForCausalLM.from_pretrained(source).lm_head.weight)
+
+
+def test_a_longrope_source_keeps_its_first_window(tiny_source, tmp_path, capfd, monkeypatch):
+    """Converting a converted checkpoint again: factors stay relative to the first stage's window."""
+    stage_one = tmp_path / "stage1"
+    assert run_cli(capfd, monkeypatch, tiny_source, "--target", 256, "--factors", "yarn", "--output", stage_one)[0] == 0
+    source = read_source(stage_one)
+    assert source.fingerprint.original_max_position_embeddings == TINY_WINDOW
+    written = load_factor_set(stage_one / "longrope_factors.json")
+    # read back from config.json; the fingerprint names the folder it was read from
+    assert source.longrope == replace(written, provenance={"method": "init:yarn"},
+                                      model=replace(written.model, name="stage1"))
+    code, out, err = run_cli(capfd, monkeypatch, stage_one, "--target", 512, "--factors", "pi", "--output",
+                             tmp_path / "stage2", "--json")
+    assert code == 0, err
+    config = json.loads((tmp_path / "stage2" / "config.json").read_text())
+    assert config["rope_scaling"]["original_max_position_embeddings"] == TINY_WINDOW
+    assert config["rope_scaling"]["long_factor"] == [8.0] * 8 and config["max_position_embeddings"] == 512
 
 
 @pytest.mark.parametrize("style", ["4.x", "5.x"])
@@ -178,8 +211,8 @@ def break_source(kind: str, folder: Path, tmp_path: Path) -> list:
         edit_json(config, rope_parameters=None, rope_theta=500000.0, rope_scaling={
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 8192})
-    elif kind == "already longrope":
-        edit_json(config, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "long_factor": [1.0] * 8,
+    elif kind == "broken longrope":
+        edit_json(config, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "long_factor": [2.0, 1.0] * 4,
                                            "short_factor": [1.0] * 8, "original_max_position_embeddings": 32})
     elif kind == "pickle only":
         weights.unlink()
@@ -225,7 +258,7 @@ BAD_INPUTS = {
     "no config": "has no config.json",
     "not llama": "is a 'mistral' model",
     "llama3 scaling": "already scales RoPE (rope_type 'llama3'",
-    "already longrope": "already uses LongRoPE",
+    "broken longrope": "(rope_scaling): field 'long_factor[1]': must be non-decreasing",
     "pickle only": "has only pickle weights (pytorch_model.bin)",
     "no weights": "has no model.safetensors",
     "truncated weights": "do not fit its size",

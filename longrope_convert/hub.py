@@ -1,0 +1,168 @@
+"""The Hugging Face Hub, through huggingface_hub: fetch a source checkpoint, push a converted one.
+
+Downloads take only what a conversion needs (never pickle weights or Meta's original/ folder), go
+through huggingface_hub's cache and progress bars, and honour HF_HUB_OFFLINE. A push is one commit
+of the whole folder, so a failed push leaves the repo as it was, and pushing an unchanged folder
+again makes no commit. The token comes from HF_TOKEN or the saved login; it is never printed.
+Every Hub failure becomes a one-line LongRoPEError that says what to do.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import LongRoPEError
+
+ALLOW_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+                  "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                  "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
+                  "LICENSE*", "USE_POLICY*", "NOTICE*", "README.md"]
+# Nothing in subfolders (Meta's original/ among them) and no pickle files, whatever the allow list says.
+IGNORE_PATTERNS = ["*/*", "*.bin", "*.pth", "*.pt", "*.ckpt", "consolidated.*"]
+PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+|[A-Za-z0-9][\w.-]*")
+
+
+def looks_like_repo_id(source: str) -> bool:
+    return not Path(source).exists() and REPO_ID.fullmatch(source) is not None and ".." not in source
+
+
+def endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+@contextmanager
+def hub_errors(repo_id: str, revision: str | None = None, pushing: bool = False) -> Iterator[None]:
+    """Turn huggingface_hub's exceptions into one line that says what to do."""
+    try:  # huggingface_hub 2.x speaks HTTP through httpx2, 1.x through httpx
+        import httpx2 as httpx
+    except ImportError:
+        import httpx
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        yield
+    except GatedRepoError:
+        raise LongRoPEError(
+            f"'{repo_id}' is a gated repo and this account has no access: accept its licence at "
+            f"{endpoint()}/{repo_id}, then log in with `hf auth login` or set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise LongRoPEError(
+            f"no model repo '{repo_id}' on {endpoint()} (if it is private, log in with `hf auth login` or set "
+            "HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise LongRoPEError(f"'{repo_id}' has no revision '{revision}' (give a branch, tag or commit)") from None
+    except RemoteEntryNotFoundError as error:
+        raise LongRoPEError(f"'{repo_id}': a file is missing on the Hub ({_first_line(error)})") from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx.TransportError):
+        if pushing:
+            raise LongRoPEError(f"the connection to {endpoint()} failed while pushing to '{repo_id}'; nothing was "
+                                "committed: run the command again") from None
+        if constants.HF_HUB_OFFLINE:
+            raise LongRoPEError(f"HF_HUB_OFFLINE is set and '{repo_id}' is not in the local cache; unset it to "
+                                "download") from None
+        raise LongRoPEError(f"cannot reach {endpoint()} to get '{repo_id}' (no network?); with a cached copy, set "
+                            "HF_HUB_OFFLINE=1 to use it") from None
+    except HfHubHTTPError as error:
+        raise LongRoPEError(f"the Hub refused the request for '{repo_id}': {_first_line(error)}") from None
+    except OSError as error:
+        if error.errno == errno.ENOSPC:
+            raise LongRoPEError(f"disk full while downloading '{repo_id}' to {constants.HF_HUB_CACHE}: free space "
+                                "or point HF_HOME to a larger disk") from None
+        raise
+
+
+def _first_line(error: Exception) -> str:
+    return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+def _refuse_pickle_only(repo_id: str, revision: str | None) -> None:
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    files = [sibling.rfilename for sibling in HfApi().model_info(repo_id, revision=revision).siblings or []]
+    top_level = [name for name in files if "/" not in name]
+    if not any(name.endswith(".safetensors") for name in top_level):
+        pickles = [name for name in top_level if name.endswith(PICKLE_SUFFIXES)]
+        what = f"only pickle weights ({', '.join(pickles[:3])})" if pickles else "no *.safetensors weights"
+        raise LongRoPEError(f"'{repo_id}' has {what}; longrope-convert never loads pickle files: use a repo "
+                            "that ships safetensors, or convert a local copy first")
+
+
+def download_source(repo_id: str, revision: str | None = None) -> Path:
+    """The snapshot folder of the files a conversion needs, from the cache or downloaded into it."""
+    from huggingface_hub import snapshot_download
+
+    with hub_errors(repo_id, revision):
+        _refuse_pickle_only(repo_id, revision)
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS,
+                                      ignore_patterns=IGNORE_PATTERNS))
+
+
+def download_plan(repo_id: str, revision: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """For --dry-run: the source's config.json and what a download would fetch, writing nothing."""
+    from huggingface_hub import constants, hf_hub_download, hf_hub_url, snapshot_download
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    with hub_errors(repo_id, revision):
+        _refuse_pickle_only(repo_id, revision)
+        files = snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS,
+                                  ignore_patterns=IGNORE_PATTERNS, dry_run=True)
+        if constants.HF_HUB_OFFLINE:
+            config = json.loads(Path(hf_hub_download(repo_id, "config.json", revision=revision,
+                                                     local_files_only=True)).read_text())
+        else:  # read it without caching it
+            response = get_session().get(hf_hub_url(repo_id, "config.json", revision=revision),
+                                         headers=build_hf_headers())
+            hf_raise_for_status(response)
+            config = response.json()
+    plan = [{"file": f.filename, "bytes": f.file_size, "cached": f.is_cached} for f in files]
+    return config, plan
+
+
+@dataclass
+class PushResult:
+    repo_url: str
+    commit: str
+    changed: bool  # False when the folder was already there, unchanged: no commit was made
+
+
+def push_folder(folder: Path, repo_id: str, private: bool = False, branch: str | None = None,
+                commit_message: str | None = None) -> PushResult:
+    """Create the repo if needed and upload the folder as one commit."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    with hub_errors(repo_id, branch, pushing=True):
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        if branch:
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        before = api.model_info(repo_id, revision=branch).sha
+        info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=branch,
+                                 commit_message=commit_message or f"Upload {folder.name} (longrope-convert)")
+    return PushResult(repo_url=str(url), commit=info.oid, changed=info.oid != before)
+
+
+def loading_snippet(repo_id: str, commit: str) -> str:
+    return ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True, revision="{commit}")\n'
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", revision="{commit}")')

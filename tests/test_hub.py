@@ -1,0 +1,235 @@
+"""Hub sources and pushes, against a real HTTP server on 127.0.0.1 speaking the Hub API (tests/hub_server.py).
+
+huggingface_hub freezes HF_ENDPOINT at import, so every client here is a subprocess with its own
+environment: HF_ENDPOINT on the local server, an isolated HF_HOME, Xet off, and a token.
+"""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hub_server import HubServer
+from longrope_convert.errors import LongRoPEError
+
+TESTBED = Path(__file__).parent / "testbed" / "tiny-llama-256"
+TOKEN = "hf_TESTtokenNeverShown0123456789"
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    server = HubServer(tmp_path_factory.mktemp("hub")).start()
+    yield server
+    server.shutdown()
+
+
+def publish(hub, repo_id: str, folder: Path, extra: dict[str, bytes] | None = None, gated: bool = False) -> str:
+    """Put a checkpoint folder on the server as a source repo, plus files a download must skip."""
+    hub.store.create(repo_id, gated=gated)
+    files = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    files.update(extra or {})
+    return hub.store.upload(repo_id, files)
+
+
+@pytest.fixture
+def env(hub, tmp_path):
+    return {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_XET": "1",
+            "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+def run(env, *args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "longrope_convert", *map(str, args)], env=env, cwd=cwd,
+                          capture_output=True, text=True)
+
+
+def branch_head(hub, repo_id, branch="main"):
+    repo = hub.store.load(repo_id)
+    return repo["branches"][branch], len(repo["commits"])
+
+
+SKIPPED = {"pytorch_model.bin": b"pickle, never fetched", "original/consolidated.00.pth": b"pickle too",
+           "README.md": b"---\nlicense: apache-2.0\n---\n# tiny\n"}
+
+
+def test_convert_from_hub_id_downloads_only_what_is_needed(hub, env, tmp_path):
+    publish(hub, "org/tiny", TESTBED, SKIPPED)
+    done = run(env, "org/tiny", "--target", 1024, "--factors", "yarn", "--output", tmp_path / "out", "--json")
+    assert done.returncode == 0, done.stderr
+    downloaded = {p.name for p in (tmp_path / "hf-home").rglob("*") if p.is_file() and "snapshots" in p.parts}
+    assert downloaded == {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                          "tokenizer_config.json", "README.md"}
+    gets = [r["path"] for r in hub.requests if r["method"] == "GET" and "/resolve/" in r["path"]]
+    assert not any("pytorch_model.bin" in path or "original" in path for path in gets)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "base_model: org/tiny" in card and "license: apache-2.0" in card
+    cached = next((tmp_path / "hf-home").rglob("snapshots/*/model.safetensors"))  # a symlink to the cache blob
+    assert os.stat(tmp_path / "out" / "model.safetensors").st_ino == os.stat(cached).st_ino  # hard-linked to it
+
+
+def test_push_is_one_commit_and_an_unchanged_push_makes_none(hub, env, tmp_path):
+    publish(hub, "org/tiny-push", TESTBED)
+    args = ["org/tiny-push", "--target", 1024, "--factors", "pi", "--output", tmp_path / "out", "--push-to",
+            "me/tiny-push-1k", "--json"]
+    first = run(env, *args)
+    assert first.returncode == 0, first.stderr
+    summary = json.loads(first.stdout)["push"]
+    assert summary["changed"] and summary["url"] == f"{hub.url}/me/tiny-push-1k"
+    head, commits = branch_head(hub, "me/tiny-push-1k")
+    assert head == summary["commit"] and commits == 2  # the repo's initial commit, then exactly one
+    files = hub.store.load("me/tiny-push-1k")["commits"][head]["files"]
+    assert set(files) == {p.name for p in (tmp_path / "out").iterdir()}
+    assert files["model.safetensors"]["lfs"] and files["config.json"]["lfs"] is None
+    assert f'from_pretrained("me/tiny-push-1k", trust_remote_code=True, revision="{head}")' in first.stderr
+    assert 'from_pretrained("me/tiny-push-1k", trust_remote_code=True)' in (tmp_path / "out" / "README.md").read_text()
+
+    again = run(env, *args[:-1], "--overwrite", "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["push"] == {**summary, "changed": False}
+    assert branch_head(hub, "me/tiny-push-1k") == (head, 2) and "unchanged: no new commit" in again.stderr
+
+    branch = run(env, "org/tiny-push", "--target", 2048, "--factors", "pi", "--output", tmp_path / "out2",
+                 "--push-to", "me/tiny-push-1k", "--branch", "longrope", "--commit-message", "hello")
+    assert branch.returncode == 0, branch.stderr
+    repo = hub.store.load("me/tiny-push-1k")
+    assert repo["branches"]["main"] == head and repo["commits"][repo["branches"]["longrope"]]["message"] == "hello"
+
+
+def test_interrupted_push_leaves_the_repo_as_it_was_and_a_rerun_succeeds(hub, env, tmp_path):
+    publish(hub, "org/tiny-drop", TESTBED)
+    hub.store.create("me/tiny-drop-1k")
+    before = branch_head(hub, "me/tiny-drop-1k")
+    args = ["org/tiny-drop", "--target", 1024, "--output", tmp_path / "out", "--push-to", "me/tiny-drop-1k"]
+    hub.drop_commits = True
+    try:
+        failed = run(env, *args)
+    finally:
+        hub.drop_commits = False
+    assert failed.returncode == 1 and failed.stderr.strip().splitlines()[-1] == (
+        f"error: the connection to {hub.url} failed while pushing to 'me/tiny-drop-1k'; nothing was committed: "
+        "run the command again")
+    assert branch_head(hub, "me/tiny-drop-1k") == before
+    rerun = run(env, *args, "--overwrite")
+    assert rerun.returncode == 0, rerun.stderr
+    assert branch_head(hub, "me/tiny-drop-1k")[1] == before[1] + 1
+
+
+@pytest.mark.parametrize("case", ["gated", "missing repo", "missing revision", "pickle only", "no network",
+                                  "offline, not cached"])
+def test_hub_errors_are_one_clear_line(hub, env, tmp_path, case):
+    source, extra = "org/tiny-errors", []
+    if case == "gated":
+        publish(hub, "org/tiny-gated", TESTBED, gated=True)
+        source = "org/tiny-gated"
+    elif case == "missing repo":
+        source = "nobody/nothing"
+    elif case == "missing revision":
+        publish(hub, "org/tiny-rev", TESTBED)
+        source, extra = "org/tiny-rev", ["--revision", "v9"]
+    elif case == "pickle only":
+        hub.store.create("org/tiny-pickle")
+        hub.store.upload("org/tiny-pickle", {"config.json": (TESTBED / "config.json").read_bytes(),
+                                             "pytorch_model.bin": b"pickle"})
+        source = "org/tiny-pickle"
+    elif case == "no network":
+        env = {**env, "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens on the discard port
+    elif case == "offline, not cached":
+        env = {**env, "HF_HUB_OFFLINE": "1"}
+    done = run(env, source, "--target", 1024, *extra, "--output", tmp_path / "out")
+    expected = {
+        "gated": f"'org/tiny-gated' is a gated repo and this account has no access: accept its licence at "
+                 f"{hub.url}/org/tiny-gated, then log in with `hf auth login` or set HF_TOKEN",
+        "missing repo": f"no model repo 'nobody/nothing' on {hub.url} (if it is private, log in",
+        "missing revision": "'org/tiny-rev' has no revision 'v9' (give a branch, tag or commit)",
+        "pickle only": "'org/tiny-pickle' has only pickle weights (pytorch_model.bin); longrope-convert never loads",
+        "no network": "cannot reach http://127.0.0.1:9 to get 'org/tiny-errors' (no network?)",
+        "offline, not cached": "HF_HUB_OFFLINE is set and 'org/tiny-errors' is not in the local cache",
+    }[case]
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and lines[-1].startswith("error: " + expected), done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_offline_mode_uses_the_cache(hub, env, tmp_path):
+    publish(hub, "org/tiny-offline", TESTBED)
+    assert run(env, "org/tiny-offline", "--target", 1024, "--output", tmp_path / "a").returncode == 0
+    served = len(hub.requests)
+    done = run({**env, "HF_HUB_OFFLINE": "1"}, "org/tiny-offline", "--target", 1024, "--output", tmp_path / "b")
+    assert done.returncode == 0, done.stderr
+    assert len(hub.requests) == served
+    assert (tmp_path / "b" / "config.json").read_text() == (tmp_path / "a" / "config.json").read_text()
+
+
+def test_dry_run_reports_sizes_and_touches_nothing(hub, env, tmp_path):
+    publish(hub, "org/tiny-dry", TESTBED, SKIPPED)
+    done = run(env, "org/tiny-dry", "--target", 1024, "--push-to", "me/tiny-dry", "--dry-run", "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    weights = (TESTBED / "model.safetensors").stat().st_size
+    assert {item["file"]: item["bytes"] for item in plan["download"]}["model.safetensors"] == weights
+    assert not any(item["file"].endswith((".bin", ".pth")) for item in plan["download"])
+    written = {item["file"]: item for item in plan["write"]}
+    assert written["model.safetensors"] == {"file": "model.safetensors", "bytes": weights, "how": "hard link"}
+    assert {"config.json", "README.md", "longrope_factors.json", "modeling_longrope_llama.py"} <= set(written)
+    assert plan["push"] == {"repo": "me/tiny-dry", "branch": "main", "private": False, "files": len(written),
+                            "bytes": plan["write_bytes"]}
+    assert plan["output"] == "tiny-dry-longrope-1k" and "WARNING: no searched factors" in done.stderr
+    assert [p.name for p in tmp_path.iterdir() if p.name != "hf-home"] == []
+    cached = [p for p in (tmp_path / "hf-home").rglob("*") if p.is_file() and {"snapshots", "blobs"} & set(p.parts)]
+    assert cached == []
+    assert not (tmp_path / "tiny-dry-longrope-1k").exists() and hub.store.load("me/tiny-dry") is None
+
+
+def test_the_token_never_leaves_the_authorization_header(hub, env, tmp_path):
+    publish(hub, "org/tiny-token", TESTBED)
+    done = run(env, "org/tiny-token", "--target", 1024, "--output", tmp_path / "out", "--push-to", "me/tiny-token",
+               "--json")
+    assert done.returncode == 0, done.stderr
+    assert TOKEN not in done.stdout + done.stderr
+    for path in (tmp_path / "out").rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+    for path in hub.store.root.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+    assert any(r["headers"].get("authorization") == f"Bearer {TOKEN}" for r in hub.requests)
+
+
+def test_disk_full_is_one_clear_line():
+    from longrope_convert.hub import hub_errors
+
+    with pytest.raises(LongRoPEError, match=r"^disk full while downloading 'org/x' to .*: free space or point HF_HOME"):
+        with hub_errors("org/x"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+@pytest.mark.real_model
+def test_hub_round_trip_with_smollm2(hub, env, tmp_path, smollm2_dir):
+    """SmolLM2 uploaded as a source repo; convert + push in one command; the pushed repo loads from the
+    server and generates exactly what the local conversion generates."""
+    publish(hub, "HuggingFaceTB/SmolLM2-135M", smollm2_dir, SKIPPED)
+    done = run(env, "HuggingFaceTB/SmolLM2-135M", "--target", 16384, "--output", tmp_path / "hub-out", "--push-to",
+               "me/SmolLM2-135M-LongRoPE-16k", "--json")
+    assert done.returncode == 0, done.stderr
+    commit = json.loads(done.stdout)["push"]["commit"]
+    local = run(env, smollm2_dir, "--target", 16384, "--output", tmp_path / "local")
+    assert local.returncode == 0, local.stderr
+    generate = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        "kw = dict(revision=sys.argv[2]) if len(sys.argv) > 2 else {}\n"
+        "model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float32, **kw)\n"
+        "tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], **kw)\n"
+        "ids = tokenizer('Sherlock Holmes took his bottle from the corner of the', return_tensors='pt').input_ids\n"
+        "out = model.generate(ids, max_new_tokens=12, do_sample=False)\n"
+        "print(type(model).__name__, out[0].tolist())\n")
+    from_hub = subprocess.run([sys.executable, "-c", generate, "me/SmolLM2-135M-LongRoPE-16k", commit], env=env,
+                              capture_output=True, text=True)
+    from_folder = subprocess.run([sys.executable, "-c", generate, str(tmp_path / "local")], env=env,
+                                 capture_output=True, text=True)
+    assert from_hub.returncode == 0, from_hub.stderr
+    assert from_hub.stdout == from_folder.stdout and from_hub.stdout.startswith("LongRoPELlamaForCausalLM [")
+    assert any("/me/SmolLM2-135M-LongRoPE-16k/resolve/" in r["path"] for r in hub.requests)
