@@ -156,7 +156,8 @@ def search(source: str, target: int | None, revision: str | None, data: tuple[st
         if run.is_main and not sys.stderr.isatty():  # no live bar in a log file: a line per improvement
             status(f"search: best perplexity {ppl:.4f}")
 
-    with click.progressbar(length=run.planned_document_evaluations, label="search", file=sys.stderr,
+    with click.progressbar(length=run.planned_document_evaluations, label="search (document evaluations)",
+                           file=sys.stderr, show_pos=True,
                            item_show_func=lambda _: f"best ppl {best[0]:.4f}" if math.isfinite(best[0]) else "",
                            show_eta=True) as bar:
         factor_set, summary = run.execute(on_document=lambda: bar.update(1) if run.is_main else None,
@@ -213,7 +214,7 @@ Examples:
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for results.json and the plots. Default: CHECKPOINT/eval.")
 @click.option("--card", is_flag=True, help="Rewrite CHECKPOINT/README.md with the results.")
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout instead of tables.")
 def evaluate(checkpoint: Path, lengths: list[int], data: tuple[str, ...], baselines: bool, protocol: str, stride: int,
              documents: int, passkey_lengths: list[int], depths: list[float], trials: int, seed: int, out: Path | None,
              card: bool, as_json: bool) -> None:
@@ -230,13 +231,10 @@ def evaluate(checkpoint: Path, lengths: list[int], data: tuple[str, ...], baseli
                                       passkey_lengths, depths, trials, seed, out,
                                       command="longrope-convert eval " + " ".join(sys.argv[2:]), status=status,
                                       on_step=lambda: bar.update(1))
-    for line in _result_tables(results):
-        status(line)
     if card:
         refresh_card(checkpoint)
         status(f"wrote {checkpoint / 'README.md'}")
-    if as_json:
-        click.echo(json.dumps(results, indent=2))
+    click.echo(json.dumps(results, indent=2) if as_json else "\n".join(_result_tables(results)))
 
 
 def _result_tables(results: dict) -> list[str]:

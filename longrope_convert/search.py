@@ -457,6 +457,7 @@ class SearchRun:
                                 f"({skipped} shorter ones skipped)")
         budget = {"max_evals": max_evals, "time_budget": time_budget}
         header = search_log_header(source.name, self.task, self.document_names, self.eval_length, seed, preset, budget)
+        header["skipped_documents"] = skipped  # shorter than the evaluation length
         self.log = SearchLog(log_path, header, resume, writer=self.workers.is_main)
         self.status(f"model: loading {source.folder} on {self.workers.device} "
                     f"({self.workers.world} process{'es' if self.workers.world > 1 else ''})")
