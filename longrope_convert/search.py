@@ -164,6 +164,10 @@ class Workers:
                 results.append(result)
         return results
 
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
     def close(self) -> None:
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -172,15 +176,16 @@ class Workers:
 class SearchLog:
     """JSONL: a header with the search's settings, then one line per (setting, document) evaluation."""
 
-    def __init__(self, path: Path, header: dict[str, Any], resume: bool, writer: bool) -> None:
-        self.path, self.writer = path, writer
+    def __init__(self, path: Path, header: dict[str, Any], resume: bool, workers: Workers) -> None:
+        self.path, self.writer = path, workers.is_main
         self.known: dict[tuple[str, int], tuple[float, int]] = {}
         header = json.loads(json.dumps(header))  # tuples become lists, as when read back
         if resume:
             self._replay(header)
         elif path.exists():
             raise LongRoPEError(f"search log '{path}' exists; pass --resume {path} to continue it, or remove it")
-        elif writer:
+        workers.barrier()  # every rank has looked at the log before rank 0 writes it
+        if self.writer and not resume:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps({"kind": "header", **header}) + "\n")
 
@@ -458,7 +463,7 @@ class SearchRun:
         budget = {"max_evals": max_evals, "time_budget": time_budget}
         header = search_log_header(source.name, self.task, self.document_names, self.eval_length, seed, preset, budget)
         header["skipped_documents"] = skipped  # shorter than the evaluation length
-        self.log = SearchLog(log_path, header, resume, writer=self.workers.is_main)
+        self.log = SearchLog(log_path, header, resume, self.workers)
         self.status(f"model: loading {source.folder} on {self.workers.device} "
                     f"({self.workers.world} process{'es' if self.workers.world > 1 else ''})")
         self.model = load_longrope_model(source.folder, longrope_config(source.config, self.task.base),

@@ -20,7 +20,7 @@ from longrope_convert.convert import longrope_config
 from longrope_convert.factors import analytic_factor_set, load_factor_set
 from longrope_convert.modeling_longrope_llama import LongRoPELlamaForCausalLM
 from longrope_convert.perplexity import load_longrope_model, perplexity, token_nll, use_factor_set
-from longrope_convert.search import PRESETS, Candidate, SearchLog, SearchRun, SearchSpace
+from longrope_convert.search import PRESETS, Candidate, SearchLog, SearchRun, SearchSpace, Workers
 from longrope_convert.source import read_source
 
 TESTBED = Path(__file__).parent / "testbed" / "tiny-llama-256"
@@ -194,13 +194,14 @@ def test_progressive_and_short_searches_compose_with_the_first_stage(tmp_path):
 def test_resume_with_other_settings_is_refused(tmp_path):
     log = tmp_path / "log.jsonl"
     task_header = {"version": 1, "seed": 1, "preset": "default", "budget": {}}
-    SearchLog(log, task_header, resume=False, writer=True)
+    one_process = Workers()
+    SearchLog(log, task_header, resume=False, workers=one_process)
     from longrope_convert.errors import LongRoPEError
 
     with pytest.raises(LongRoPEError, match="different 'seed'"):
-        SearchLog(log, {**task_header, "seed": 2}, resume=True, writer=True)
+        SearchLog(log, {**task_header, "seed": 2}, resume=True, workers=one_process)
     with pytest.raises(LongRoPEError, match="exists; pass --resume"):
-        SearchLog(log, task_header, resume=False, writer=True)
+        SearchLog(log, task_header, resume=False, workers=one_process)
 
 
 def test_cli_lists_the_search_presets():
