@@ -227,10 +227,15 @@ def evaluate(checkpoint: Path, lengths: list[int], data: tuple[str, ...], baseli
     methods = 1 + (len(BASELINE_METHODS) if baselines else 0)
     steps = methods * ((len(lengths) if data else 0) + len(passkey_lengths) * len(depths) * trials)
     with click.progressbar(length=steps, label="eval", file=sys.stderr, show_eta=True) as bar:
+        def on_step() -> None:
+            bar.update(1)
+            if not sys.stderr.isatty():  # no live bar in a log file: a line per measurement
+                status(f"eval: {bar.pos}/{steps} measurements done")
+
         results = evaluate_checkpoint(checkpoint, list(data), lengths, baselines, protocol, stride, documents,
                                       passkey_lengths, depths, trials, seed, out,
                                       command="longrope-convert eval " + " ".join(sys.argv[2:]), status=status,
-                                      on_step=lambda: bar.update(1))
+                                      on_step=on_step)
     if card:
         refresh_card(checkpoint)
         status(f"wrote {checkpoint / 'README.md'}")
