@@ -5,7 +5,7 @@
 Each way runs in its own process under /usr/bin/time (peak RSS), fp32 on the CPU, on the converted
 16k checkpoint with the YaRN init:
   naive    model(ids, labels=ids).loss: logits for every position (length x vocab floats), then the loss
-  chunked  longrope_convert.perplexity.token_nll: the backbone once, LM head and loss 1024 positions at a time
+  chunked  longrope_convert.perplexity.token_nll: the backbone once, LM head and loss 256 positions at a time
 """
 
 from __future__ import annotations

@@ -121,10 +121,12 @@ def document_ids(tokenizer, text: str, length: int | None = None) -> torch.Tenso
 
 
 @torch.inference_mode()
-def token_nll(model, input_ids: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+def token_nll(model, input_ids: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
     """Negative log-likelihood of tokens 1 .. n-1 of each row, [batch, n-1] float32.
 
-    `model` is a causal LM with `.model` (the backbone) and `.lm_head`, as Llama has.
+    `model` is a causal LM with `.model` (the backbone) and `.lm_head`, as Llama has. The logits
+    exist for `chunk_size` positions at a time (with their log-softmax, 2 x chunk x vocab floats),
+    so memory beyond the backbone's activations does not grow with the length.
     """
     input_ids = input_ids.to(model.device)
     hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
