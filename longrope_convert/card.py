@@ -4,6 +4,7 @@ factors come from, and the evaluation when one was run (eval/results.json next t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,34 +98,44 @@ def _evaluation_section(evaluation: dict[str, Any], original: int) -> str:
     lines = ["## Evaluation\n"]
     ppl = evaluation.get("perplexity")
     if ppl:
-        lengths = sorted({int(n) for by_length in ppl["perplexity"].values() for n in by_length})
         protocol = ppl["protocol"] + (f", stride {ppl['stride']}" if ppl.get("stride") else "")
         lines.append(f"Perplexity ({protocol}) on {len(ppl['documents'])} documents "
                      f"({', '.join(Path(name).name for name in ppl['documents'][:4])}"
                      f"{', ...' if len(ppl['documents']) > 4 else ''}); lower is better. Up to {original:,} tokens "
                      "every method runs the source's RoPE.\n")
-        lines.append("| method | " + " | ".join(f"{n:,}" for n in lengths) + " |")
-        lines.append("|---|" + "---|" * len(lengths))
-        for method, by_length in ppl["perplexity"].items():
-            lines.append(f"| {method} | " + " | ".join(f"{by_length[str(n)]:.3f}" if str(n) in by_length
-                                                       else "" for n in lengths) + " |")
+        lines += perplexity_table(ppl["perplexity"])
         lines.append("\n![perplexity](eval/perplexity.png)\n")
     passkey = evaluation.get("passkey")
     if passkey:
-        accuracy = passkey["accuracy"]
-        lengths = sorted({int(n) for by_length in accuracy.values() for n in by_length})
         lines.append(f"Passkey retrieval: accuracy over {passkey['trials']} trial(s) per length and depth "
                      f"(depths {', '.join(f'{d:.0%}' for d in passkey['depths'])}), greedy decoding.\n")
-        lines.append("| method | " + " | ".join(f"{n:,}" for n in lengths) + " |")
-        lines.append("|---|" + "---|" * len(lengths))
-        for method, by_length in accuracy.items():
-            means = [sum(by_length[str(n)].values()) / len(by_length[str(n)]) for n in lengths]
-            lines.append(f"| {method} | " + " | ".join(f"{m:.0%}" for m in means) + " |")
+        lines += passkey_table(passkey["accuracy"])
         lines.append("\n![passkey](eval/passkey.png)\n")
     settings = evaluation.get("settings")
     if settings:
         lines.append(f"Measured with `{settings['command']}` ({settings['device']}, {settings['created']}).\n")
     return "\n".join(lines)
+
+
+def perplexity_table(perplexity: dict[str, dict[str, float]], corner: str = "method") -> list[str]:
+    """Markdown rows of {method: {length: perplexity}} as in results.json (lengths as strings)."""
+    return _by_length_table(perplexity, corner, "{:.3f}".format)
+
+
+def passkey_table(accuracy: dict[str, dict[str, dict[str, float]]], corner: str = "method") -> list[str]:
+    """Markdown rows of {method: {length: {depth: accuracy}}}, averaged over the depths."""
+    means = {method: {n: sum(by_depth.values()) / len(by_depth) for n, by_depth in by_length.items()}
+             for method, by_length in accuracy.items()}
+    return _by_length_table(means, corner, "{:.0%}".format)
+
+
+def _by_length_table(values: dict[str, dict[str, float]], corner: str, cell: Callable[[float], str]) -> list[str]:
+    lengths = sorted({int(n) for by_length in values.values() for n in by_length})
+    lines = [f"| {corner} | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+    for method, by_length in values.items():
+        lines.append(f"| {method} | " + " | ".join(cell(by_length[str(n)]) if str(n) in by_length else ""
+                                                   for n in lengths) + " |")
+    return lines
 
 
 def read_evaluation(folder: Path) -> dict[str, Any] | None:

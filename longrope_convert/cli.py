@@ -243,18 +243,14 @@ def evaluate(checkpoint: Path, lengths: list[int], data: tuple[str, ...], baseli
 
 
 def _result_tables(results: dict) -> list[str]:
+    from .card import passkey_table, perplexity_table
+
+    results = json.loads(json.dumps(results))  # lengths as strings, as in results.json
     lines = []
     if "perplexity" in results:
-        table = results["perplexity"]["perplexity"]
-        lengths = sorted({n for by_length in table.values() for n in by_length})
-        lines += ["| perplexity | " + " | ".join(map(str, lengths)) + " |", "|---|" + "---|" * len(lengths)]
-        lines += [f"| {m} | " + " | ".join(f"{v[n]:.3f}" for n in lengths) + " |" for m, v in table.items()]
+        lines += perplexity_table(results["perplexity"]["perplexity"], corner="perplexity")
     if "passkey" in results:
-        accuracy = results["passkey"]["accuracy"]
-        lengths = sorted({n for by_length in accuracy.values() for n in by_length})
-        lines += ["| passkey | " + " | ".join(map(str, lengths)) + " |", "|---|" + "---|" * len(lengths)]
-        lines += [f"| {m} | " + " | ".join(f"{sum(v[n].values()) / len(v[n]):.0%}" for n in lengths) + " |"
-                  for m, v in accuracy.items()]
+        lines += passkey_table(results["passkey"]["accuracy"], corner="passkey")
     return lines
 
 
