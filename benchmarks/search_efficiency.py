@@ -19,11 +19,10 @@ the time changes.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
-from longrope_convert.search import SearchRun
+from longrope_convert.search import SearchRun, logged_evaluations
 from longrope_convert.source import read_source
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,9 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     known = {}
     for log in args.reuse:
-        for line in log.read_text().splitlines()[1:]:
-            entry = json.loads(line)
-            known[(entry["setting"], entry["doc"])] = (entry["nll_sum"], entry["tokens"])
+        known.update(logged_evaluations(log.read_text().splitlines()[1:]))
     work = Path(tempfile.mkdtemp())
     paper = search("paper", 0, work, known)
     curves = {"paper, seed 0": paper["history"]}

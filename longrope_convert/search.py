@@ -200,12 +200,7 @@ class SearchLog:
             if field != "budget" and logged.get(field) != value:
                 raise LongRoPEError(f"--resume {self.path}: the log was made with a different '{field}' "
                                     f"({logged.get(field)!r}); resume with the same settings")
-        for line in lines[1:]:
-            try:
-                entry = json.loads(line)
-                self.known[(entry["setting"], entry["doc"])] = (entry["nll_sum"], entry["tokens"])
-            except (ValueError, KeyError, TypeError):
-                break  # a line cut short by the kill: the evaluation in flight is recomputed
+        self.known.update(logged_evaluations(lines[1:]))
 
     def append(self, setting: str, doc: int, nll_sum: float, tokens: int, seconds: float) -> None:
         self.known[(setting, doc)] = (nll_sum, tokens)
@@ -213,6 +208,18 @@ class SearchLog:
             with open(self.path, "a") as handle:
                 handle.write(json.dumps({"kind": "eval", "setting": setting, "doc": doc, "nll_sum": nll_sum,
                                          "tokens": tokens, "seconds": round(seconds, 3)}) + "\n")
+
+
+def logged_evaluations(lines: list[str]) -> dict[tuple[str, int], tuple[float, int]]:
+    """(setting, document) -> (NLL sum, tokens) from a search log's evaluation lines."""
+    known = {}
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            known[(entry["setting"], entry["doc"])] = (entry["nll_sum"], entry["tokens"])
+        except (ValueError, KeyError, TypeError):
+            break  # a line cut short by a kill: the evaluation in flight is recomputed
+    return known
 
 
 class Fitness:
@@ -410,8 +417,8 @@ def baseline_perplexities(task: SearchTask, fitness: Fitness) -> dict[str, float
     return {name: fitness.perplexity(f"baseline:{name}", factor_set) for name, factor_set in sets.items()}
 
 
-def search_log_header(source_name: str, task: SearchTask, documents: list[str], eval_length: int, seed: int,
-                      preset_name: str, budget: dict[str, Any]) -> dict[str, Any]:
+def search_log_header(source_name: str, task: SearchTask, documents: list[str], skipped_documents: int,
+                      eval_length: int, seed: int, preset_name: str, budget: dict[str, Any]) -> dict[str, Any]:
     return {
         "version": LOG_VERSION,
         "source": source_name,
@@ -421,6 +428,7 @@ def search_log_header(source_name: str, task: SearchTask, documents: list[str], 
         "base_long_factor": task.base.long_factor,
         "space": asdict(task.space),
         "documents": documents,
+        "skipped_documents": skipped_documents,  # shorter than the evaluation length
         "eval_length": eval_length,
         "seed": seed,
         "preset": preset_name,
@@ -461,8 +469,8 @@ class SearchRun:
             raise LongRoPEError(f"--data has no document of at least {self.eval_length} tokens "
                                 f"({skipped} shorter ones skipped)")
         budget = {"max_evals": max_evals, "time_budget": time_budget}
-        header = search_log_header(source.name, self.task, self.document_names, self.eval_length, seed, preset, budget)
-        header["skipped_documents"] = skipped  # shorter than the evaluation length
+        header = search_log_header(source.name, self.task, self.document_names, skipped, self.eval_length, seed,
+                                   preset, budget)
         self.log = SearchLog(log_path, header, resume, self.workers)
         self.status(f"model: loading {source.folder} on {self.workers.device} "
                     f"({self.workers.world} process{'es' if self.workers.world > 1 else ''})")
