@@ -1,9 +1,24 @@
 """The model card (README.md) of a converted checkpoint: Hub metadata, how to load it, where the
-factors come from, and the evaluation when one was run (eval/results.json next to it)."""
+factors come from, and the evaluation when one was run (eval/results.json next to it).
+
+The card belongs to the user once written. The tool owns only the sections it writes, each between
+two HTML comments (invisible on the Hub):
+
+    <!-- longrope-convert:begin NAME -->
+    ...
+    <!-- longrope-convert:end NAME -->
+
+Refreshing a card (`eval --card`, a push) rewrites those sections and nothing else: the front matter
+(language, datasets, licence, ...) and the user's own sections stay as they are. Cards written before
+the markers existed are read by their headings (the title, "## Factors", "## How to load",
+"## Evaluation").
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,18 +32,32 @@ CARD_FILE = "README.md"
 EVAL_DIR = "eval"
 EVAL_RESULTS = "results.json"
 LICENSE_KEYS = ("license", "license_name", "license_link")
+# provenance methods of factors an evolutionary search produced; other "search:..." labels (a search
+# stopped before any evolution step, say) are reported as what they are
+EVOLUTION_METHODS = ("search", "search:short")
+SECTIONS = ("summary", "factors", "usage", "evaluation")  # in card order
+LEGACY_SIGNATURE = "by [LongRoPE](https://arxiv.org/abs/2402.13753), without fine-tuning."  # in every summary
+LEGACY_HEADINGS = {"## Factors": "factors", "## How to load": "usage", "## Evaluation": "evaluation"}
+MARKED_SECTION = re.compile(r"<!-- longrope-convert:begin (?P<name>\w+)(?: (?P<attributes>\{.*?\}))? -->\n"
+                            r".*?<!-- longrope-convert:end (?P=name) -->\n?", re.S)
+LEGACY_SNIPPET = re.compile(r'AutoModelForCausalLM\.from_pretrained\("(?P<repo>[^"]+)", trust_remote_code=True'
+                            r'(?:, revision="(?P<revision>[^"]+)")?\)')
 
 
 def front_matter(card_text: str) -> dict[str, Any]:
     """The YAML metadata block of a model card ({} when there is none or it does not parse)."""
-    if not card_text.startswith("---"):
-        return {}
-    block = card_text[3:].split("\n---", 1)[0]
+    block = _split_front_matter(card_text)[0]
     try:
-        metadata = yaml.safe_load(block)
+        metadata = yaml.safe_load(block[3:].split("\n---", 1)[0]) if block else None
     except yaml.YAMLError:
         return {}
     return metadata if isinstance(metadata, dict) else {}
+
+
+def _split_front_matter(card_text: str) -> tuple[str, str]:
+    """(the front matter block with its --- lines, the body); ("", text) when there is none."""
+    match = re.match(r"---\n(?:.*?\n)?---[ \t]*(?:\n|$)", card_text, re.S)
+    return (match.group(0), card_text[match.end():]) if match else ("", card_text)
 
 
 def source_license(folder: Path) -> dict[str, Any]:
@@ -38,48 +67,96 @@ def source_license(folder: Path) -> dict[str, Any]:
     return {key: metadata[key] for key in LICENSE_KEYS if key in metadata}
 
 
-def model_card(factor_set: FactorSet, base_model: str, license_fields: dict[str, Any], repo: str,
+def hub_model_id(folder: Path) -> str | None:
+    """The Hub repo id of a snapshot folder of huggingface_hub's cache (.../models--org--name/snapshots/
+    <commit> -> "org/name"), else None: a local folder's name is no id the Hub accepts as base_model."""
+    folder = Path(folder).resolve()
+    cached = folder.parent.parent.name
+    if folder.parent.name == "snapshots" and cached.startswith("models--"):
+        return cached[len("models--"):].replace("--", "/")  # repo ids never contain "--"
+    return None
+
+
+def searched_by_evolution(factor_set: FactorSet) -> bool:
+    """Whether the factors come from evolution steps of a search (provenance method in EVOLUTION_METHODS)."""
+    return factor_set.method in EVOLUTION_METHODS
+
+
+def model_card(factor_set: FactorSet, base_model: str | None, license_fields: dict[str, Any], repo: str,
                revision: str | None = None, evaluation: dict[str, Any] | None = None) -> str:
-    metadata = {"base_model": base_model, **license_fields, "library_name": "transformers",
-                "pipeline_tag": "text-generation", "tags": ["longrope", "long-context", "llama"]}
+    """The model card of a converted checkpoint.
+
+    base_model: the source's Hub repo id, or None for a source that has none (then omitted from the
+    metadata, which the Hub would refuse). repo and revision: what the loading snippet loads (a Hub id
+    or a folder; a branch, tag or commit, or None for main). evaluation: results.json, or None.
+    """
+    sections = _sections(factor_set, base_model, repo, revision, evaluation)
+    return _metadata_block(base_model, license_fields) + "\n" + "\n".join(sections.values())
+
+
+def _metadata_block(base_model: str | None, license_fields: dict[str, Any]) -> str:
+    metadata = {**({"base_model": base_model} if base_model else {}), **license_fields,
+                "library_name": "transformers", "pipeline_tag": "text-generation",
+                "tags": ["longrope", "long-context", "llama"]}
+    return "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n"
+
+
+def _sections(factor_set: FactorSet, base_model: str | None, repo: str, revision: str | None,
+              evaluation: dict[str, Any] | None) -> dict[str, str]:
+    """The tool's sections, each wrapped in its markers, in card order."""
     original = factor_set.model.original_max_position_embeddings
-    target = factor_set.target_length
+    summary = (f"# {Path(repo).name}\n\n"
+               f"`{base_model or factor_set.model.name}` with its context window extended from {original:,} to "
+               f"{factor_set.target_length:,} tokens ({factor_set.scale:g}x) by "
+               f"[LongRoPE](https://arxiv.org/abs/2402.13753), without fine-tuning. Made with longrope-convert "
+               f"{__version__}; the weights are the source's, unchanged.\n")
+    sections = {"summary": summary, "factors": _factors_section(factor_set, plotted=evaluation is not None),
+                "usage": _usage_section(factor_set, repo, revision)}
+    if evaluation:
+        sections["evaluation"] = _evaluation_section(evaluation, original)
+    attributes = {"usage": {"repo": repo, **({"revision": revision} if revision else {})}}
+    return {name: _marked(name, text, attributes.get(name)) for name, text in sections.items()}
+
+
+def _marked(name: str, text: str, attributes: dict[str, Any] | None = None) -> str:
+    extra = f" {json.dumps(attributes)}" if attributes else ""
+    return f"<!-- longrope-convert:begin {name}{extra} -->\n{text}<!-- longrope-convert:end {name} -->\n"
+
+
+def _usage_section(factor_set: FactorSet, repo: str, revision: str | None) -> str:
     revision_argument = f', revision="{revision}"' if revision else ""
-    sections = [
-        "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n",
-        f"# {Path(repo).name}\n",
-        f"`{base_model}` with its context window extended from {original:,} to {target:,} tokens "
-        f"({factor_set.scale:g}x) by [LongRoPE](https://arxiv.org/abs/2402.13753), without fine-tuning. Made "
-        f"with longrope-convert {__version__}; the weights are the source's, unchanged.\n",
-        _factors_section(factor_set, plotted=evaluation is not None),
-        "## How to load\n",
-        "With the shipped modeling code (`trust_remote_code=True`), the exact LongRoPE model:\n",
+    return (
+        "## How to load\n\n"
+        "With the shipped modeling code (`trust_remote_code=True`), the exact LongRoPE model:\n\n"
         "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f'model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True{revision_argument})\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo}"{revision_argument})\n```\n',
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo}"{revision_argument})\n```\n\n'
         "- inputs within the original window give the source model's logits bit for bit;\n"
         f"- the first n̂ = {factor_set.n_hat} positions keep their original rotary angles;\n"
         "- each sequence of a batch uses the short or the long factors according to its own length;\n"
         "- cached generation that crosses the original window rebuilds the cache once with the long factors, so "
-        "it equals a full recompute without cache (DynamicCache and StaticCache).\n",
+        "it equals a full recompute without cache (DynamicCache and StaticCache).\n\n"
         "Without remote code, stock transformers 5.x and vLLM read the standard `longrope` `rope_scaling` of "
         "`config.json` and run the model as a plain Llama with LongRoPE scaling. What differs: no n̂; the long "
         f"attention factor ({factor_set.long_mscale:.4f}) is applied to short inputs too, so they are not exactly "
-        "the source model; cached generation keeps short-factor keys and values after crossing the window.\n",
-    ]
-    if evaluation:
-        sections.append(_evaluation_section(evaluation, original))
-    return "\n".join(sections)
+        "the source model; cached generation keeps short-factor keys and values after crossing the window.\n")
 
 
 def _factors_section(factor_set: FactorSet, plotted: bool) -> str:
     provenance = factor_set.provenance
-    if factor_set.is_searched:
+    if searched_by_evolution(factor_set):
         how = (f"Factors **searched** (`{factor_set.method}`) by evolution on long-document perplexity at "
                f"{provenance.get('eval_length', factor_set.target_length):,} tokens.")
+    elif factor_set.method.startswith("search"):
+        how = (f"Factors from a search that ran no evolution step (`{factor_set.method}`): **not searched by "
+               "evolution**.")
     else:
         how = (f"Factors **not searched**: `{factor_set.method}`, an analytic initialisation. Searched factors "
                "usually give lower perplexity; run `longrope-convert search` to get them.")
+    if provenance.get("warning"):
+        how += f"\n\n**Warning:** {provenance['warning']}\n\n"
+    else:
+        how += " "
     rows = [("method", factor_set.method), ("n̂", factor_set.n_hat),
             ("long mscale", f"{factor_set.long_mscale:.4f}"), ("short mscale", f"{factor_set.short_mscale:.4f}")]
     for key in ("data", "documents", "eval_length", "evaluations", "best_perplexity", "baseline_perplexities",
@@ -90,8 +167,8 @@ def _factors_section(factor_set: FactorSet, plotted: bool) -> str:
                 value = {k: v for k, v in value.items() if k != "long_factor"}
             rows.append((key, json.dumps(value) if isinstance(value, (dict, list)) else value))
     table = "| | |\n|---|---|\n" + "".join(f"| {key} | {value} |\n" for key, value in rows)
-    plot = "λ per frequency dimension against the classic methods: ![factors](eval/factors.png)\n" if plotted else ""
-    return f"## Factors\n\n{how} The full factor set is in `longrope_factors.json`.\n\n{table}\n{plot}"
+    plot = "\nλ per frequency dimension against the classic methods: ![factors](eval/factors.png)\n" if plotted else ""
+    return f"## Factors\n\n{how}The full factor set is in `longrope_factors.json`.\n\n{table}{plot}"
 
 
 def _evaluation_section(evaluation: dict[str, Any], original: int) -> str:
@@ -104,6 +181,10 @@ def _evaluation_section(evaluation: dict[str, Any], original: int) -> str:
                      f"{', ...' if len(ppl['documents']) > 4 else ''}); lower is better. Up to {original:,} tokens "
                      "every method runs the source's RoPE.\n")
         lines += perplexity_table(ppl["perplexity"])
+        values = [float(v) for by_length in ppl["perplexity"].values() for v in by_length.values()]
+        if not all(math.isfinite(v) for v in values):
+            lines.append("\ninf: the perplexity overflows a double (mean NLL above 709.78 nats); nan: the model's "
+                         "outputs were not numbers.")
         lines.append("\n![perplexity](eval/perplexity.png)\n")
     passkey = evaluation.get("passkey")
     if passkey:
@@ -117,9 +198,10 @@ def _evaluation_section(evaluation: dict[str, Any], original: int) -> str:
     return "\n".join(lines)
 
 
-def perplexity_table(perplexity: dict[str, dict[str, float]], corner: str = "method") -> list[str]:
-    """Markdown rows of {method: {length: perplexity}} as in results.json (lengths as strings)."""
-    return _by_length_table(perplexity, corner, "{:.3f}".format)
+def perplexity_table(perplexity: dict[str, dict[str, float | str]], corner: str = "method") -> list[str]:
+    """Markdown rows of {method: {length: perplexity}} as in results.json (lengths as strings; inf and
+    nan as strings too)."""
+    return _by_length_table(perplexity, corner, lambda value: f"{float(value):.3f}")
 
 
 def passkey_table(accuracy: dict[str, dict[str, dict[str, float]]], corner: str = "method") -> list[str]:
@@ -129,7 +211,7 @@ def passkey_table(accuracy: dict[str, dict[str, dict[str, float]]], corner: str 
     return _by_length_table(means, corner, "{:.0%}".format)
 
 
-def _by_length_table(values: dict[str, dict[str, float]], corner: str, cell: Callable[[float], str]) -> list[str]:
+def _by_length_table(values: dict[str, dict[str, Any]], corner: str, cell: Callable[[Any], str]) -> list[str]:
     lengths = sorted({int(n) for by_length in values.values() for n in by_length})
     lines = [f"| {corner} | " + " | ".join(f"{n:,}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
     for method, by_length in values.items():
@@ -138,21 +220,88 @@ def _by_length_table(values: dict[str, dict[str, float]], corner: str, cell: Cal
     return lines
 
 
+def json_number(value: float) -> float | str:
+    """A float as results.json holds it: itself when finite, else "inf", "-inf" or "nan" (JSON has no
+    such numbers; float() reads the strings back)."""
+    return value if math.isfinite(value) else str(value)
+
+
 def read_evaluation(folder: Path) -> dict[str, Any] | None:
     path = folder / EVAL_DIR / EVAL_RESULTS
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _tool_sections(body: str) -> list[tuple[str, int, int, dict[str, Any]]]:
+    """(name, start, end, attributes) of each tool section in a card body, by markers, or for a card
+    written before markers existed, by the tool's headings (up to the next heading of level 1 or 2)."""
+    found = [(m["name"], m.start(), m.end(), json.loads(m["attributes"] or "{}")) for m in MARKED_SECTION.finditer(body)]
+    if found or LEGACY_SIGNATURE not in body:  # a card the tool did not write has no sections of the tool
+        return found
+    lines = body.splitlines(keepends=True)
+    starts, offset, fenced = [], 0, False
+    for line in lines:
+        fenced ^= line.startswith("```")
+        heading = line.rstrip()
+        if not fenced and heading.startswith(("# ", "## ")):
+            first_heading = not starts
+            starts.append((offset, "summary" if first_heading and heading.startswith("# ")
+                           else LEGACY_HEADINGS.get(heading)))
+        offset += len(line)
+    found = []
+    for (start, name), (end, _) in zip(starts, starts[1:] + [(len(body), None)]):
+        if name is not None:
+            end = start + len(body[start:end].rstrip("\n")) + 1  # the blank lines after it are not its own
+            snippet = LEGACY_SNIPPET.search(body, start, end) if name == "usage" else None
+            found.append((name, start, end, {"repo": snippet["repo"], "revision": snippet["revision"]} if snippet else {}))
+    return found
+
+
 def refresh_card(folder: Path, repo: str | None = None, revision: str | None = None) -> str:
-    """Rewrite a converted checkpoint's README.md from its factor file and eval/results.json, keeping
-    the base model and licence its card already names."""
-    card = folder / CARD_FILE
-    existing = front_matter(card.read_text()) if card.is_file() else {}
-    factor_set = load_factor_set(folder / FACTORS_FILE)
-    text = model_card(factor_set, base_model=existing.get("base_model") or factor_set.model.name,
-                      license_fields={key: existing[key] for key in LICENSE_KEYS if key in existing},
-                      repo=repo or str(folder), revision=revision, evaluation=read_evaluation(folder))
-    partial = card.with_name(f".{CARD_FILE}.partial")
-    partial.write_text(text)
-    partial.replace(card)
+    """Rewrite a converted checkpoint's README.md as updated_card gives it; returns the text."""
+    text = updated_card(folder, repo, revision)
+    write_card(folder, text)
     return text
+
+
+def write_card(folder: Path, text: str) -> None:
+    """Replace README.md atomically (a temporary file renamed over it)."""
+    partial = Path(folder) / f".{CARD_FILE}.partial"
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(Path(folder) / CARD_FILE)
+
+
+def updated_card(folder: Path, repo: str | None = None, revision: str | None = None) -> str:
+    """A converted checkpoint's README.md with the tool's sections rewritten from its factor file and
+    eval/results.json, and everything else (front matter, the user's sections) as it is.
+
+    repo and revision: what the loading snippet loads; when repo is None, what the card already names
+    (the folder, for a card that names nothing).
+    """
+    card = Path(folder) / CARD_FILE
+    existing = card.read_text(encoding="utf-8") if card.is_file() else ""
+    head, body = _split_front_matter(existing)
+    found = _tool_sections(body)
+    if repo is None:
+        usage = next((attributes for name, _, _, attributes in found if name == "usage" and attributes), {})
+        repo, revision = usage.get("repo", str(folder)), usage.get("revision")
+    base_model = front_matter(existing).get("base_model")
+    sections = _sections(load_factor_set(Path(folder) / FACTORS_FILE), base_model if isinstance(base_model, str)
+                         else None, repo, revision, read_evaluation(Path(folder)))
+    return (head or _metadata_block(None, {})) + _merge(body, found, sections)
+
+
+def _merge(body: str, found: list[tuple[str, int, int, dict[str, Any]]], sections: dict[str, str]) -> str:
+    """The body with each tool section found replaced by its new text. The evaluation, the first time,
+    goes after the last tool section before it in card order; a section the user deleted stays deleted.
+    A body without tool sections gets them all at its end."""
+    if not found:
+        return (body.rstrip("\n") + "\n\n" if body.strip() else "\n") + "\n".join(sections.values())
+    present = [name for name, *_ in found]
+    anchors = {} if "evaluation" in present or "evaluation" not in sections else {
+        "evaluation": next((name for name in reversed(SECTIONS[:-1]) if name in present), present[-1])}
+    pieces, position = [], 0
+    for name, start, end, _ in found:
+        pieces += [body[position:start], sections.get(name, body[start:end])]
+        pieces += ["\n" + sections[new] for new, anchor in anchors.items() if anchor == name]
+        position = end
+    return "".join(pieces) + body[position:]

@@ -197,49 +197,54 @@ Examples:
   longrope-convert eval ./smollm2-16k --lengths 4096,8192,16384 --data ./books --baselines
   longrope-convert eval ./smollm2-16k --lengths 16384 --data ./books --protocol sliding --stride 256
   longrope-convert eval ./smollm2-16k --passkey-lengths 8192,16384 --trials 5 --card
+  longrope-convert eval ./smollm2-16k --lengths 16384,32768 --data pg19:test --beyond-target
 """)
 @click.argument("checkpoint", type=click.Path(path_type=Path))
-@click.option("--lengths", callback=_integers, default=None, help="Context lengths for perplexity, e.g. 4096,8192.")
-@click.option("--data", multiple=True, help="Text files, folders, JSONL files or a `datasets` id. Repeatable.")
+@click.option("--lengths", callback=_integers, default=None,
+              help="Context lengths for perplexity, e.g. 4096,8192 (2 .. the checkpoint's target).")
+@click.option("--data", multiple=True,
+              help="Text files, folders, JSONL files or a `datasets` id (DATASET[:SPLIT]). Repeatable.")
 @click.option("--baselines", is_flag=True, help="Also evaluate no scaling, PI, NTK and YaRN on the same weights.")
 @click.option("--protocol", type=click.Choice(["truncated", "sliding"]), default="truncated", show_default=True)
 @click.option("--stride", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Stride of the sliding-window protocol.")
+              help="Stride of the sliding-window protocol (smaller than each length but the largest).")
 @click.option("--documents", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--passkey-lengths", callback=_integers, default=None, help="Lengths for passkey retrieval.")
+@click.option("--passkey-lengths", callback=_integers, default=None,
+              help="Lengths for passkey retrieval: prompt and answer fit in each.")
 @click.option("--depths", callback=_fractions, default="0.1,0.5,0.9", show_default=True,
               help="Passkey depths, as fractions of the prompt.")
 @click.option("--trials", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--beyond-target", is_flag=True, help="Allow lengths beyond the checkpoint's target (extrapolation).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for results.json and the plots. Default: CHECKPOINT/eval.")
-@click.option("--card", is_flag=True, help="Rewrite CHECKPOINT/README.md with the results.")
+@click.option("--card", is_flag=True,
+              help="Update the evaluation and the other sections longrope-convert wrote in CHECKPOINT/README.md.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout instead of tables.")
 def evaluate(checkpoint: Path, lengths: list[int], data: tuple[str, ...], baselines: bool, protocol: str, stride: int,
-             documents: int, passkey_lengths: list[int], depths: list[float], trials: int, seed: int, out: Path | None,
-             card: bool, as_json: bool) -> None:
+             documents: int, passkey_lengths: list[int], depths: list[float], trials: int, seed: int,
+             beyond_target: bool, out: Path | None, card: bool, as_json: bool) -> None:
     """Perplexity against length and passkey retrieval for a converted CHECKPOINT; plots and model card."""
-    from .card import refresh_card
-    from .evaluate import BASELINE_METHODS, evaluate_checkpoint
+    from .card import EVAL_DIR, refresh_card
+    from .evaluate import plan_evaluation, run_evaluation
 
-    if data and not lengths:
-        raise click.UsageError("--data needs --lengths")
-    methods = 1 + (len(BASELINE_METHODS) if baselines else 0)
-    steps = methods * ((len(lengths) if data else 0) + len(passkey_lengths) * len(depths) * trials)
-    with click.progressbar(length=steps, label="eval", file=sys.stderr, show_eta=True) as bar:
+    if card and out is not None and Path(out).resolve() != (checkpoint / EVAL_DIR).resolve():
+        raise click.UsageError(f"--card reads the results in {checkpoint / EVAL_DIR}: drop --out")
+    plan = plan_evaluation(checkpoint, data=list(data), lengths=lengths, baselines=baselines, protocol=protocol,
+                           stride=stride, documents=documents, passkey_lengths=passkey_lengths, depths=depths,
+                           trials=trials, seed=seed, beyond_target=beyond_target, status=status)
+    with click.progressbar(length=plan.steps, label="eval", file=sys.stderr, show_eta=True) as bar:
         def on_step() -> None:
             bar.update(1)
             if not sys.stderr.isatty():  # no live bar in a log file: a line per measurement
-                status(f"eval: {bar.pos}/{steps} measurements done")
+                status(f"eval: {bar.pos}/{plan.steps} measurements done")
 
-        results = evaluate_checkpoint(checkpoint, list(data), lengths, baselines, protocol, stride, documents,
-                                      passkey_lengths, depths, trials, seed, out,
-                                      command="longrope-convert eval " + " ".join(sys.argv[2:]), status=status,
-                                      on_step=on_step)
+        results = run_evaluation(plan, out=out, command="longrope-convert eval " + " ".join(sys.argv[2:]),
+                                 status=status, on_step=on_step)
     if card:
         refresh_card(checkpoint)
         status(f"wrote {checkpoint / 'README.md'}")
-    click.echo(json.dumps(results, indent=2) if as_json else "\n".join(_result_tables(results)))
+    click.echo(json.dumps(results, indent=2, allow_nan=False) if as_json else "\n".join(_result_tables(results)))
 
 
 def _result_tables(results: dict) -> list[str]:

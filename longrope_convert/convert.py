@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .card import CARD_FILE, model_card, source_license
+from .card import CARD_FILE, hub_model_id, model_card, source_license
 from .errors import LongRoPEError
 from .factors import FACTORS_FILE, FactorSet, analytic_factor_set, find_shipped_factor_set, load_factor_set
 from .source import SourceModel
@@ -156,7 +156,8 @@ def link_or_copy(source: Path, target: Path, copy: bool) -> str:
 
 def generated_files(source: SourceModel, factor_set: FactorSet, repo: str) -> dict[str, str]:
     """The files conversion writes itself (the rest is copied or linked from the source)."""
-    card = model_card(factor_set, base_model=source.name, license_fields=source_license(source.folder), repo=repo)
+    card = model_card(factor_set, base_model=hub_model_id(source.folder), license_fields=source_license(source.folder),
+                      repo=repo)
     return {
         "config.json": json.dumps(longrope_config(source.config, factor_set), indent=2) + "\n",
         MODELING_FILE: MODELING_SOURCE.read_text(),

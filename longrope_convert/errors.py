@@ -1,5 +1,17 @@
-"""The one exception type the command line turns into a one-line message and a non-zero exit."""
+"""The exception types the command line turns into a one-line message and a non-zero exit."""
 
 
 class LongRoPEError(Exception):
     """A problem with the user's input or environment, explained in one line."""
+
+
+class DataError(LongRoPEError):
+    """--data that cannot be read as documents; the message names the file and line, or the dataset."""
+
+
+class EvaluationError(LongRoPEError):
+    """An evaluation that cannot be measured as asked (a length, stride or passkey size out of bounds)."""
+
+
+class HubError(LongRoPEError):
+    """A refusal or failure of the Hugging Face Hub, with what to do about it."""

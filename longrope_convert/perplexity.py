@@ -8,15 +8,19 @@ O(length x hidden), never O(length x vocab).
 from __future__ import annotations
 
 import json
-import math
+import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .errors import LongRoPEError
+from .errors import DataError
 from .factors import FactorSet
+
+# a Hub dataset id ("pg19", "org/name"); anything else that is not a file or folder is a missing path
+DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?")
 
 
 @dataclass
@@ -25,67 +29,104 @@ class Document:
     text: str
 
 
-def read_documents(sources: list[str]) -> list[Document]:
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+def read_documents(sources: list[str]) -> Iterator[Document]:
     """Texts from files (.txt: one document; .jsonl: a "text" field per line), folders (their .txt and
-    .jsonl files, sorted) or a `datasets` id ("pg19", "pg19:test") when that library is installed."""
-    documents: list[Document] = []
+    .jsonl files, sorted) or a `datasets` id ("pg19", "pg19:test", a local dataset folder "./books:train"),
+    streamed when that library is installed.
+
+    Lazy: files are opened and dataset rows fetched only as the documents are consumed, so a caller
+    that stops early (tokenized_documents with a limit) reads no further. Files must be UTF-8 (a BOM is
+    allowed). Raises DataError naming the source, or the file and line, that cannot be read.
+    """
     for source in sources:
         path = Path(source)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
+            files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
             if not files:
-                raise LongRoPEError(f"data folder '{path}' has no .txt or .jsonl files")
+                raise DataError(f"data folder '{path}' has no .txt or .jsonl files (for a `datasets` folder, name "
+                                f"its split: '{path}:train')")
             for file in files:
-                documents += _read_file(file)
+                yield from _read_file(file)
         elif path.is_file():
-            documents += _read_file(path)
+            yield from _read_file(path)
         else:
-            documents += _read_dataset(source)
-    return documents
+            yield from _read_dataset(source)
 
 
-def _read_file(path: Path) -> list[Document]:
+def _read_file(path: Path) -> Iterator[Document]:
     if path.suffix != ".jsonl":
-        return [Document(str(path), path.read_text(errors="replace"))]
-    documents = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            documents.append(Document(f"{path}:{number}", json.loads(line)["text"]))
-        except (ValueError, KeyError, TypeError):
-            raise LongRoPEError(f"{path}:{number}: not a JSON object with a 'text' field") from None
-    return documents
+        yield Document(str(path), _decode(path.read_bytes(), path, 1))
+        return
+    with path.open("rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            line = _decode(raw, path, number)
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (ValueError, KeyError, TypeError):
+                raise DataError(f"{path}:{number}: not a JSON object with a 'text' field") from None
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{number}: 'text' is a {type(text).__name__}, not a string")
+            yield Document(f"{path}:{number}", text)
 
 
-def _read_dataset(name: str) -> list[Document]:
+def _decode(data: bytes, path: Path, first_line: int) -> str:
+    """UTF-8 text (a leading BOM dropped), or a DataError naming the file and line: decoding with
+    replacement would score replacement characters instead of the text."""
+    try:
+        return data.decode("utf-8-sig" if first_line == 1 else "utf-8")
+    except UnicodeDecodeError as error:
+        line = first_line + data.count(b"\n", 0, error.start)
+        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{data[error.start]:02x}); re-encode the file, e.g. with "
+                        "`iconv -f latin1 -t utf-8` for a Latin-1 file") from None
+
+
+def _read_dataset(name: str) -> Iterator[Document]:
+    dataset_id, _, split = name.partition(":")
+    looks_like_id = DATASET_ID.fullmatch(dataset_id) and Path(dataset_id).suffix not in TEXT_SUFFIXES
+    if not looks_like_id and not Path(dataset_id).is_dir():
+        raise DataError(f"data '{name}': no such file or folder")
     try:
         import datasets
     except ImportError:
-        raise LongRoPEError(f"data '{name}' is not a file or folder (and the `datasets` library, needed for "
-                            "dataset ids, is not installed)") from None
-    dataset_id, _, split = name.partition(":")
-    try:
-        rows = datasets.load_dataset(dataset_id, split=split or "test", streaming=True)
-        return [Document(f"{dataset_id}:{i}", row["text"]) for i, row in enumerate(rows)]
-    except Exception as error:  # the library raises many kinds; all mean "cannot use this id here"
-        raise LongRoPEError(f"data '{name}': cannot load dataset ({type(error).__name__}: {error})") from None
+        raise DataError(f"data '{name}' is not a file or folder (and the `datasets` library, needed for dataset "
+                        "ids, is not installed)") from None
+    try:  # the library raises many kinds; all mean "cannot use this id here"
+        for number, row in enumerate(datasets.load_dataset(dataset_id, split=split or "test", streaming=True)):
+            if not isinstance(row.get("text"), str):
+                raise DataError(f"data '{name}': row {number} has no 'text' string")
+            yield Document(f"{dataset_id}:{number}", row["text"])
+    except DataError:
+        raise
+    except Exception as error:
+        message = next((line for line in str(error).splitlines() if line.strip()), "")
+        raise DataError(f"data '{name}': cannot read the dataset ({type(error).__name__}: {message})") from None
 
 
-def tokenized_documents(tokenizer, documents: list[Document], length: int,
+def tokenized_documents(tokenizer, documents: Iterable[Document], length: int,
                         limit: int | None = None) -> tuple[list[torch.Tensor], list[str], int]:
     """Up to `limit` documents of at least `length` tokens, each as BOS + its first length - 1 tokens.
-    Returns (token id tensors [1, length], their names, how many shorter documents were skipped)."""
+
+    Returns (token id tensors [1, length], their names, how many documents were skipped: shorter ones,
+    and empty or whitespace-only ones, which are no documents at all). Iteration stops at the
+    `limit`-th document kept, so a streamed dataset is read no further than needed.
+    """
     kept, names, skipped = [], [], 0
+    if limit == 0:
+        return kept, names, skipped  # without pulling a document from the stream
     for document in documents:
-        if limit is not None and len(kept) == limit:
-            break
-        ids = document_ids(tokenizer, document.text, length)
-        if ids.shape[1] < length:
+        ids = document_ids(tokenizer, document.text, length) if document.text.strip() else None
+        if ids is None or ids.shape[1] < length:
             skipped += 1
             continue
         kept.append(ids)
         names.append(document.name)
+        if len(kept) == limit:
+            break
     return kept, names, skipped
 
 
@@ -140,5 +181,6 @@ def token_nll(model, input_ids: torch.Tensor, chunk_size: int = 256) -> torch.Te
 
 
 def perplexity(nll: torch.Tensor) -> float:
-    """exp(mean NLL) over all the tokens given."""
-    return math.exp(nll.double().mean().item())
+    """exp(mean NLL) over all the tokens given; inf when that overflows a double (mean NLL above
+    ~709.78 nats), nan when an NLL is nan."""
+    return torch.exp(nll.double().mean()).item()

@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
 from pathlib import Path
 from typing import Any
+
+from .card import json_number
 
 SERIES_KEY = "longrope-series"
 
@@ -26,21 +29,33 @@ def _save(figure, path: Path, series: dict[str, Any]) -> None:
     _figure().close(figure)
 
 
-def perplexity_plot(perplexities: dict[str, dict[int, float]], path: Path, title: str) -> None:
-    """Perplexity against context length, one line per method."""
+def perplexity_plot(perplexities: dict[str, dict[int, float | str]], path: Path, title: str) -> None:
+    """Perplexity against context length, one line per method. A value that is not finite (inf, nan;
+    as floats or as results.json's strings) is marked by an x at the top of the plot, labelled."""
     plt = _figure()
     figure, axes = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+    finite_anywhere = False
     for method, by_length in perplexities.items():
-        lengths = sorted(by_length)
-        axes.plot(lengths, [by_length[n] for n in lengths], marker="o", label=method)
+        lengths = sorted(by_length, key=int)
+        values = [float(by_length[n]) for n in lengths]
+        finite = [(int(n), v) for n, v in zip(lengths, values) if math.isfinite(v)]
+        finite_anywhere |= bool(finite)
+        (line,) = axes.plot([n for n, _ in finite], [v for _, v in finite], marker="o", label=method)
+        for n, value in zip(lengths, values):
+            if not math.isfinite(value):  # x in data, y in axes coordinates: the top edge whatever the scale
+                axes.plot([int(n)], [0.96], marker="x", color=line.get_color(), transform=axes.get_xaxis_transform())
+                axes.annotate(str(value), (int(n), 0.96), xycoords=axes.get_xaxis_transform(), fontsize=7,
+                              textcoords="offset points", xytext=(4, -3), color=line.get_color())
     axes.set_xscale("log", base=2)
-    axes.set_yscale("log")
+    if finite_anywhere:  # a log axis needs some positive data
+        axes.set_yscale("log")
     axes.set_xlabel("context length (tokens)")
     axes.set_ylabel("perplexity")
     axes.set_title(title)
     axes.legend()
     axes.grid(True, which="both", alpha=0.3)
-    _save(figure, path, {method: {str(n): v for n, v in by_length.items()} for method, by_length in perplexities.items()})
+    _save(figure, path, {method: {str(n): json_number(float(v)) for n, v in by_length.items()}
+                         for method, by_length in perplexities.items()})
 
 
 def passkey_heatmap(accuracy: dict[str, dict[int, dict[float, float]]], path: Path, title: str) -> None:

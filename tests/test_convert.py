@@ -75,7 +75,7 @@ def test_model_card_inherits_the_source_licence(tiny_source, tmp_path, capfd, mo
     (tiny_source / "LICENSE").write_text("the licence text")
     assert run_cli(capfd, monkeypatch, tiny_source, "--target", 256, "--output", tmp_path / "out")[0] == 0
     card = (tmp_path / "out" / "README.md").read_text()
-    assert front_matter(card) == {"base_model": "tiny-llama", "license": "other", "license_name": "llama3",
+    assert front_matter(card) == {"license": "other", "license_name": "llama3",  # a local source: no base_model
                                   "license_link": "LICENSE", "library_name": "transformers",
                                   "pipeline_tag": "text-generation", "tags": ["longrope", "long-context", "llama"]}
     assert "Source card" not in card and "**not searched**: `init:yarn`" in card

@@ -1,0 +1,142 @@
+"""The model card: metadata, honest provenance, and refreshing only the sections the tool wrote."""
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from longrope_convert.card import (
+    CARD_FILE,
+    front_matter,
+    hub_model_id,
+    model_card,
+    refresh_card,
+    searched_by_evolution,
+)
+from longrope_convert.convert import write_checkpoint
+from longrope_convert.evaluate import comparison_sets
+from longrope_convert.factors import FACTORS_FILE, analytic_factor_set, load_factor_set
+from longrope_convert.source import read_source
+
+ROOT = Path(__file__).parents[1]
+TESTBED = Path(__file__).parent / "testbed" / "tiny-llama-256"
+SEARCHED = ROOT / "factors" / "tiny-llama-256" / "2048.json"
+LEGACY_EXAMPLE = ROOT / "examples" / "SmolLM2-135M-LongRoPE-16k"  # written before cards had markers
+
+
+def test_card_metadata_and_honest_provenance():
+    init = analytic_factor_set("yarn", read_source(TESTBED).fingerprint, 2048)
+    card = model_card(init, "me/tiny", {"license": "apache-2.0"}, "me/tiny-longrope", revision="abc123")
+    metadata = yaml.safe_load(card.split("---")[1])
+    assert metadata == {"base_model": "me/tiny", "license": "apache-2.0", "library_name": "transformers",
+                        "pipeline_tag": "text-generation", "tags": ["longrope", "long-context", "llama"]}
+    assert "**not searched**: `init:yarn`" in card and "searched**" not in card.replace("not searched", "")
+    assert 'from_pretrained("me/tiny-longrope", trust_remote_code=True, revision="abc123")' in card
+    assert "Without remote code" in card and "## Evaluation" not in card
+    card = model_card(load_factor_set(SEARCHED), None, {}, "me/x")
+    assert "Factors **searched** (`search`)" in card and "| evaluations |" in card
+    assert "base_model" not in front_matter(card) and "license" not in front_matter(card)
+    assert "`tiny-llama-256` with its context window extended from 256 to 2,048 tokens" in card
+
+
+def test_a_search_without_evolution_is_not_called_searched():
+    searched = load_factor_set(SEARCHED)
+    warning = "The budget ended before any evolution step: these are the best starting factors."
+    stopped = replace(searched, provenance={**searched.provenance, "method": "search:no-evolution", "warning": warning})
+    card = model_card(stopped, None, {}, "me/x")
+    assert "**not searched by evolution**" in card and "Factors **searched**" not in card
+    assert f"**Warning:** {warning}" in card
+    assert not searched_by_evolution(stopped) and list(comparison_sets(stopped, baselines=False)) == [
+        "LongRoPE (search:no-evolution)"]
+    short = replace(searched, provenance={**searched.provenance, "method": "search:short"})
+    assert searched_by_evolution(short) and "Factors **searched** (`search:short`) by evolution" in model_card(
+        short, None, {}, "me/x")
+
+
+def test_base_model_is_a_hub_id_only_from_a_hub_cache_snapshot(tmp_path):
+    snapshot = tmp_path / "hub" / "models--org--tiny-llama" / "snapshots" / "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(TESTBED, snapshot)
+    assert hub_model_id(snapshot) == "org/tiny-llama" and hub_model_id(TESTBED) is None
+    assert hub_model_id(tmp_path / "hub" / "models--gpt2" / "snapshots" / "abc") == "gpt2"
+    for folder, base_model in [(snapshot, "org/tiny-llama"), (TESTBED, None)]:
+        source = read_source(folder)
+        factor_set = analytic_factor_set("pi", source.fingerprint, 1024)
+        output = tmp_path / f"out-{base_model is None}"
+        write_checkpoint(source, factor_set, output, "init:pi")
+        assert front_matter((output / CARD_FILE).read_text()).get("base_model") == base_model
+
+
+EVALUATION = {"perplexity": {"documents": ["a.txt"], "skipped_documents": 0, "protocol": "truncated", "stride": None,
+                             "perplexity": {"LongRoPE": {"256": 9.5, "2048": "inf"}}},
+              "settings": {"command": "longrope-convert eval x", "device": "cpu, float32", "created": "2026-12-01"}}
+
+
+def converted_folder(tmp_path: Path, card: str) -> Path:
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    shutil.copyfile(SEARCHED, folder / FACTORS_FILE)
+    (folder / CARD_FILE).write_text(card)
+    return folder
+
+
+def write_evaluation(folder: Path, evaluation: dict) -> None:
+    (folder / "eval").mkdir(exist_ok=True)
+    (folder / "eval" / "results.json").write_text(json.dumps(evaluation))
+
+
+def without_section(card: str, name: str) -> str:
+    begin, end = f"<!-- longrope-convert:begin {name}", f"<!-- longrope-convert:end {name} -->"
+    return card[:card.index(begin)] + card[card.index(end) + len(end):]
+
+
+def test_refreshing_rewrites_only_the_tools_sections(tmp_path):
+    card = model_card(load_factor_set(SEARCHED), "org/tiny", {"license": "mit"}, "me/tiny-2k", revision="dev")
+    head, body = card.split("\n---\n", 1)
+    user_head = head + "\nlanguage:\n- en\ndatasets:\n- pg19  # the books\n---\n"
+    user_body = body.replace("<!-- longrope-convert:begin factors",
+                             "## Intended use\n\nResearch on long documents.\n\n<!-- longrope-convert:begin factors")
+    folder = converted_folder(tmp_path, user_head + user_body + "\n## Citation\n\nMine, 2026.\n")
+    write_evaluation(folder, EVALUATION)
+    refreshed = refresh_card(folder)
+    assert refreshed.startswith(user_head)  # the front matter, byte for byte
+    assert front_matter(refreshed)["datasets"] == ["pg19"] and front_matter(refreshed)["language"] == ["en"]
+    assert "## Intended use\n\nResearch on long documents.\n\n" in refreshed and refreshed.endswith(
+        "## Citation\n\nMine, 2026.\n")
+    assert refreshed.index("## How to load") < refreshed.index("## Evaluation") < refreshed.index("## Citation")
+    assert 'from_pretrained("me/tiny-2k", trust_remote_code=True, revision="dev")' in refreshed  # not the folder
+    assert "| LongRoPE | 9.500 | inf |" in refreshed
+    assert refresh_card(folder) == refreshed  # nothing to change: the same card
+    write_evaluation(folder, {**EVALUATION, "perplexity": {**EVALUATION["perplexity"], "perplexity": {
+        "LongRoPE": {"256": 9.25, "2048": 11.0}}}})
+    again = refresh_card(folder)
+    assert "| LongRoPE | 9.250 | 11.000 |" in again and "| LongRoPE | 9.500 | inf |" not in again
+    assert without_section(again, "evaluation") == without_section(refreshed, "evaluation")
+    assert refresh_card(folder, repo="me/elsewhere").count('"me/elsewhere"') == 3  # marker, model, tokenizer
+
+
+def test_a_card_written_before_markers_is_refreshed_by_its_headings(tmp_path):
+    folder = tmp_path / "legacy"
+    shutil.copytree(LEGACY_EXAMPLE, folder)
+    legacy = (folder / CARD_FILE).read_text()
+    head = legacy[:legacy.index("\n---\n") + 5]
+    user = legacy.replace(head, head.replace("---\n", "---\nlanguage: en\n", 1)) + "\n## Notes\n\nMy own notes.\n"
+    (folder / CARD_FILE).write_text(user)
+    refreshed = refresh_card(folder)
+    assert refreshed.startswith(head.replace("---\n", "---\nlanguage: en\n", 1))
+    assert refreshed.endswith("## Notes\n\nMy own notes.\n")
+    for name in ("summary", "factors", "usage", "evaluation"):
+        assert refreshed.count(f"<!-- longrope-convert:begin {name}") == 1
+    assert refreshed.count("## Factors") == refreshed.count("## How to load") == refreshed.count("## Evaluation") == 1
+    assert 'from_pretrained("SmolLM2-135M-LongRoPE-16k", trust_remote_code=True)' in refreshed
+    assert refresh_card(folder) == refreshed
+
+
+@pytest.mark.parametrize("existing", ["", "# Just a title I wrote\n"])
+def test_a_card_without_tool_sections_gets_them_after_its_text(tmp_path, existing):
+    folder = converted_folder(tmp_path, existing)
+    refreshed = refresh_card(folder)
+    assert front_matter(refreshed)["library_name"] == "transformers"
+    assert existing in refreshed and refreshed.index("<!-- longrope-convert:begin summary") > len(existing)

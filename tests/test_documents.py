@@ -1,0 +1,79 @@
+"""--data: text files, JSONL, folders and `datasets` ids read as documents, lazily, with one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import DATA
+from longrope_convert.convert import write_checkpoint
+from longrope_convert.errors import DataError
+from longrope_convert.factors import analytic_factor_set
+from longrope_convert.perplexity import read_documents, tokenized_documents
+from longrope_convert.source import read_source
+
+TESTBED = Path(__file__).parent / "testbed" / "tiny-llama-256"
+BOOK = (DATA / "sherlock_holmes_excerpt.txt").read_text()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(TESTBED)
+
+
+def test_text_and_jsonl_must_be_utf8_and_errors_name_the_file_and_line(tmp_path):
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "one"}\n\n{"text": "caf\xe9"}\n')
+    (tmp_path / "latin1.txt").write_bytes(b"first line\ncaf\xe9 au lait\n")
+    (tmp_path / "bom.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "caf\xc3\xa9"}\n')
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfcaf\xc3\xa9")
+    for name, line in [("latin1.jsonl", 3), ("latin1.txt", 2)]:
+        with pytest.raises(DataError, match=rf"^{tmp_path / name}:{line}: not UTF-8 \(byte 0xe9\); re-encode the file"):
+            list(read_documents([str(tmp_path / name)]))
+    assert [d.text for d in read_documents([str(tmp_path / "bom.jsonl"), str(tmp_path / "bom.txt")])] == ["café"] * 2
+    (tmp_path / "number.jsonl").write_text('{"text": 3}\n')
+    with pytest.raises(DataError, match=r"number.jsonl:1: 'text' is a int, not a string"):
+        list(read_documents([str(tmp_path / "number.jsonl")]))
+
+
+def test_empty_and_whitespace_documents_are_skipped_and_counted(tmp_path, tokenizer):
+    blank = " \n" * 2000  # thousands of whitespace tokens: long enough, but no document
+    assert len(tokenizer(blank).input_ids) > 512
+    rows = [{"text": blank}, {"text": ""}, {"text": "too short"}, {"text": BOOK}]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    ids, names, skipped = tokenized_documents(tokenizer, read_documents([str(tmp_path / "docs.jsonl")]), 512)
+    assert names == [f"{tmp_path / 'docs.jsonl'}:4"] and skipped == 3 and ids[0].shape == (1, 512)
+
+
+def test_reading_stops_once_enough_documents_are_found(tmp_path, tokenizer):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": BOOK}) + "\n" + json.dumps({"text": BOOK[5000:]}) + "\n")
+    (tmp_path / "b.jsonl").write_text("not json\n")  # read only if a third document is needed
+    _, names, _ = tokenized_documents(tokenizer, read_documents([str(tmp_path)]), 512, limit=2)
+    assert names == [f"{tmp_path / 'a.jsonl'}:1", f"{tmp_path / 'a.jsonl'}:2"]
+    with pytest.raises(DataError, match=r"b.jsonl:1: not a JSON object with a 'text' field"):
+        tokenized_documents(tokenizer, read_documents([str(tmp_path)]), 512, limit=3)
+
+
+def test_a_streamed_dataset_is_read_no_further_than_needed(tmp_path):
+    """A local dataset folder that `datasets` streams (three JSONL shards of a train split). The second
+    ends with the two documents needed; the third is not JSON: pulling one row more would read it and
+    fail the command, so success shows the stream was stopped."""
+    source = read_source(TESTBED)
+    checkpoint = write_checkpoint(source, analytic_factor_set("pi", source.fingerprint, 1024), tmp_path / "tiny-1k",
+                                  "init:pi").output
+    books = tmp_path / "books"
+    books.mkdir()
+    shards = [[{"text": "A short tale."}, {"text": " \n" * 2000}], [{"text": BOOK}, {"text": BOOK[10000:]}]]
+    for number, rows in enumerate(shards):
+        (books / f"train-0000{number}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (books / "train-00002.jsonl").write_text("this shard is never reached\n")
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "longrope_convert", "eval", str(checkpoint), "--lengths", "1024", "--data", f"{books}:train",
+                           "--documents", "2", "--json"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    perplexity = json.loads(done.stdout)["perplexity"]
+    assert perplexity["documents"] == [f"{books}:2", f"{books}:3"] and perplexity["skipped_documents"] == 2
+    assert "perplexity: 2 documents of 1,024 tokens (2 shorter or empty ones skipped)" in done.stderr
