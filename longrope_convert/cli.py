@@ -92,11 +92,7 @@ def convert(source: str, target: int, factors: str | None, revision: str | None,
            f"{result.weight_bytes / 1e9:.2f} GB)")
     summary = result.summary()
     if push_to:
-        pushed = push_folder(result.output, push_to, private=private, branch=branch, commit_message=commit_message)
-        status(f"pushed to {pushed.repo_url} at commit {pushed.commit}"
-               + ("" if pushed.changed else " (unchanged: no new commit)"))
-        status("load it with:\n" + loading_snippet(push_to, pushed.commit))
-        summary["push"] = {"repo": push_to, "url": pushed.repo_url, "commit": pushed.commit, "changed": pushed.changed}
+        summary["push"] = _push(result.output, push_to, private, branch, commit_message)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
 
@@ -173,6 +169,21 @@ def search(source: str, target: int | None, revision: str | None, data: tuple[st
         status(f"wrote {result.output}")
     if as_json:
         click.echo(json.dumps({"factors": str(out), **summary}, indent=2))
+
+
+def _push(folder: Path, repo: str, private: bool, branch: str | None, commit_message: str | None) -> dict:
+    """Push a folder, say what the commit did, and return its summary."""
+    pushed = push_folder(folder, repo, private=private, branch=branch, commit_message=commit_message, log=status)
+    if pushed.deleted:
+        status(f"deleted from {repo} in the same commit (files of an earlier conversion that this folder does not "
+               f"have): {', '.join(pushed.deleted)}")
+    if pushed.kept:
+        status(f"kept in {repo} (not conversion outputs): {', '.join(pushed.kept)}")
+    status(f"pushed to {pushed.repo_url} ({branch or 'main'}) at commit {pushed.commit}"
+           + ("" if pushed.changed else " (unchanged: no new commit)"))
+    status("load it with:\n" + loading_snippet(repo, pushed.commit))
+    return {"repo": repo, "url": pushed.repo_url, "commit": pushed.commit, "changed": pushed.changed,
+            "deleted": pushed.deleted, "kept": pushed.kept}
 
 
 def _integers(ctx, param, value: str | None) -> list[int]:
@@ -257,6 +268,30 @@ def _result_tables(results: dict) -> list[str]:
     if "passkey" in results:
         lines += passkey_table(results["passkey"]["accuracy"], corner="passkey")
     return lines
+
+
+@cli.command(epilog="""\b
+Examples:
+  longrope-convert push ./smollm2-16k --to me/SmolLM2-135M-LongRoPE-16k
+  longrope-convert eval ./smollm2-16k --lengths 8192,16384 --data ./books --card && \\
+    longrope-convert push ./smollm2-16k --to me/SmolLM2-135M-LongRoPE-16k --branch eval
+""")
+@click.argument("folder", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--to", "repo", required=True, metavar="REPO", help="Hub repo to push to (created if needed).")
+@click.option("--branch", default=None, help="Push to this branch (created if needed) instead of main.")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--commit-message", default=None, help="Commit message of the push.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def push(folder: Path, repo: str, branch: str | None, private: bool, commit_message: str | None,
+         as_json: bool) -> None:
+    """Publish a converted checkpoint FOLDER to the Hub as one commit that mirrors it.
+
+    The card's loading snippet is set to REPO and --branch; files of an earlier conversion that FOLDER
+    does not have are deleted in the same commit; other files in the repo are kept.
+    """
+    summary = _push(folder, repo, private, branch, commit_message)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
 
 
 def main() -> None:

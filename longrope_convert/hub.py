@@ -2,23 +2,29 @@
 
 Downloads take only what a conversion needs (never pickle weights or Meta's original/ folder), go
 through huggingface_hub's cache and progress bars, and honour HF_HUB_OFFLINE. A push is one commit
-of the whole folder, so a failed push leaves the repo as it was, and pushing an unchanged folder
-again makes no commit. The token comes from HF_TOKEN or the saved login; it is never printed.
-Every Hub failure becomes a one-line LongRoPEError that says what to do.
+that mirrors the folder (conversion outputs the folder lacks are deleted in it, the user's other
+files kept), so a failed push leaves the repo as it was, and pushing an unchanged folder again makes
+no commit; the card's metadata is checked by the Hub before anything is created. The token comes
+from HF_TOKEN or the saved login; it is never printed. Every Hub failure becomes a one-line
+HubError that says what to do.
 """
 
 from __future__ import annotations
 
 import errno
+import fnmatch
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import LongRoPEError
+from .card import CARD_FILE, EVAL_DIR, updated_card, write_card
+from .convert import COPIED_FILES, COPIED_PATTERNS, MODELING_FILE
+from .errors import HubError, LongRoPEError
+from .factors import FACTORS_FILE
 
 ALLOW_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                   "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -61,31 +67,31 @@ def hub_errors(repo_id: str, revision: str | None = None, pushing: bool = False)
     try:
         yield
     except GatedRepoError:
-        raise LongRoPEError(
+        raise HubError(
             f"'{repo_id}' is a gated repo and this account has no access: accept its licence at "
             f"{endpoint()}/{repo_id}, then log in with `hf auth login` or set HF_TOKEN") from None
     except RepositoryNotFoundError:
-        raise LongRoPEError(
+        raise HubError(
             f"no model repo '{repo_id}' on {endpoint()} (if it is private, log in with `hf auth login` or set "
             "HF_TOKEN)") from None
     except RevisionNotFoundError:
-        raise LongRoPEError(f"'{repo_id}' has no revision '{revision}' (give a branch, tag or commit)") from None
+        raise HubError(f"'{repo_id}' has no revision '{revision}' (give a branch, tag or commit)") from None
     except RemoteEntryNotFoundError as error:
-        raise LongRoPEError(f"'{repo_id}': a file is missing on the Hub ({_first_line(error)})") from None
+        raise HubError(f"'{repo_id}': a file is missing on the Hub ({_first_line(error)})") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx.TransportError):
         if pushing:
-            raise LongRoPEError(f"the connection to {endpoint()} failed while pushing to '{repo_id}'; nothing was "
+            raise HubError(f"the connection to {endpoint()} failed while pushing to '{repo_id}'; nothing was "
                                 "committed: run the command again") from None
         if constants.HF_HUB_OFFLINE:
-            raise LongRoPEError(f"HF_HUB_OFFLINE is set and '{repo_id}' is not in the local cache; unset it to "
+            raise HubError(f"HF_HUB_OFFLINE is set and '{repo_id}' is not in the local cache; unset it to "
                                 "download") from None
-        raise LongRoPEError(f"cannot reach {endpoint()} to get '{repo_id}' (no network?); with a cached copy, set "
+        raise HubError(f"cannot reach {endpoint()} to get '{repo_id}' (no network?); with a cached copy, set "
                             "HF_HUB_OFFLINE=1 to use it") from None
     except HfHubHTTPError as error:
-        raise LongRoPEError(f"the Hub refused the request for '{repo_id}': {_first_line(error)}") from None
+        raise HubError(f"the Hub refused the request for '{repo_id}': {_first_line(error)}") from None
     except OSError as error:
         if error.errno == errno.ENOSPC:
-            raise LongRoPEError(f"disk full while downloading '{repo_id}' to {constants.HF_HUB_CACHE}: free space "
+            raise HubError(f"disk full while downloading '{repo_id}' to {constants.HF_HUB_CACHE}: free space "
                                 "or point HF_HOME to a larger disk") from None
         raise
 
@@ -139,27 +145,108 @@ def download_plan(repo_id: str, revision: str | None = None) -> tuple[dict[str, 
     return config, plan
 
 
+# What a conversion writes at the top of its folder, and what eval adds: a push deletes the files of
+# an earlier conversion that the folder does not have (shards replaced by one file, an old index);
+# anything else in the repo is the user's and stays.
+CONVERSION_OUTPUTS = ("config.json", "*.safetensors", "*.safetensors.index.json", MODELING_FILE, FACTORS_FILE,
+                      CARD_FILE, *COPIED_FILES, *COPIED_PATTERNS)
+HUB_FILES = (".gitattributes",)  # written by the Hub itself when it creates a repo
+
+
+def is_conversion_output(path: str) -> bool:
+    """Whether a repo path is one a conversion or an evaluation writes."""
+    if path.startswith(f"{EVAL_DIR}/"):
+        return True
+    return "/" not in path and any(fnmatch.fnmatchcase(path, pattern) for pattern in CONVERSION_OUTPUTS)
+
+
 @dataclass
 class PushResult:
     repo_url: str
     commit: str
     changed: bool  # False when the folder was already there, unchanged: no commit was made
+    deleted: list[str]  # files of an earlier conversion, deleted in the same commit
+    kept: list[str]  # files in the repo that are not conversion outputs, left as they were
 
 
-def push_folder(folder: Path, repo_id: str, private: bool = False, branch: str | None = None,
-                commit_message: str | None = None) -> PushResult:
-    """Create the repo if needed and upload the folder as one commit."""
-    from huggingface_hub import HfApi
+def push_folder(folder: Path, repo_id: str, *, private: bool = False, branch: str | None = None,
+                commit_message: str | None = None, log: Callable[[str], None] = lambda message: None) -> PushResult:
+    """Publish a converted checkpoint folder as one commit on `branch` (default main) of `repo_id`,
+    creating the repo and the branch when needed.
 
+    The card's loading snippet is first set to repo_id and branch (README.md rewritten in the folder),
+    and the card's metadata is checked by the Hub (validate-yaml) before anything is created. The
+    commit mirrors the folder: conversion outputs in the repo that the folder lacks are deleted in it;
+    other files stay. A repo or branch created by this call is deleted again if the push fails.
+    Raises LongRoPEError for a folder that is not a converted checkpoint, HubError for a refusal.
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    folder = Path(folder)
+    _check_converted(folder)
+    card = updated_card(folder, repo=repo_id, revision=branch)
     api = HfApi()
     with hub_errors(repo_id, branch, pushing=True):
-        url = api.create_repo(repo_id, private=private, exist_ok=True)
-        if branch:
-            api.create_branch(repo_id, branch=branch, exist_ok=True)
-        before = api.model_info(repo_id, revision=branch).sha
-        info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=branch,
-                                 commit_message=commit_message or f"Upload {folder.name} (longrope-convert)")
-    return PushResult(repo_url=str(url), commit=info.oid, changed=info.oid != before)
+        _validate_card(card, folder)
+        if not (folder / CARD_FILE).is_file() or card != (folder / CARD_FILE).read_text(encoding="utf-8"):
+            write_card(folder, card)
+        local = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")  # no hidden files
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+        created_repo, created_branch = not api.repo_exists(repo_id), False
+        try:
+            url = api.create_repo(repo_id, private=private, exist_ok=True)
+            if branch and not api.revision_exists(repo_id, branch):
+                api.create_branch(repo_id, branch=branch)
+                created_branch = True
+            before = api.repo_info(repo_id, revision=branch).sha
+            remote = set(api.list_repo_files(repo_id, revision=before)) - set(local) - set(HUB_FILES)
+            deleted = sorted(path for path in remote if is_conversion_output(path))
+            operations = [CommitOperationAdd(path_in_repo=path, path_or_fileobj=folder / path) for path in local]
+            operations += [CommitOperationDelete(path_in_repo=path) for path in deleted]
+            info = api.create_commit(repo_id, operations=operations, revision=branch, parent_commit=before,
+                                     commit_message=commit_message or f"Upload {folder.name} (longrope-convert)")
+        except BaseException:
+            _undo(api, repo_id, branch, created_repo, created_branch, log)
+            raise
+    return PushResult(repo_url=str(url), commit=info.oid, changed=info.oid != before, deleted=deleted,
+                      kept=sorted(remote - set(deleted)))
+
+
+def _check_converted(folder: Path) -> None:
+    config = folder / "config.json"
+    rope = (json.loads(config.read_text()).get("rope_scaling") or {}) if config.is_file() else {}
+    if rope.get("rope_type") != "longrope" or not (folder / FACTORS_FILE).is_file():
+        raise LongRoPEError(f"'{folder}' is not a checkpoint written by longrope-convert (no longrope rope_scaling "
+                            f"in config.json, or no {FACTORS_FILE})")
+
+
+def _validate_card(card: str, folder: Path) -> None:
+    """The Hub's own check of the card metadata (what a commit of README.md would be refused for)."""
+    from huggingface_hub import ModelCard
+
+    try:
+        ModelCard(card, ignore_metadata_errors=True).validate()
+    except ValueError as error:  # the Hub's answer, a JSON list of errors as text
+        try:
+            reasons = "; ".join(item["message"].rstrip(".") for item in json.loads(str(error))["errors"])
+        except (ValueError, KeyError, TypeError):
+            reasons = _first_line(error)
+        raise HubError(f"the Hub refuses the metadata of {folder / CARD_FILE}: {reasons}; fix its front matter "
+                       "and push again (nothing was created)") from None
+
+
+def _undo(api, repo_id: str, branch: str | None, created_repo: bool, created_branch: bool,
+          log: Callable[[str], None]) -> None:
+    """Delete what a failed push created, so it leaves no empty repo or branch behind."""
+    try:
+        if created_repo:
+            api.delete_repo(repo_id, missing_ok=True)
+        elif created_branch:
+            api.delete_branch(repo_id, branch=branch)
+    except Exception as error:  # the push's own error matters more; say what is left over
+        what = f"repo '{repo_id}'" if created_repo else f"branch '{branch}' of '{repo_id}'"
+        log(f"WARNING: the {what} created for this push could not be deleted ({_first_line(error)}); delete it "
+            "on the Hub")
 
 
 def loading_snippet(repo_id: str, commit: str) -> str:

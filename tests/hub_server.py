@@ -9,12 +9,17 @@ files inline, LFS files through the batch API), list and download files:
     POST /api/models/{id}/preupload/{rev}          POST /api/models/{id}/commit/{rev}
     POST /api/models/{id}/branch/{branch}          POST /{id}.git/info/lfs/objects/batch
     PUT  /lfs/{oid}  POST /lfs/verify              HEAD|GET /{id}/resolve/{rev}/{path}
-    GET  /api/whoami-v2
+    GET  /api/whoami-v2                            DELETE /api/repos/delete
+    DELETE /api/models/{id}/branch/{branch}
 
 Errors answer as the Hub does (status and X-Error-Code), so huggingface_hub raises its own
-RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError and EntryNotFoundError. A repo can
-be marked gated (downloads refused) and the server can drop connections while receiving commits,
-to test interrupted pushes. Every request is recorded (method, path, headers) for assertions.
+RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError and EntryNotFoundError. Commits
+carry deletions (deletedFile, deletedFolder) as well as files. validate-yaml refuses card metadata
+as the Hub does: `datasets` entries that are not dataset ids (the Hub's wording, as quoted in
+huggingface/autotrain-advanced#648) and a `base_model` that is not a model on this server (worded
+alike). A repo can be marked gated (downloads refused); the server can drop connections while
+receiving commits, to test interrupted pushes, or refuse commits (refuse_commits: the message, as a
+403). Every request is recorded (method, path, headers) for assertions.
 """
 
 from __future__ import annotations
@@ -71,6 +76,14 @@ class HubStore:
                                 "commits": {sha: {"parent": None, "message": "initial commit", "files": {}}}})
             return True
 
+    def delete(self, repo_id: str) -> bool:
+        with self.lock:
+            path = self._path(repo_id)
+            if not path.is_file():
+                return False
+            path.unlink()
+            return True
+
     def resolve(self, repo: dict, revision: str) -> str | None:
         revision = unquote(revision)
         if revision in repo["branches"]:
@@ -118,6 +131,7 @@ class HubStore:
 
 
 REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
+DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?")
 
 
 class HubHandler(BaseHTTPRequestHandler):
@@ -199,6 +213,12 @@ class HubHandler(BaseHTTPRequestHandler):
             (r"/lfs/verify", self.lfs_verify),
         ])
 
+    def do_DELETE(self) -> None:
+        self._route([
+            (r"/api/repos/delete", self.delete_repo),
+            (rf"/api/models/{REPO}/branch/(?P<branch>[^/]+)", self.delete_branch),
+        ])
+
     def do_PUT(self) -> None:
         self._route([(r"/lfs/(?P<oid>[0-9a-f]{64})", self.lfs_upload)])
 
@@ -216,14 +236,35 @@ class HubHandler(BaseHTTPRequestHandler):
             return self._json(409, {"error": "You already created this model repo", "url": url})
         self._json(200, {"url": url, "name": repo_id})
 
+    def delete_repo(self) -> None:
+        body = json.loads(self._body())
+        if not self.server.store.delete(f"{body.get('organization') or 'tester'}/{body['name']}"):
+            return self._error(404, "RepoNotFound", "Repository not found")
+        self._send(200)
+
     def validate_yaml(self) -> None:
         content = json.loads(self._body())["content"]
+        metadata = None
         if content.startswith("---"):
             try:
                 metadata = yaml.safe_load(content[3:].split("\n---", 1)[0])
-                assert metadata is None or isinstance(metadata, dict)
-            except (yaml.YAMLError, AssertionError) as error:
+                if not (metadata is None or isinstance(metadata, dict)):
+                    raise yaml.YAMLError("the metadata is not a mapping")
+            except yaml.YAMLError as error:
                 return self._json(400, {"errors": [{"message": f"invalid YAML: {error}"}], "warnings": []})
+        errors = []
+        for key, value in (metadata or {}).items():
+            if key not in ("base_model", "datasets"):
+                continue
+            for index, item in enumerate(value if isinstance(value, list) else [value]):
+                name = f'"{key}[{index}]"' if isinstance(value, list) else f'"{key}"'
+                if key == "datasets" and not DATASET_ID.fullmatch(str(item)):
+                    errors.append(f'{name} with value "{item}" is not valid. If possible, use a dataset id from '
+                                  "https://hf.co/datasets.")
+                if key == "base_model" and self.server.store.load(str(item)) is None:
+                    errors.append(f'{name} with value "{item}" is not valid. Use a model id from https://hf.co/models.')
+        if errors:
+            return self._json(400, {"errors": [{"message": message} for message in errors], "warnings": []})
         self._json(200, {"errors": [], "warnings": []})
 
     def model_info(self, repo: str, revision: str | None = None) -> None:
@@ -341,6 +382,9 @@ class HubHandler(BaseHTTPRequestHandler):
         branch = unquote(revision)
         if branch not in data["branches"]:
             return self._error(404, "RevisionNotFound", f"Invalid rev id: {branch}")
+        if self.server.refuse_commits:
+            self._body()
+            return self._error(403, "Forbidden", self.server.refuse_commits)
         if self.server.drop_commits:
             # read part of the request, then hang up without answering: an interrupted upload
             self.rfile.read(min(int(self.headers.get("Content-Length") or 0), 512))
@@ -373,6 +417,16 @@ class HubHandler(BaseHTTPRequestHandler):
         self._json(200, {"success": True, "commitOid": sha, "commitUrl": f"{self.server.url}/{repo}/commit/{sha}",
                          "pullRequestUrl": None})
 
+    def delete_branch(self, repo: str, branch: str) -> None:
+        branch = unquote(branch)
+        with self.server.store.lock:
+            data = self.server.store.load(repo)
+            if data is None or branch not in data["branches"] or branch == "main":
+                return self._error(404, "RevisionNotFound", f"Invalid rev id: {branch}")
+            del data["branches"][branch]
+            self.server.store.save(repo, data)
+        self._send(200)
+
     def create_branch(self, repo: str, branch: str) -> None:
         data = self._repo(repo)
         if data is None:
@@ -397,6 +451,7 @@ class HubServer(ThreadingHTTPServer):
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
         self.requests: list[dict] = []
         self.drop_commits = False
+        self.refuse_commits: str | None = None
 
     def start(self) -> HubServer:
         threading.Thread(target=self.serve_forever, daemon=True).start()

@@ -7,14 +7,19 @@ environment: HF_ENDPOINT on the local server, an isolated HF_HOME, Xet off, and 
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from transformers import LlamaForCausalLM
 
 from hub_server import HubServer
+from longrope_convert.convert import write_checkpoint
 from longrope_convert.errors import LongRoPEError
+from longrope_convert.factors import analytic_factor_set
+from longrope_convert.source import read_source
 
 TESTBED = Path(__file__).parent / "testbed" / "tiny-llama-256"
 TOKEN = "hf_TESTtokenNeverShown0123456789"
@@ -49,6 +54,15 @@ def run(env, *args, cwd=None) -> subprocess.CompletedProcess:
 def branch_head(hub, repo_id, branch="main"):
     repo = hub.store.load(repo_id)
     return repo["branches"][branch], len(repo["commits"])
+
+
+def remote_files(hub, repo_id, branch="main") -> dict[str, dict]:
+    repo = hub.store.load(repo_id)
+    return repo["commits"][repo["branches"][branch]]["files"]
+
+
+def remote_text(hub, repo_id, path, branch="main") -> str:
+    return hub.store.blob(remote_files(hub, repo_id, branch)[path]["blob"]).decode()
 
 
 SKIPPED = {"pytorch_model.bin": b"pickle, never fetched", "original/consolidated.00.pth": b"pickle too",
@@ -96,6 +110,78 @@ def test_push_is_one_commit_and_an_unchanged_push_makes_none(hub, env, tmp_path)
     assert branch.returncode == 0, branch.stderr
     repo = hub.store.load("me/tiny-push-1k")
     assert repo["branches"]["main"] == head and repo["commits"][repo["branches"]["longrope"]]["message"] == "hello"
+    snippet = 'from_pretrained("me/tiny-push-1k", trust_remote_code=True, revision="longrope")'
+    assert snippet in remote_text(hub, "me/tiny-push-1k", "README.md", "longrope")  # not main's checkpoint
+    assert snippet in (tmp_path / "out2" / "README.md").read_text()
+
+
+def test_push_mirrors_the_folder_after_eval_card(hub, env, tmp_path):
+    """Conversion A (one weight file) is pushed; the user adds a file on the Hub; conversion B of the
+    same model in shards is evaluated with --card and pushed with the push command: the repo holds B,
+    and no weight file of A that a loader would pick first."""
+    first = run(env, TESTBED, "--target", 1024, "--factors", "pi", "--output", tmp_path / "a", "--push-to",
+                "me/mirror")
+    assert first.returncode == 0, first.stderr  # a local source: no base_model the Hub would refuse
+    hub.store.upload("me/mirror", {"notes.md": b"the user's own file"}, message="notes")
+    sharded = tmp_path / "sharded"
+    LlamaForCausalLM.from_pretrained(TESTBED).save_pretrained(sharded, max_shard_size="4MB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(TESTBED / name, sharded / name)
+    assert run(env, sharded, "--target", 1024, "--factors", "pi", "--output", tmp_path / "b").returncode == 0
+    evaluated = run(env, "eval", tmp_path / "b", "--passkey-lengths", 200, "--depths", 0.5, "--trials", 1, "--card")
+    assert evaluated.returncode == 0, evaluated.stderr
+    commits = branch_head(hub, "me/mirror")[1]
+    pushed = run(env, "push", tmp_path / "b", "--to", "me/mirror", "--json")
+    assert pushed.returncode == 0, pushed.stderr
+    summary = json.loads(pushed.stdout)
+    local = {p.relative_to(tmp_path / "b").as_posix() for p in (tmp_path / "b").rglob("*") if p.is_file()}
+    assert {"model-00001-of-00003.safetensors", "model.safetensors.index.json", "eval/passkey.png"} <= local
+    assert set(remote_files(hub, "me/mirror")) == local | {"notes.md"}
+    assert summary["deleted"] == ["model.safetensors"] and summary["kept"] == ["notes.md"]
+    assert "deleted from me/mirror in the same commit (files of an earlier conversion that this folder does not " \
+           "have): model.safetensors" in pushed.stderr and "kept in me/mirror (not conversion outputs): notes.md" \
+           in pushed.stderr
+    assert branch_head(hub, "me/mirror") == (summary["commit"], commits + 1)
+    card = remote_text(hub, "me/mirror", "README.md")
+    assert card == (tmp_path / "b" / "README.md").read_text() and "## Evaluation" in card
+    assert 'from_pretrained("me/mirror", trust_remote_code=True)' in card
+    again = run(env, "push", tmp_path / "b", "--to", "me/mirror", "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["changed"] is False
+    assert branch_head(hub, "me/mirror") == (summary["commit"], commits + 1)
+
+
+def test_a_card_the_hub_refuses_is_one_line_and_creates_nothing(hub, env, tmp_path):
+    source = read_source(TESTBED)
+    folder = write_checkpoint(source, analytic_factor_set("pi", source.fingerprint, 1024), tmp_path / "out",
+                              "init:pi").output
+    card = (folder / "README.md").read_text()
+    (folder / "README.md").write_text(card.replace("library_name:", "datasets:\n- ./books\nlibrary_name:", 1))
+    done = run(env, "push", folder, "--to", "me/refused")
+    assert done.returncode == 1 and done.stderr.splitlines() == [
+        f'error: the Hub refuses the metadata of {folder / "README.md"}: "datasets[0]" with value "./books" is not '
+        "valid. If possible, use a dataset id from https://hf.co/datasets; fix its front matter and push again "
+        "(nothing was created)"]
+    assert hub.store.load("me/refused") is None
+    assert not any(r["path"] == "/api/repos/create" and "refused" in json.dumps(r) for r in hub.requests)
+
+
+def test_a_failed_push_removes_the_repo_or_branch_it_created(hub, env, tmp_path):
+    source = read_source(TESTBED)
+    folder = write_checkpoint(source, analytic_factor_set("pi", source.fingerprint, 1024), tmp_path / "out",
+                              "init:pi").output
+    hub.store.create("me/kept")
+    before = hub.store.load("me/kept")
+    hub.refuse_commits = "storage quota exceeded"
+    try:
+        created = run(env, "push", folder, "--to", "me/created")
+        branch = run(env, "push", folder, "--to", "me/kept", "--branch", "dev")
+    finally:
+        hub.refuse_commits = None
+    for done, repo in ((created, "me/created"), (branch, "me/kept")):
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert done.stderr.strip().splitlines()[-1] == (
+            f"error: the Hub refused the request for '{repo}': 403 Forbidden: storage quota exceeded.")
+    assert hub.store.load("me/created") is None and hub.store.load("me/kept") == before
 
 
 def test_interrupted_push_leaves_the_repo_as_it_was_and_a_rerun_succeeds(hub, env, tmp_path):
