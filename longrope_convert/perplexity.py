@@ -8,7 +8,6 @@ O(length x hidden), never O(length x vocab).
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,6 @@ import torch.nn.functional as F
 
 from .errors import DataError
 from .factors import FactorSet
-
-# a Hub dataset id ("pg19", "org/name"); anything else that is not a file or folder is a missing path
-DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?")
 
 
 @dataclass
@@ -86,8 +82,10 @@ def _decode(data: bytes, path: Path, first_line: int) -> str:
 
 
 def _read_dataset(name: str) -> Iterator[Document]:
+    from .hub import REPO_ID  # a Hub id ("pg19", "org/name"); else a path that does not exist
+
     dataset_id, _, split = name.partition(":")
-    looks_like_id = DATASET_ID.fullmatch(dataset_id) and Path(dataset_id).suffix not in TEXT_SUFFIXES
+    looks_like_id = REPO_ID.fullmatch(dataset_id) and Path(dataset_id).suffix not in TEXT_SUFFIXES
     if not looks_like_id and not Path(dataset_id).is_dir():
         raise DataError(f"data '{name}': no such file or folder")
     try:
