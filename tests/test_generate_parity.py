@@ -12,7 +12,7 @@ import torch
 from conftest import TINY_WINDOW
 from longrope_models import left_padded, longrope_pair, relative_error
 
-NEW_TOKENS = 12
+NEW_TOKENS = 8
 # name: (generate() arguments, batch size). Assisted decoding and prompt lookup take one sequence at a time.
 MODES = {
     "greedy": (dict(do_sample=False), 2),
