@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .card import LOADING_REQUIREMENT
 from .errors import LongRoPEError
 
 ALLOW_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
@@ -163,6 +164,8 @@ def push_folder(folder: Path, repo_id: str, private: bool = False, branch: str |
 
 
 def loading_snippet(repo_id: str, commit: str) -> str:
-    return ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+    """Python that loads the pushed commit with the shipped modeling code, and the transformers it needs."""
+    return (f"# needs {LOADING_REQUIREMENT} (pip install -U '{LOADING_REQUIREMENT}')\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
             f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True, revision="{commit}")\n'
             f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", revision="{commit}")')
