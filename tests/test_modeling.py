@@ -16,7 +16,6 @@ from conftest import TINY_WINDOW
 from longrope_convert.convert import longrope_config, write_checkpoint
 from longrope_convert.modeling_longrope_llama import (
     CACHE_KEYWORD,
-    LongRoPELlamaForCausalLM,
     LongRoPEScaledRotaryEmbedding,
     rope_inv_freq,
 )

@@ -18,7 +18,7 @@ from longrope_convert.modeling_longrope_llama import (
     rope_inv_freq,
     source_inv_freq,
 )
-from longrope_models import HALF, RAMP, left_padded, relative_error
+from longrope_models import HALF, RAMP, left_padded
 from test_modeling import greedy_logits_vs_recompute
 
 TARGET = 4 * TINY_WINDOW
