@@ -36,9 +36,8 @@ def rerotate_instead_of_rebuild(model) -> None:
     backbone = model.model
     rotary = backbone.rotary_emb
 
-    def rerotate(cache, rows, new_long, past_length, history):
-        positions = history[2][rows, :past_length] if history[2] is not None else \
-            torch.arange(past_length)[None].expand(len(rows), -1)
+    def rerotate(cache, rows, new_long, past_length, seen):
+        positions = seen.position_ids[rows, :past_length]
         old_set, new_set = [], []
         for long_rows, angles_out in ((~new_long[rows], old_set), (new_long[rows], new_set)):
             angles, mscale = rotary.angles_and_mscale(positions, long_rows)

@@ -42,6 +42,8 @@ MARKED_SECTION = re.compile(r"<!-- longrope-convert:begin (?P<name>\w+)(?: (?P<a
                             r".*?<!-- longrope-convert:end (?P=name) -->\n?", re.S)
 LEGACY_SNIPPET = re.compile(r'AutoModelForCausalLM\.from_pretrained\("(?P<repo>[^"]+)", trust_remote_code=True'
                             r'(?:, revision="(?P<revision>[^"]+)")?\)')
+# The transformers releases the shipped modeling code runs on (its MIN_TRANSFORMERS; setup.cfg says the same).
+LOADING_REQUIREMENT = "transformers>=5.3,<6"
 
 
 def front_matter(card_text: str) -> dict[str, Any]:
@@ -127,19 +129,24 @@ def _usage_section(factor_set: FactorSet, repo: str, revision: str | None) -> st
     revision_argument = f', revision="{revision}"' if revision else ""
     return (
         "## How to load\n\n"
-        "With the shipped modeling code (`trust_remote_code=True`), the exact LongRoPE model:\n\n"
+        f"With the shipped modeling code (`trust_remote_code=True`, `{LOADING_REQUIREMENT}`; an older release stops "
+        "at load with one line naming the minimum), the exact LongRoPE model:\n\n"
         "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f'model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True{revision_argument})\n'
         f'tokenizer = AutoTokenizer.from_pretrained("{repo}"{revision_argument})\n```\n\n'
-        "- inputs within the original window give the source model's logits bit for bit;\n"
+        "- inputs within the original window give the source model's logits bit for bit, in float32, bfloat16 and "
+        "float16 (the rotary math is float32 in every dtype);\n"
         f"- the first n̂ = {factor_set.n_hat} positions keep their original rotary angles;\n"
         "- each sequence of a batch uses the short or the long factors according to its own length;\n"
         "- cached generation that crosses the original window rebuilds the cache once with the long factors, so "
-        "it equals a full recompute without cache (DynamicCache and StaticCache).\n\n"
-        "Without remote code, stock transformers 5.x and vLLM read the standard `longrope` `rope_scaling` of "
-        "`config.json` and run the model as a plain Llama with LongRoPE scaling. What differs: no n̂; the long "
-        f"attention factor ({factor_set.long_mscale:.4f}) is applied to short inputs too, so they are not exactly "
-        "the source model; cached generation keeps short-factor keys and values after crossing the window.\n")
+        "every cached step equals a forward without cache (DynamicCache and StaticCache; greedy, sampling, beam "
+        "search, assisted decoding, prompt lookup, `inputs_embeds`, manual loops).\n\n"
+        "Without remote code, stock transformers (5.x, 4.57) and vLLM read the standard `longrope` `rope_scaling` of "
+        "`config.json` and run the model as a plain Llama with LongRoPE scaling, with the same factors and attention "
+        f"factor ({factor_set.long_mscale:.4f}). What differs: no n̂; the attention factor is applied to short inputs "
+        "too, so they are not exactly the source model; cached generation keeps short-factor keys and values after "
+        "crossing the window; vLLM uses the long factors for every request once `max_model_len` exceeds the original "
+        "window; transformers 4.45 uses them at every length.\n")
 
 
 def _factors_section(factor_set: FactorSet, plotted: bool) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .card import CARD_FILE, EVAL_DIR, updated_card, write_card
+from .card import CARD_FILE, EVAL_DIR, LOADING_REQUIREMENT, updated_card, write_card
 from .convert import COPIED_FILES, COPIED_PATTERNS, MODELING_FILE
 from .errors import HubError, LongRoPEError
 from .factors import FACTORS_FILE
@@ -250,6 +250,8 @@ def _undo(api, repo_id: str, branch: str | None, created_repo: bool, created_bra
 
 
 def loading_snippet(repo_id: str, commit: str) -> str:
-    return ("from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+    """Python that loads the pushed commit with the shipped modeling code, and the transformers it needs."""
+    return (f"# needs {LOADING_REQUIREMENT} (pip install -U '{LOADING_REQUIREMENT}')\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
             f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True, revision="{commit}")\n'
             f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", revision="{commit}")')
