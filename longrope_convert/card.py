@@ -12,6 +12,7 @@ import yaml
 
 from . import __version__
 from .factors import FACTORS_FILE, FactorSet, load_factor_set
+from .outputs import read_marker, write_text_atomically
 
 CARD_FILE = "README.md"
 EVAL_DIR = "eval"
@@ -31,15 +32,18 @@ def front_matter(card_text: str) -> dict[str, Any]:
     return metadata if isinstance(metadata, dict) else {}
 
 
-def source_license(folder: Path) -> dict[str, Any]:
-    """License fields of the source's own model card, inherited by the converted checkpoint."""
-    card = folder / CARD_FILE
-    metadata = front_matter(card.read_text(errors="replace")) if card.is_file() else {}
+def source_license(card_text: str | None) -> dict[str, Any]:
+    """License fields of the source's own model card (its text, None if it has none), inherited by the
+    converted checkpoint."""
+    metadata = front_matter(card_text) if card_text else {}
     return {key: metadata[key] for key in LICENSE_KEYS if key in metadata}
 
 
 def model_card(factor_set: FactorSet, base_model: str, license_fields: dict[str, Any], repo: str,
-               revision: str | None = None, evaluation: dict[str, Any] | None = None) -> str:
+               revision: str | None = None, evaluation: dict[str, Any] | None = None,
+               changes: list[dict[str, Any]] = ()) -> str:
+    """The card's text; `changes` ({"file", "field", "from", "to"}) lists the source's fields that
+    conversion set to the new window."""
     metadata = {"base_model": base_model, **license_fields, "library_name": "transformers",
                 "pipeline_tag": "text-generation", "tags": ["longrope", "long-context", "llama"]}
     original = factor_set.model.original_max_position_embeddings
@@ -67,9 +71,19 @@ def model_card(factor_set: FactorSet, base_model: str, license_fields: dict[str,
         f"attention factor ({factor_set.long_mscale:.4f}) is applied to short inputs too, so they are not exactly "
         "the source model; cached generation keeps short-factor keys and values after crossing the window.\n",
     ]
+    if changes:
+        sections.append(_changes_section(changes))
     if evaluation:
         sections.append(_evaluation_section(evaluation, original))
     return "\n".join(sections)
+
+
+def _changes_section(changes: list[dict[str, Any]]) -> str:
+    lines = "".join(f"- `{c['file']}`: `{c['field']}` {c['from']:,} → {c['to']:,}\n" for c in changes)
+    return ("## Changes from the base model\n\nThe weights are the base model's, unchanged. Every field that stated "
+            f"its context window now states the new one:\n\n{lines}\n`config.json` also gains the LongRoPE "
+            "`rope_scaling`, the `longrope` settings and `auto_map`; `modeling_longrope_llama.py` and "
+            "`longrope_factors.json` are added.\n")
 
 
 def _factors_section(factor_set: FactorSet, plotted: bool) -> str:
@@ -151,8 +165,7 @@ def refresh_card(folder: Path, repo: str | None = None, revision: str | None = N
     factor_set = load_factor_set(folder / FACTORS_FILE)
     text = model_card(factor_set, base_model=existing.get("base_model") or factor_set.model.name,
                       license_fields={key: existing[key] for key in LICENSE_KEYS if key in existing},
-                      repo=repo or str(folder), revision=revision, evaluation=read_evaluation(folder))
-    partial = card.with_name(f".{CARD_FILE}.partial")
-    partial.write_text(text)
-    partial.replace(card)
+                      repo=repo or str(folder), revision=revision, evaluation=read_evaluation(folder),
+                      changes=(read_marker(folder) or {}).get("changes", []))
+    write_text_atomically(card, text)
     return text

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .errors import LongRoPEError
 from .factors import FactorSet, analytic_factor_set
 from .perplexity import Document, document_ids, perplexity, token_nll, tokenized_documents, use_factor_set
 
@@ -72,6 +73,8 @@ def perplexity_by_length(model, tokenizer, documents: list[Document], sets: dict
     """{"documents": [...], "perplexity": {method: {length: ppl}}} for the documents long enough."""
     longest = max(lengths)
     docs, names, skipped = tokenized_documents(tokenizer, documents, longest, limit)
+    if not docs:
+        raise LongRoPEError(f"--data has no document of at least {longest} tokens ({skipped} shorter ones skipped)")
     results: dict[str, dict[int, float]] = {name: {} for name in sets}
     done: dict[tuple, float] = {}
     for length in lengths:
@@ -166,12 +169,13 @@ def evaluate_checkpoint(folder: Path, data: list[str], lengths: list[int], basel
 
     from .card import EVAL_DIR, EVAL_RESULTS
     from .convert import atomic_folder
-    from .errors import LongRoPEError
     from .factors import FACTORS_FILE, load_factor_set
     from .perplexity import load_longrope_model, read_documents
     from .plots import factors_plot, passkey_heatmap, perplexity_plot
+    from .preflight import check_evaluation_inputs
     from .source import read_source
 
+    check_evaluation_inputs(folder, data, out)
     source = read_source(folder)
     if source.longrope is None:
         raise LongRoPEError(f"'{folder}' is not a LongRoPE checkpoint; convert it first with longrope-convert")
@@ -190,8 +194,6 @@ def evaluate_checkpoint(folder: Path, data: list[str], lengths: list[int], basel
     if data:
         results["perplexity"] = perplexity_by_length(model, tokenizer, read_documents(data), sets, lengths, protocol,
                                                      stride, documents, on_step=on_step)
-        if not results["perplexity"]["documents"]:
-            raise LongRoPEError(f"--data has no document of at least {max(lengths)} tokens")
     if passkey_lengths:
         results["passkey"] = {"trials": trials, "depths": list(depths), "seed": seed, "accuracy": passkey_accuracy(
             model, tokenizer, sets, list(passkey_lengths), list(depths), trials, seed, on_step=on_step)}
