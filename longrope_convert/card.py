@@ -4,7 +4,7 @@ factors come from, and the evaluation when one was run (eval/results.json next t
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ def source_license(card_text: str | None) -> dict[str, Any]:
 
 def model_card(factor_set: FactorSet, base_model: str, license_fields: dict[str, Any], repo: str,
                revision: str | None = None, evaluation: dict[str, Any] | None = None,
-               changes: list[dict[str, Any]] = ()) -> str:
+               changes: Sequence[dict[str, Any]] = ()) -> str:
     """The card's text; `changes` ({"file", "field", "from", "to"}) lists the source's fields that
     conversion set to the new window."""
     metadata = {"base_model": base_model, **license_fields, "library_name": "transformers",
@@ -78,7 +78,7 @@ def model_card(factor_set: FactorSet, base_model: str, license_fields: dict[str,
     return "\n".join(sections)
 
 
-def _changes_section(changes: list[dict[str, Any]]) -> str:
+def _changes_section(changes: Sequence[dict[str, Any]]) -> str:
     lines = "".join(f"- `{c['file']}`: `{c['field']}` {c['from']:,} → {c['to']:,}\n" for c in changes)
     return ("## Changes from the base model\n\nThe weights are the base model's, unchanged. Every field that stated "
             f"its context window now states the new one:\n\n{lines}\n`config.json` also gains the LongRoPE "

@@ -186,7 +186,11 @@ def _move_into_place(staging: Path, output: Path) -> None:
         os.replace(staging, output)
         return
     retired = Path(tempfile.mkdtemp(prefix=_staging_prefix(output, "old"), dir=output.parent))
-    os.replace(output, retired / output.name)
+    try:
+        os.replace(output, retired / output.name)  # EBUSY for a mount point, say
+    except BaseException:
+        retired.rmdir()
+        raise
     try:
         os.replace(staging, output)
     except BaseException:

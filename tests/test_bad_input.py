@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -75,6 +76,7 @@ CASES = [
     ("convert", "unwritable places", "output name too long", "the name is longer than the file system's"),
     ("convert", "unwritable places", "output in a read-only folder", "permission denied"),
     ("convert", "unwritable places", "file size limit while copying", "the file is too large"),
+    ("convert", "unwritable places", "output is a mount point, --overwrite", "in use by another process or a mount"),
     # search, on the trained testbed (window 256)
     ("search", "missing files", "no tokenizer", "has no tokenizer (tokenizer.json"),
     ("search", "missing files", "data not there", "data './books': no such file or folder"),
@@ -111,7 +113,7 @@ CASES = [
 
 def arrange(command: str, case: str, tmp_path: Path, tiny_llama_dir: Path, converted: Path) -> tuple[list, str]:
     """Make the bad input of a case of `command` in tmp_path; return the command line and how to run it:
-    "here", "unprivileged" or "file size limit"."""
+    "here", "unprivileged", "file size limit" or "mount point"."""
     out = tmp_path / "out"
     tiny = tmp_path / "tiny-llama"
     if command == "convert":
@@ -238,6 +240,11 @@ def arrange(command: str, case: str, tmp_path: Path, tiny_llama_dir: Path, conve
         args[args.index("--target") + 1] = 1024
         args.append("--copy-weights")
         how = "file size limit"
+    elif case == "output is a mount point, --overwrite":  # found only when it is moved aside, at the end
+        out.mkdir()
+        (out / MARKER).write_text(marker_text())
+        args.append("--overwrite")
+        how = "mount point"
     elif case == "no tokenizer":
         folder = tmp_path / ("testbed" if command == "search" else "checkpoint")
         for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -344,6 +351,14 @@ def test_bad_input_is_one_line_and_writes_nothing(command, kind, case, expected,
         with pytest.raises(SystemExit) as exited:
             cli.main()
         code, (out, err) = exited.value.code, capfd.readouterr()
+    elif how == "mount point":  # in a mount namespace of its own, the output is bound onto itself
+        if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+            pytest.skip("needs unshare with user and mount namespaces")
+        output = shlex.quote(str(args[args.index("--output") + 1]))
+        command = shlex.join([sys.executable, "-m", "longrope_convert", *map(str, args)])
+        done = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount --bind {output} {output} && {command}"],
+                              capture_output=True, text=True)
+        code, out, err = done.returncode, done.stdout, done.stderr
     else:
         done = subprocess.run([sys.executable, "-m", "longrope_convert", *map(str, args)], capture_output=True,
                               text=True, preexec_fn=unprivileged if how == "unprivileged" else file_size_limit)
