@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import yaml
 
 from . import __version__
 from .factors import FACTORS_FILE, FactorSet, load_factor_set
+from .outputs import read_marker, write_text_atomically
 
 CARD_FILE = "README.md"
 EVAL_DIR = "eval"
@@ -35,7 +36,7 @@ LICENSE_KEYS = ("license", "license_name", "license_link")
 # provenance methods of factors an evolutionary search produced; other "search:..." labels (a search
 # stopped before any evolution step, say) are reported as what they are
 EVOLUTION_METHODS = ("search", "search:short")
-SECTIONS = ("summary", "factors", "usage", "evaluation")  # in card order
+SECTIONS = ("summary", "factors", "usage", "changes", "evaluation")  # in card order
 LEGACY_SIGNATURE = "by [LongRoPE](https://arxiv.org/abs/2402.13753), without fine-tuning."  # in every summary
 LEGACY_HEADINGS = {"## Factors": "factors", "## How to load": "usage", "## Evaluation": "evaluation"}
 MARKED_SECTION = re.compile(r"<!-- longrope-convert:begin (?P<name>\w+)(?: (?P<attributes>\{.*?\}))? -->\n"
@@ -62,10 +63,10 @@ def _split_front_matter(card_text: str) -> tuple[str, str]:
     return (match.group(0), card_text[match.end():]) if match else ("", card_text)
 
 
-def source_license(folder: Path) -> dict[str, Any]:
-    """License fields of the source's own model card, inherited by the converted checkpoint."""
-    card = folder / CARD_FILE
-    metadata = front_matter(card.read_text(errors="replace")) if card.is_file() else {}
+def source_license(card_text: str | None) -> dict[str, Any]:
+    """License fields of the source's own model card (its text, None if it has none), inherited by the
+    converted checkpoint."""
+    metadata = front_matter(card_text) if card_text else {}
     return {key: metadata[key] for key in LICENSE_KEYS if key in metadata}
 
 
@@ -85,14 +86,16 @@ def searched_by_evolution(factor_set: FactorSet) -> bool:
 
 
 def model_card(factor_set: FactorSet, base_model: str | None, license_fields: dict[str, Any], repo: str,
-               revision: str | None = None, evaluation: dict[str, Any] | None = None) -> str:
+               revision: str | None = None, evaluation: dict[str, Any] | None = None,
+               changes: Sequence[dict[str, Any]] = ()) -> str:
     """The model card of a converted checkpoint.
 
     base_model: the source's Hub repo id, or None for a source that has none (then omitted from the
     metadata, which the Hub would refuse). repo and revision: what the loading snippet loads (a Hub id
     or a folder; a branch, tag or commit, or None for main). evaluation: results.json, or None.
+    changes: the source's fields conversion set to the new window ({"file", "field", "from", "to"}).
     """
-    sections = _sections(factor_set, base_model, repo, revision, evaluation)
+    sections = _sections(factor_set, base_model, repo, revision, evaluation, changes)
     return _metadata_block(base_model, license_fields) + "\n" + "\n".join(sections.values())
 
 
@@ -104,7 +107,7 @@ def _metadata_block(base_model: str | None, license_fields: dict[str, Any]) -> s
 
 
 def _sections(factor_set: FactorSet, base_model: str | None, repo: str, revision: str | None,
-              evaluation: dict[str, Any] | None) -> dict[str, str]:
+              evaluation: dict[str, Any] | None, changes: Sequence[dict[str, Any]] = ()) -> dict[str, str]:
     """The tool's sections, each wrapped in its markers, in card order."""
     original = factor_set.model.original_max_position_embeddings
     summary = (f"# {Path(repo).name}\n\n"
@@ -114,6 +117,8 @@ def _sections(factor_set: FactorSet, base_model: str | None, repo: str, revision
                f"{__version__}; the weights are the source's, unchanged.\n")
     sections = {"summary": summary, "factors": _factors_section(factor_set, plotted=evaluation is not None),
                 "usage": _usage_section(factor_set, repo, revision)}
+    if changes:
+        sections["changes"] = _changes_section(changes)
     if evaluation:
         sections["evaluation"] = _evaluation_section(evaluation, original)
     attributes = {"usage": {"repo": repo, **({"revision": revision} if revision else {})}}
@@ -147,6 +152,14 @@ def _usage_section(factor_set: FactorSet, repo: str, revision: str | None) -> st
         "too, so they are not exactly the source model; cached generation keeps short-factor keys and values after "
         "crossing the window; vLLM uses the long factors for every request once `max_model_len` exceeds the original "
         "window; transformers 4.45 uses them at every length.\n")
+
+
+def _changes_section(changes: Sequence[dict[str, Any]]) -> str:
+    lines = "".join(f"- `{c['file']}`: `{c['field']}` {c['from']:,} → {c['to']:,}\n" for c in changes)
+    return ("## Changes from the base model\n\nThe weights are the base model's, unchanged. Every field that stated "
+            f"its context window now states the new one:\n\n{lines}\n`config.json` also gains the LongRoPE "
+            "`rope_scaling`, the `longrope` settings and `auto_map`; `modeling_longrope_llama.py` and "
+            "`longrope_factors.json` are added.\n")
 
 
 def _factors_section(factor_set: FactorSet, plotted: bool) -> str:
@@ -266,15 +279,8 @@ def _tool_sections(body: str) -> list[tuple[str, int, int, dict[str, Any]]]:
 def refresh_card(folder: Path, repo: str | None = None, revision: str | None = None) -> str:
     """Rewrite a converted checkpoint's README.md as updated_card gives it; returns the text."""
     text = updated_card(folder, repo, revision)
-    write_card(folder, text)
+    write_text_atomically(Path(folder) / CARD_FILE, text)
     return text
-
-
-def write_card(folder: Path, text: str) -> None:
-    """Replace README.md atomically (a temporary file renamed over it)."""
-    partial = Path(folder) / f".{CARD_FILE}.partial"
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(Path(folder) / CARD_FILE)
 
 
 def updated_card(folder: Path, repo: str | None = None, revision: str | None = None) -> str:
@@ -293,7 +299,8 @@ def updated_card(folder: Path, repo: str | None = None, revision: str | None = N
         repo, revision = usage.get("repo", str(folder)), usage.get("revision")
     base_model = front_matter(existing).get("base_model")
     sections = _sections(load_factor_set(Path(folder) / FACTORS_FILE), base_model if isinstance(base_model, str)
-                         else None, repo, revision, read_evaluation(Path(folder)))
+                         else None, repo, revision, read_evaluation(Path(folder)),
+                         (read_marker(folder) or {}).get("changes", []))
     return (head or _metadata_block(None, {})) + _merge(body, found, sections)
 
 

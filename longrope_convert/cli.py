@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import signal
@@ -11,9 +12,10 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .convert import default_output, plan_conversion, resolve_factors, write_checkpoint
+from .convert import plan_conversion, write_checkpoint, write_planned
 from .errors import LongRoPEError
 from .hub import loading_snippet, push_folder
+from .preflight import check_push, check_search_outputs
 from .source import open_source
 
 # search.PRESETS, named here so that `convert` never imports torch (its memory stays flat)
@@ -72,22 +74,26 @@ def convert(source: str, target: int, factors: str | None, revision: str | None,
             overwrite: bool, copy_weights: bool, push_to: str | None, private: bool, branch: str | None,
             commit_message: str | None, dry_run: bool, as_json: bool) -> None:
     """Convert SOURCE (a local checkpoint folder or a Hub repo id) into a LongRoPE checkpoint for --target tokens."""
+    if push_to:
+        check_push(push_to)
+    plan = plan_conversion(source, target=target, revision=revision, factors=factors, output=output,
+                           overwrite=overwrite, copy_weights=copy_weights, repo=push_to, download=not dry_run,
+                           warn=status)
     if dry_run:
-        plan = plan_conversion(source, revision, target, factors, output, overwrite, copy_weights, push_to, branch,
-                               private, warn=status)
-        status(f"dry run: download {len(plan['download'])} files ({plan['download_bytes'] / 1e9:.2f} GB); "
-               f"write {plan['output']} ({len(plan['write'])} files, {plan['write_bytes'] / 1e9:.2f} GB); factors "
-               f"{plan['factors']['origin']}" + (f"; push to {push_to} ({plan['push']['branch']})" if push_to else ""))
+        summary = {**plan.summary(), "source": source, "revision": revision}
+        summary["push"] = {"repo": push_to, "branch": branch or "main", "private": private, "files": len(plan.files),
+                           "bytes": summary["write_bytes"]} if push_to else None
+        status(f"dry run: download {len(plan.download)} files ({summary['download_bytes'] / 1e9:.2f} GB); "
+               f"write {plan.output} ({len(plan.files)} files, {summary['write_bytes'] / 1e9:.2f} GB); factors "
+               f"{plan.factors_origin}" + (f"; push to {push_to} ({branch or 'main'})" if push_to else ""))
         if as_json:
-            click.echo(json.dumps(plan, indent=2))
+            click.echo(json.dumps(summary, indent=2))
         return
-    model = open_source(source, revision)
+    model, factor_set = plan.source, plan.factor_set
     status(f"source: {model.folder} ({model.fingerprint.num_hidden_layers} layers, head_dim "
            f"{model.fingerprint.head_dim}, window {model.original_window})")
-    factor_set, origin = resolve_factors(model, target, factors, warn=status)
-    status(f"factors: {origin} (n_hat {factor_set.n_hat}, long mscale {factor_set.long_mscale:.4f})")
-    result = write_checkpoint(model, factor_set, output or default_output(model.name, target), origin,
-                              overwrite=overwrite, copy_weights=copy_weights, repo=push_to, log=status)
+    status(f"factors: {plan.factors_origin} (n_hat {factor_set.n_hat}, long mscale {factor_set.long_mscale:.4f})")
+    result = write_planned(plan, overwrite=overwrite, log=status)
     status(f"wrote {result.output} in {result.seconds:.1f} s ({result.weight_mode} weights, "
            f"{result.weight_bytes / 1e9:.2f} GB)")
     summary = result.summary()
@@ -141,6 +147,7 @@ def search(source: str, target: int | None, revision: str | None, data: tuple[st
 
     model = open_source(source, revision)
     out = out or Path(f"{Path(model.name).name}-{target or 'short'}.factors.json")
+    check_search_outputs(model, out, convert_to)
     run = SearchRun(model, list(data), target, documents=documents, preset=preset, max_evals=max_evals,
                     time_budget=time_budget, seed=seed, n_hat=n_hat, short=short, max_factor=max_factor,
                     log_path=resume or log_path or out.with_name(out.name + ".log.jsonl"), resume=resume is not None,
@@ -243,7 +250,7 @@ def evaluate(checkpoint: Path, lengths: list[int], data: tuple[str, ...], baseli
         raise click.UsageError(f"--card reads the results in {checkpoint / EVAL_DIR}: drop --out")
     plan = plan_evaluation(checkpoint, data=list(data), lengths=lengths, baselines=baselines, protocol=protocol,
                            stride=stride, documents=documents, passkey_lengths=passkey_lengths, depths=depths,
-                           trials=trials, seed=seed, beyond_target=beyond_target, status=status)
+                           trials=trials, seed=seed, beyond_target=beyond_target, out=out, status=status)
     with click.progressbar(length=plan.steps, label="eval", file=sys.stderr, show_eta=True) as bar:
         def on_step() -> None:
             bar.update(1)
@@ -294,9 +301,32 @@ def push(folder: Path, repo: str, branch: str | None, private: bool, commit_mess
         click.echo(json.dumps(summary, indent=2))
 
 
+OS_ERROR_HINTS = {
+    errno.ENOSPC: "the disk is full: free space or choose another place",
+    errno.EDQUOT: "the disk quota is exceeded: free space or choose another place",
+    errno.EFBIG: "the file is too large for this file system or for the process's file size limit",
+    errno.EROFS: "read-only file system: choose a writable place",
+    errno.EACCES: "permission denied: choose a place you may write to",
+    errno.EPERM: "operation not permitted",
+    errno.ENAMETOOLONG: "the name is too long: choose a shorter one",
+    errno.EBUSY: "in use by another process or a mount point",
+}
+
+
+def os_error_message(error: OSError) -> str:
+    """One line for an error of the operating system: the path(s) and what happened."""
+    paths = " -> ".join(f"'{name}'" for name in (error.filename, error.filename2) if name is not None)
+    reason = OS_ERROR_HINTS.get(error.errno) or error.strerror or next(
+        (line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    return f"{paths}: {reason}" if paths else reason
+
+
 def main() -> None:
-    # SIGTERM unwinds like Ctrl-C, so temporary folders are removed.
+    # SIGTERM and SIGHUP unwind like Ctrl-C, so staging folders are removed; after SIGKILL the next run
+    # removes them.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    if hasattr(signal, "SIGHUP"):  # not on Windows
+        signal.signal(signal.SIGHUP, lambda *_: sys.exit(129))
     try:
         code = cli.main(standalone_mode=False)
     except click.UsageError as error:
@@ -310,5 +340,8 @@ def main() -> None:
         sys.exit(130)
     except LongRoPEError as error:
         status(f"error: {error}")
+        sys.exit(1)
+    except OSError as error:
+        status(f"error: {os_error_message(error)}")
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)

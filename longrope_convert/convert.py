@@ -1,8 +1,10 @@
 """Write a LongRoPE checkpoint: config with the factors, the modeling file, tokenizer, linked weights.
 
-The output is assembled in a hidden temporary folder next to it and renamed into place at the end,
-so an interrupted or failed run leaves nothing half-written. Weights are hard-linked (or copied,
-streaming) and never loaded: memory stays flat whatever the model size.
+A conversion is planned first (ConversionPlan: every file written, its size, and how it is made),
+then either shown (--dry-run) or carried out, so that both walk the same plan. Carrying it out
+assembles a staging folder that is renamed into place only when it is complete and checked against
+the plan (outputs.atomic_folder): an interrupted or failed run leaves nothing half-written. Weights
+are hard-linked (or copied, streaming) and never loaded: memory stays flat whatever the model size.
 """
 
 from __future__ import annotations
@@ -12,10 +14,8 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,8 @@ from typing import Any
 from .card import CARD_FILE, hub_model_id, model_card, source_license
 from .errors import LongRoPEError
 from .factors import FACTORS_FILE, FactorSet, analytic_factor_set, find_shipped_factor_set, load_factor_set
-from .source import SourceModel
+from .outputs import MARKER, atomic_folder, check_output_folder, marker_text
+from .source import FolderFiles, SourceModel, open_source, read_json, read_source
 
 MODELING_FILE = "modeling_longrope_llama.py"
 # Copied, not imported: conversion never imports torch, so its memory stays flat.
@@ -37,6 +38,15 @@ COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.js
                 "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
                 "chat_template.json")
 COPIED_PATTERNS = ("LICENSE*", "USE_POLICY*", "NOTICE*")
+# Fields of a checkpoint's files that state its context window; those equal to the source's window
+# follow the new one. A tokenizer truncates to model_max_length; generate() stops at, and refuses
+# prompts longer than, max_length (meta-llama/Llama-2-7b-hf ships max_length 4096, its window);
+# LLaMA-1 conversions (huggyllama/llama-7b) carry max_sequence_length 2048 in config.json.
+WINDOW_FIELDS = {
+    "config.json": ("max_sequence_length",),
+    "tokenizer_config.json": ("model_max_length",),
+    "generation_config.json": ("max_length", "max_new_tokens"),
+}
 
 
 @dataclass
@@ -57,6 +67,42 @@ class ConversionResult:
             "factors": {"method": self.factor_set.method, "origin": self.factors_origin, "n_hat": self.factor_set.n_hat},
             "weights": {"files": self.weight_files, "bytes": self.weight_bytes, "mode": self.weight_mode},
             "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    name: str
+    bytes: int
+    how: str  # "write" (the text below), "copy" or "hard link" (the source's file of the same name)
+    text: str | None = None
+
+
+@dataclass
+class ConversionPlan:
+    """Every file a conversion writes, computed once: --dry-run shows it, write_planned carries it out."""
+
+    source: SourceModel
+    factor_set: FactorSet
+    factors_origin: str
+    output: Path
+    files: list[PlannedFile]  # in the order they are written: weights, copies, generated files, marker
+    changes: list[dict[str, Any]]  # {"file", "field", "from", "to"}: what states the new window now
+    protected: dict[Path, str]  # what the output may not be or contain
+    read_only: dict[Path, str]  # what the output may not lie inside
+    source_files: list[str]  # the source's files the conversion reads
+    download: dict[str, int]  # those of them (bytes) a real run downloads first: a Hub source's, not cached
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "source": self.source.name,
+            "download": [{"file": name, "bytes": size} for name, size in self.download.items()],
+            "download_bytes": sum(self.download.values()),
+            "factors": {"method": self.factor_set.method, "origin": self.factors_origin,
+                        "target_length": self.factor_set.target_length},
+            "output": str(self.output),
+            "write": [{"file": item.name, "bytes": item.bytes, "how": item.how} for item in self.files],
+            "write_bytes": sum(item.bytes for item in self.files),
         }
 
 
@@ -142,28 +188,16 @@ def vllm_default_mscale(max_position_embeddings: int, original_max_position_embe
     return math.sqrt(1 + math.log(scale) / math.log(original_max_position_embeddings))
 
 
-@contextmanager
-def atomic_folder(output: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder that becomes `output` only if the block completes."""
-    if output.exists() and not overwrite:
-        raise LongRoPEError(f"output '{output}' already exists; pass --overwrite to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the output is an ordinary folder
-    try:
-        yield staging
-        if output.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.replace(output, retired / output.name)
-            os.replace(staging, output)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, output)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+def extend_window_fields(data: Any, file: str, old: int, new: int) -> list[dict[str, Any]]:
+    """Set, in place, the WINDOW_FIELDS of a file's JSON that equal the old window `old` to `new`;
+    return the changes made ({"file", "field", "from", "to"})."""
+    changes = []
+    if isinstance(data, dict):
+        for field in WINDOW_FIELDS[file]:
+            if type(data.get(field)) is int and data[field] == old:
+                data[field] = new
+                changes.append({"file": file, "field": field, "from": old, "to": new})
+    return changes
 
 
 def link_or_copy(source: Path, target: Path, copy: bool) -> str:
@@ -179,18 +213,6 @@ def link_or_copy(source: Path, target: Path, copy: bool) -> str:
     return "copy"
 
 
-def generated_files(source: SourceModel, factor_set: FactorSet, repo: str) -> dict[str, str]:
-    """The files conversion writes itself (the rest is copied or linked from the source)."""
-    card = model_card(factor_set, base_model=hub_model_id(source.folder), license_fields=source_license(source.folder),
-                      repo=repo)
-    return {
-        "config.json": json.dumps(longrope_config(source.config, factor_set), indent=2) + "\n",
-        MODELING_FILE: MODELING_SOURCE.read_text(),
-        FACTORS_FILE: factor_set.dumps(),
-        CARD_FILE: card,
-    }
-
-
 def copied_file_names(names: list[str]) -> list[str]:
     """Which of the source's files travel with the weights."""
     return [n for n in names if n in COPIED_FILES or any(fnmatch.fnmatch(n, p) for p in COPIED_PATTERNS)]
@@ -201,66 +223,145 @@ def default_output(source_name: str, target: int) -> Path:
     return Path(f"{Path(source_name).name}-longrope-{length}")
 
 
-def write_checkpoint(source: SourceModel, factor_set: FactorSet, output: Path, factors_origin: str,
-                     overwrite: bool = False, copy_weights: bool = False, repo: str | None = None,
-                     log: Callable[[str], None] = lambda message: None) -> ConversionResult:
-    """Write the converted checkpoint; `repo` is the name its model card loads it by (default: the folder)."""
+def base_model_id(source: SourceModel) -> str | None:
+    """The card's base_model: the source's Hub repo id (read remotely, or a snapshot of the Hub cache),
+    else None: a local folder's name is no id the Hub accepts."""
+    if not isinstance(source.files, FolderFiles):
+        return source.name
+    return hub_model_id(source.folder)
+
+
+def source_guards(source: SourceModel) -> tuple[dict[Path, str], dict[Path, str]]:
+    """(protected, read_only) for check_output_folder: the output may not be or contain the source or
+    any of its files (a Hub snapshot's links resolve to the cache blobs), nor lie inside the source."""
+    if not isinstance(source.files, FolderFiles):  # read remotely: nothing of it is on this machine yet
+        return {}, {}
+    protected = {source.folder: "the source"}
+    protected.update((source.folder / name, "a file of the source") for name in source.files.sizes)
+    return protected, {source.folder: "the source"}
+
+
+def plan_checkpoint(source: SourceModel, factor_set: FactorSet, output: Path, factors_origin: str, *,
+                    copy_weights: bool = False, repo: str | None = None) -> ConversionPlan:
+    """Plan the conversion of `source` with `factor_set` into `output`, reading only small files.
+
+    Written: config.json (longrope_config), the modeling file, the factor file, the model card (naming
+    `repo`, default: the output folder) and the MARKER. Copied: the tokenizer, generation config and
+    licence files, except those with a window field (WINDOW_FIELDS) equal to the source's window, which
+    are rewritten with the new one. Weights: hard-linked, or copied with `copy_weights`.
+    Raises SourceError when a file that must be rewritten cannot be parsed.
+    """
+    files = source.files
+    old, new = source.config["max_position_embeddings"], factor_set.target_length
+    config = longrope_config(source.config, factor_set)
+    changes = [{"file": "config.json", "field": "max_position_embeddings", "from": old, "to": new}]
+    changes += extend_window_fields(config, "config.json", old, new)
+    planned = [PlannedFile(path.name, files.sizes[path.name], "copy" if copy_weights else "hard link")
+               for path in source.weight_files]
+    copied = copied_file_names(sorted(files.sizes))
+    for name in copied:
+        if name in WINDOW_FIELDS:
+            data = read_json(files, name, source.folder)
+            found = extend_window_fields(data, name, old, new)
+            if found:
+                changes += found
+                planned.append(_written(name, json.dumps(data, indent=2, ensure_ascii=False) + "\n"))
+                continue
+        planned.append(PlannedFile(name, files.sizes[name], "copy"))
+    source_card = files.read(CARD_FILE).decode("utf-8", errors="replace") if CARD_FILE in files.sizes else None
+    card = model_card(factor_set, base_model=base_model_id(source), license_fields=source_license(source_card),
+                      repo=repo or str(output), changes=changes)
+    planned += [
+        _written("config.json", json.dumps(config, indent=2) + "\n"),
+        _written(MODELING_FILE, MODELING_SOURCE.read_text(encoding="utf-8")),
+        _written(FACTORS_FILE, factor_set.dumps()),
+        _written(CARD_FILE, card),
+        _written(MARKER, marker_text(changes=changes)),  # last: a staging folder with it is complete
+    ]
+    read = sorted({"config.json", *copied, *(path.name for path in source.weight_files),
+                   *([CARD_FILE] if source_card is not None else [])})
+    protected, read_only = source_guards(source)
+    return ConversionPlan(source=source, factor_set=factor_set, factors_origin=factors_origin, output=Path(output),
+                          files=planned, changes=changes, protected=protected, read_only=read_only,
+                          source_files=read,
+                          download={name: files.sizes[name] for name in read if name in files.not_cached})
+
+
+def _written(name: str, text: str) -> PlannedFile:
+    return PlannedFile(name, len(text.encode("utf-8")), "write", text)
+
+
+def plan_conversion(source: str, *, target: int, revision: str | None = None, factors: str | None = None,
+                    output: Path | None = None, overwrite: bool = False, copy_weights: bool = False,
+                    repo: str | None = None, download: bool = True,
+                    warn: Callable[[str], None] = lambda message: None) -> ConversionPlan:
+    """Check everything a conversion of SOURCE (a folder or a Hub repo id) needs, and plan it.
+
+    Order: the output location (before anything is read), the source's config and safetensors headers
+    (a Hub source is read remotely: config, small files, header bytes), the factors, the plan. With
+    `download`, a Hub source's planned files are then downloaded into the Hub cache (nothing else) and
+    the plan is made again over the local copy; without it nothing is written anywhere (--dry-run).
+    Raises LongRoPEError (SourceError, OutputError, FactorFileError) or the OSError met.
+    """
+    from .hub import download_source, hub_cache, looks_like_repo_id
+
+    if looks_like_repo_id(source):
+        name, guard = source, {hub_cache(): "the Hugging Face cache"}
+    else:
+        name, guard = Path(source).resolve().name, {Path(source): "the source"}
+    output = Path(output or default_output(name, target))
+    check_output_folder(output, overwrite=overwrite, protected=guard, read_only=guard)
+    model = open_source(source, revision, download=False)
+    factor_set, origin = resolve_factors(model, target, factors, warn)
+    plan = plan_checkpoint(model, factor_set, output, origin, copy_weights=copy_weights, repo=repo)
+    if download and not isinstance(model.files, FolderFiles):
+        model = read_source(download_source(source, revision, files=plan.source_files), name=source)
+        plan = plan_checkpoint(model, factor_set, output, origin, copy_weights=copy_weights, repo=repo)
+    check_output_folder(output, overwrite=overwrite, protected={**guard, **plan.protected},
+                        read_only={**guard, **plan.read_only})
+    return plan
+
+
+def write_planned(plan: ConversionPlan, *, overwrite: bool = False,
+                  log: Callable[[str], None] = lambda message: None) -> ConversionResult:
+    """Carry out a plan: assemble the output in a staging folder, check every file against the plan,
+    then rename it into place (replacing an earlier output only with `overwrite`).
+    Raises OutputError, LongRoPEError when a source file changed since planning, or the OSError met."""
     started = time.perf_counter()
-    output = Path(output)
-    if output.resolve() == source.folder.resolve():
-        raise LongRoPEError("output folder must differ from the source folder")
-    with atomic_folder(output, overwrite) as staging:
-        for name, text in generated_files(source, factor_set, repo or str(output)).items():
-            (staging / name).write_text(text)
-        for name in copied_file_names(sorted(p.name for p in source.folder.iterdir() if p.is_file())):
-            shutil.copyfile(source.folder / name, staging / name)
-        modes, total = set(), 0
-        for path in source.weight_files:
-            log(f"weights: {path.name}")
-            modes.add(link_or_copy(path, staging / path.name, copy_weights))
-            total += path.stat().st_size
+    folder = plan.source.folder
+    weights = {path.name for path in plan.source.weight_files}
+    weight_modes = set()
+    with atomic_folder(plan.output, overwrite=overwrite, protected=plan.protected,
+                       read_only=plan.read_only) as staging:
+        for item in plan.files:
+            if item.how == "write":
+                (staging / item.name).write_text(item.text, encoding="utf-8")
+                continue
+            if item.name in weights:
+                log(f"weights: {item.name}")
+            mode = link_or_copy(folder / item.name, staging / item.name, copy=item.how == "copy")
+            if item.name in weights:
+                weight_modes.add(mode)
+        for item in plan.files:
+            written = (staging / item.name).stat().st_size
+            if written != item.bytes:
+                raise LongRoPEError(f"{folder / item.name} changed during the conversion ({item.bytes} bytes planned, "
+                                    f"{written} found); nothing was written: run the command again")
     return ConversionResult(
-        output=output,
-        factor_set=factor_set,
-        factors_origin=factors_origin,
-        weight_files=len(source.weight_files),
-        weight_bytes=total,
-        weight_mode=modes.pop() if len(modes) == 1 else "mixed",
+        output=plan.output,
+        factor_set=plan.factor_set,
+        factors_origin=plan.factors_origin,
+        weight_files=len(weights),
+        weight_bytes=sum(item.bytes for item in plan.files if item.name in weights),
+        weight_mode=weight_modes.pop() if len(weight_modes) == 1 else "mixed",
         seconds=time.perf_counter() - started,
     )
 
 
-def plan_conversion(source: str, revision: str | None, target: int, factors: str | None, output: Path | None,
-                    overwrite: bool, copy_weights: bool, push_to: str | None, branch: str | None, private: bool,
-                    warn: Callable[[str], None]) -> dict[str, Any]:
-    """What a conversion would download, write and push, with sizes; downloads and writes nothing."""
-    from .hub import download_plan, looks_like_repo_id
-    from .source import describe_config, read_source
-
-    if looks_like_repo_id(source):
-        config, download = download_plan(source, revision)
-        model = describe_config(config, source, Path(source))
-        available = {item["file"]: item["bytes"] for item in download}
-    else:
-        model, download = read_source(source), []
-        available = {p.name: p.stat().st_size for p in model.folder.iterdir() if p.is_file()}
-    factor_set, origin = resolve_factors(model, target, factors, warn)
-    output = Path(output or default_output(model.name, target))
-    if output.exists() and not overwrite:
-        raise LongRoPEError(f"output '{output}' already exists; pass --overwrite to replace it")
-    written = [{"file": name, "bytes": len(text.encode()), "how": "write"}
-               for name, text in generated_files(model, factor_set, push_to or str(output)).items()]
-    written += [{"file": name, "bytes": available[name], "how": "copy"} for name in copied_file_names(sorted(available))]
-    weights = [n for n in available if n.endswith(".safetensors") or n == "model.safetensors.index.json"]
-    written += [{"file": name, "bytes": available[name], "how": "copy" if copy_weights else "hard link"}
-                for name in sorted(weights)]
-    total = sum(item["bytes"] or 0 for item in written)
-    return {
-        "source": source, "revision": revision,
-        "download": [item for item in download if not item["cached"]],
-        "download_bytes": sum(item["bytes"] or 0 for item in download if not item["cached"]),
-        "factors": {"method": factor_set.method, "origin": origin, "target_length": target},
-        "output": str(output), "write": written, "write_bytes": total,
-        "push": {"repo": push_to, "branch": branch or "main", "private": private, "files": len(written),
-                 "bytes": total} if push_to else None,
-    }
+def write_checkpoint(source: SourceModel, factor_set: FactorSet, output: Path, factors_origin: str,
+                     overwrite: bool = False, copy_weights: bool = False, repo: str | None = None,
+                     log: Callable[[str], None] = lambda message: None) -> ConversionResult:
+    """Plan and write the converted checkpoint; `repo` is the name its model card loads it by (default:
+    the folder). Raises as plan_checkpoint and write_planned do."""
+    plan = plan_checkpoint(source, factor_set, output, factors_origin, copy_weights=copy_weights, repo=repo)
+    return write_planned(plan, overwrite=overwrite, log=log)

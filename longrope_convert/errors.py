@@ -5,6 +5,16 @@ class LongRoPEError(Exception):
     """A problem with the user's input or environment, explained in one line."""
 
 
+class SourceError(LongRoPEError):
+    """The source checkpoint cannot be converted as it is: a file missing or corrupt, a tensor the
+    architecture needs absent or of the wrong shape."""
+
+
+class OutputError(LongRoPEError):
+    """A place to write that would harm the user's files or cannot be written: inside the source, a folder
+    this tool did not write, a read-only folder."""
+
+
 class DataError(LongRoPEError):
     """--data that cannot be read as documents; the message names the file and line, or the dataset."""
 

@@ -253,21 +253,25 @@ def check_lengths(lengths: list[int], passkey_lengths: list[int], target: int, p
 def plan_evaluation(folder: Path, *, data: list[str], lengths: list[int], baselines: bool = True,
                     protocol: str = "truncated", stride: int = 256, documents: int | None = 4,
                     passkey_lengths: list[int] = (), depths: list[float] = (0.1, 0.5, 0.9), trials: int = 3,
-                    seed: int = 0, beyond_target: bool = False,
+                    seed: int = 0, beyond_target: bool = False, out: Path | None = None,
                     status: Callable[[str], None] = lambda message: None) -> EvaluationPlan:
     """Check the request against the checkpoint and prepare its inputs, without loading the model.
 
     `lengths` and `passkey_lengths` are in tokens (duplicates dropped, sorted); `documents` is the
-    number of documents of at least max(lengths) tokens to score, read no further than needed. Raises
+    number of documents of at least max(lengths) tokens to score, read no further than needed; `out`
+    the results folder run_evaluation will replace (checked here). Raises
     LongRoPEError for a folder that is not a LongRoPE checkpoint, EvaluationError for a length out of
     bounds (see check_lengths, passkey_trials), DataError for unreadable data or no long-enough document.
     """
     from transformers import AutoTokenizer
 
     from .factors import FACTORS_FILE, load_factor_set
-    from .perplexity import read_documents, tokenized_documents
+    from .documents import read_documents
+    from .perplexity import tokenized_documents
+    from .preflight import check_evaluation_inputs
     from .source import read_source
 
+    check_evaluation_inputs(folder, data, out)
     source = read_source(folder)
     if source.longrope is None:
         raise LongRoPEError(f"'{folder}' is not a LongRoPE checkpoint; convert it first with longrope-convert")
@@ -302,7 +306,7 @@ def run_evaluation(plan: EvaluationPlan, *, out: Path | None = None, command: st
     folder), replacing what was there only when all is done. Returns the results as written (lengths
     as int keys; inf and nan as strings)."""
     from .card import EVAL_DIR, EVAL_RESULTS
-    from .convert import atomic_folder
+    from .outputs import atomic_folder
     from .perplexity import load_longrope_model
     from .plots import factors_plot, passkey_heatmap, perplexity_plot
 

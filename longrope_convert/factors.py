@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
@@ -37,6 +36,7 @@ from typing import Any
 
 from . import __version__
 from .errors import LongRoPEError
+from .outputs import write_text_atomically
 
 FACTORS_FILE = "longrope_factors.json"  # its name inside a converted checkpoint
 FORMAT = "longrope-factors"
@@ -124,11 +124,8 @@ class FactorSet:
         return json.dumps(self.to_json(), indent=2) + "\n"
 
     def save(self, path: str | Path) -> None:
-        """Write the file atomically (a temporary file renamed over it)."""
-        path = Path(path)
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_text(self.dumps())
-        os.replace(partial, path)
+        """Write the file atomically (outputs.write_text_atomically)."""
+        write_text_atomically(Path(path), self.dumps())
 
 
 def load_factor_set(path: str | Path) -> FactorSet:

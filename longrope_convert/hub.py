@@ -19,12 +19,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from .card import CARD_FILE, EVAL_DIR, LOADING_REQUIREMENT, updated_card, write_card
+from .card import CARD_FILE, EVAL_DIR, LOADING_REQUIREMENT, updated_card
 from .convert import COPIED_FILES, COPIED_PATTERNS, MODELING_FILE
 from .errors import HubError, LongRoPEError
 from .factors import FACTORS_FILE
+from .outputs import write_text_atomically
 
 ALLOW_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                   "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -32,6 +32,7 @@ ALLOW_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "mod
                   "LICENSE*", "USE_POLICY*", "NOTICE*", "README.md"]
 # Nothing in subfolders (Meta's original/ among them) and no pickle files, whatever the allow list says.
 IGNORE_PATTERNS = ["*/*", "*.bin", "*.pth", "*.pt", "*.ckpt", "consolidated.*"]
+WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json")
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+|[A-Za-z0-9][\w.-]*")
 
@@ -44,6 +45,18 @@ def endpoint() -> str:
     from huggingface_hub import constants
 
     return constants.ENDPOINT
+
+
+def hub_cache() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 @contextmanager
@@ -114,35 +127,47 @@ def _refuse_pickle_only(repo_id: str, revision: str | None) -> None:
                             "that ships safetensors, or convert a local copy first")
 
 
-def download_source(repo_id: str, revision: str | None = None) -> Path:
-    """The snapshot folder of the files a conversion needs, from the cache or downloaded into it."""
+def download_source(repo_id: str, revision: str | None = None, files: list[str] | None = None) -> Path:
+    """The snapshot folder of `files` (names or patterns; default ALLOW_PATTERNS, what a conversion may
+    need), from the cache or downloaded into it."""
     from huggingface_hub import snapshot_download
 
     with hub_errors(repo_id, revision):
-        _refuse_pickle_only(repo_id, revision)
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS,
+        if files is None:
+            _refuse_pickle_only(repo_id, revision)
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=files or ALLOW_PATTERNS,
                                       ignore_patterns=IGNORE_PATTERNS))
 
 
-def download_plan(repo_id: str, revision: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """For --dry-run: the source's config.json and what a download would fetch, writing nothing."""
-    from huggingface_hub import constants, hf_hub_download, hf_hub_url, snapshot_download
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+class HubFiles:
+    """A Hub repo's top-level files at one revision (those ALLOW_PATTERNS admits), read over HTTP without
+    caching: what a dry run plans with, and what a real run checks before it downloads anything. A
+    source.SourceFiles."""
 
-    with hub_errors(repo_id, revision):
-        _refuse_pickle_only(repo_id, revision)
-        files = snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS,
-                                  ignore_patterns=IGNORE_PATTERNS, dry_run=True)
-        if constants.HF_HUB_OFFLINE:
-            config = json.loads(Path(hf_hub_download(repo_id, "config.json", revision=revision,
-                                                     local_files_only=True)).read_text())
-        else:  # read it without caching it
-            response = get_session().get(hf_hub_url(repo_id, "config.json", revision=revision),
-                                         headers=build_hf_headers())
+    def __init__(self, repo_id: str, revision: str | None = None) -> None:
+        from huggingface_hub import snapshot_download
+
+        self.repo_id, self.revision = repo_id, revision
+        with hub_errors(repo_id, revision):
+            _refuse_pickle_only(repo_id, revision)
+            listing = snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS,
+                                        ignore_patterns=IGNORE_PATTERNS, dry_run=True)
+        self.commit = listing[0].commit_hash if listing else revision  # every read sees the same commit
+        self.sizes = {item.filename: item.file_size or 0 for item in listing}
+        self.not_cached = {item.filename for item in listing if not item.is_cached}
+
+    def read(self, name: str, start: int = 0, length: int | None = None) -> bytes:
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        headers = build_hf_headers()
+        if start or length is not None:
+            headers["Range"] = f"bytes={start}-{'' if length is None else start + length - 1}"
+        with hub_errors(self.repo_id, self.revision):
+            response = get_session().get(hf_hub_url(self.repo_id, name, revision=self.commit), headers=headers)
             hf_raise_for_status(response)
-            config = response.json()
-    plan = [{"file": f.filename, "bytes": f.file_size, "cached": f.is_cached} for f in files]
-    return config, plan
+        data = response.content if response.status_code == 206 else response.content[start:]  # 200: range ignored
+        return data if length is None else data[:length]
 
 
 # What a conversion writes at the top of its folder, and what eval adds: a push deletes the files of
@@ -189,7 +214,7 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, branch: st
     with hub_errors(repo_id, branch, pushing=True):
         _validate_card(card, folder)
         if not (folder / CARD_FILE).is_file() or card != (folder / CARD_FILE).read_text(encoding="utf-8"):
-            write_card(folder, card)
+            write_text_atomically(folder / CARD_FILE, card)
         local = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")  # no hidden files
                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
         created_repo, created_branch = not api.repo_exists(repo_id), False

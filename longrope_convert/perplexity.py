@@ -1,4 +1,4 @@
-"""Perplexity: documents, a LongRoPE model whose factors can be swapped, and chunked NLL.
+"""Perplexity: tokenized documents, a LongRoPE model whose factors can be swapped, and chunked NLL.
 
 One implementation for the search's fitness, the evaluation and the tests. The model's hidden
 states are computed once; the LM head and the loss run over chunks of positions, so memory is
@@ -7,102 +7,14 @@ O(length x hidden), never O(length x vocab).
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .errors import DataError
+from .documents import Document
 from .factors import FactorSet
-
-
-@dataclass
-class Document:
-    name: str
-    text: str
-
-
-TEXT_SUFFIXES = (".txt", ".jsonl")
-
-
-def read_documents(sources: list[str]) -> Iterator[Document]:
-    """Texts from files (.txt: one document; .jsonl: a "text" field per line), folders (their .txt and
-    .jsonl files, sorted) or a `datasets` id ("pg19", "pg19:test", a local dataset folder "./books:train"),
-    streamed when that library is installed.
-
-    Lazy: files are opened and dataset rows fetched only as the documents are consumed, so a caller
-    that stops early (tokenized_documents with a limit) reads no further. Files must be UTF-8 (a BOM is
-    allowed). Raises DataError naming the source, or the file and line, that cannot be read.
-    """
-    for source in sources:
-        path = Path(source)
-        if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
-            if not files:
-                raise DataError(f"data folder '{path}' has no .txt or .jsonl files (for a `datasets` folder, name "
-                                f"its split: '{path}:train')")
-            for file in files:
-                yield from _read_file(file)
-        elif path.is_file():
-            yield from _read_file(path)
-        else:
-            yield from _read_dataset(source)
-
-
-def _read_file(path: Path) -> Iterator[Document]:
-    if path.suffix != ".jsonl":
-        yield Document(str(path), _decode(path.read_bytes(), path, 1))
-        return
-    with path.open("rb") as lines:
-        for number, raw in enumerate(lines, 1):
-            line = _decode(raw, path, number)
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (ValueError, KeyError, TypeError):
-                raise DataError(f"{path}:{number}: not a JSON object with a 'text' field") from None
-            if not isinstance(text, str):
-                raise DataError(f"{path}:{number}: 'text' is a {type(text).__name__}, not a string")
-            yield Document(f"{path}:{number}", text)
-
-
-def _decode(data: bytes, path: Path, first_line: int) -> str:
-    """UTF-8 text (a leading BOM dropped), or a DataError naming the file and line: decoding with
-    replacement would score replacement characters instead of the text."""
-    try:
-        return data.decode("utf-8-sig" if first_line == 1 else "utf-8")
-    except UnicodeDecodeError as error:
-        line = first_line + data.count(b"\n", 0, error.start)
-        raise DataError(f"{path}:{line}: not UTF-8 (byte 0x{data[error.start]:02x}); re-encode the file, e.g. with "
-                        "`iconv -f latin1 -t utf-8` for a Latin-1 file") from None
-
-
-def _read_dataset(name: str) -> Iterator[Document]:
-    from .hub import REPO_ID  # a Hub id ("pg19", "org/name"); else a path that does not exist
-
-    dataset_id, _, split = name.partition(":")
-    looks_like_id = REPO_ID.fullmatch(dataset_id) and Path(dataset_id).suffix not in TEXT_SUFFIXES
-    if not looks_like_id and not Path(dataset_id).is_dir():
-        raise DataError(f"data '{name}': no such file or folder")
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"data '{name}' is not a file or folder (and the `datasets` library, needed for dataset "
-                        "ids, is not installed)") from None
-    try:  # the library raises many kinds; all mean "cannot use this id here"
-        for number, row in enumerate(datasets.load_dataset(dataset_id, split=split or "test", streaming=True)):
-            if not isinstance(row.get("text"), str):
-                raise DataError(f"data '{name}': row {number} has no 'text' string")
-            yield Document(f"{dataset_id}:{number}", row["text"])
-    except DataError:
-        raise
-    except Exception as error:
-        message = next((line for line in str(error).splitlines() if line.strip()), "")
-        raise DataError(f"data '{name}': cannot read the dataset ({type(error).__name__}: {message})") from None
 
 
 def tokenized_documents(tokenizer, documents: Iterable[Document], length: int,

@@ -452,8 +452,11 @@ class SearchRun:
         from transformers import AutoTokenizer
 
         from .convert import longrope_config
-        from .perplexity import load_longrope_model, read_documents, tokenized_documents
+        from .documents import read_documents
+        from .perplexity import load_longrope_model, tokenized_documents
+        from .preflight import check_search_inputs
 
+        check_search_inputs(source, data, log_path, resume)
         self.workers = Workers()
         self.status = status if self.workers.is_main else (lambda message: None)
         self.source, self.preset_name, self.preset = source, preset, PRESETS[preset]

@@ -1,19 +1,22 @@
 """The source checkpoint: its config (4.x- or 5.x-style RoPE keys) and its safetensors weights.
 
-Nothing here loads tensors: weights are checked by reading safetensors headers only.
+Nothing here loads tensors: weights are checked by reading safetensors headers only, through a
+SourceFiles view, so that a local folder and a Hub repo read remotely (hub.HubFiles) are checked by
+the same code before anything is downloaded or written.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import re
 import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from .errors import LongRoPEError
+from .errors import LongRoPEError, SourceError
 from .factors import FactorSet, ModelFingerprint, factor_set_from_json
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -32,6 +35,30 @@ class RopeSettings:
     parameters: dict[str, Any]
 
 
+class SourceFiles(Protocol):
+    """The top-level files of a checkpoint, local or on the Hub: their sizes, and bytes on demand."""
+
+    sizes: dict[str, int]  # file name -> bytes
+    not_cached: set[str]  # names a real run would download first
+
+    def read(self, name: str, start: int = 0, length: int | None = None) -> bytes:
+        """`length` bytes of a file from byte `start` (the rest of it when length is None)."""
+
+
+class FolderFiles:
+    """The files of a local checkpoint folder (a Hub snapshot's links are followed)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.sizes = {path.name: path.stat().st_size for path in sorted(self.folder.iterdir()) if path.is_file()}
+        self.not_cached: set[str] = set()
+
+    def read(self, name: str, start: int = 0, length: int | None = None) -> bytes:
+        with open(self.folder / name, "rb") as handle:
+            handle.seek(start)
+            return handle.read(-1 if length is None else length)
+
+
 @dataclass
 class SourceModel:
     folder: Path
@@ -41,6 +68,7 @@ class SourceModel:
     fingerprint: ModelFingerprint
     weight_files: list[Path]  # shards, plus the index file when sharded
     longrope: FactorSet | None = None  # the factors of a source that is itself a LongRoPE checkpoint
+    files: SourceFiles | None = None  # what the checks read; set by describe_source
 
     @property
     def original_window(self) -> int:
@@ -61,31 +89,50 @@ def read_rope_settings(config: dict[str, Any]) -> RopeSettings:
 
 
 def read_source(folder: str | Path, name: str | None = None) -> SourceModel:
-    """Check a local checkpoint folder and describe it; raises LongRoPEError with what is wrong."""
+    """Check a local checkpoint folder and describe it; raises SourceError with what is wrong."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise LongRoPEError(f"source '{folder}' is not a folder")
-    config_path = folder / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except FileNotFoundError:
-        raise LongRoPEError(f"source '{folder}' has no config.json; is it a Hugging Face checkpoint folder?") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise LongRoPEError(f"{config_path}: not a readable JSON file ({error})") from None
-    source = describe_config(config, name or folder.resolve().name, folder)
-    source.weight_files = check_weights(source)
+        raise SourceError(f"source '{folder}' is not a folder")
+    return describe_source(FolderFiles(folder), name or folder.resolve().name, folder)
+
+
+def describe_source(files: SourceFiles, name: str, folder: Path) -> SourceModel:
+    """Check a checkpoint's config.json and its safetensors headers against each other and against the
+    Llama architecture, reading nothing else; `folder` names it in messages. Raises SourceError."""
+    if "config.json" not in files.sizes:
+        raise SourceError(f"source '{folder}' has no config.json; is it a Hugging Face checkpoint folder?")
+    source = describe_config(read_json(files, "config.json", folder), name, folder)
+    source.files = files
+    source.weight_files = [folder / weight for weight in check_weights(source)]
     return source
 
 
-def open_source(source: str, revision: str | None = None) -> SourceModel:
-    """A local folder, or a Hub repo id downloaded (only what conversion needs) into the Hub cache."""
-    from .hub import download_source, looks_like_repo_id
+def read_json(files: SourceFiles, name: str, folder: Path) -> Any:
+    """A JSON file of a checkpoint, parsed; SourceError naming it when it cannot be read or parsed."""
+    try:
+        return json.loads(files.read(name))
+    except (OSError, ValueError) as error:  # ValueError: undecodable bytes or bad JSON
+        raise SourceError(f"{folder / name}: not a readable JSON file ({error})") from None
 
-    if looks_like_repo_id(source):
+
+def open_source(source: str, revision: str | None = None, download: bool = True) -> SourceModel:
+    """A local folder, or a Hub repo id. A Hub source's config and safetensors headers are read and
+    checked remotely first; then, with `download`, what conversion needs (only the weight files the
+    checks found) is downloaded into the Hub cache. Without `download` nothing is written. Offline
+    (HF_HUB_OFFLINE), the cache alone is read."""
+    from .hub import ALLOW_PATTERNS, WEIGHT_PATTERNS, HubFiles, download_source, hub_offline, looks_like_repo_id
+
+    if not looks_like_repo_id(source):
+        if revision is not None:
+            raise LongRoPEError(f"--revision applies to Hub repo ids; '{source}' is a local path")
+        return read_source(source)
+    if hub_offline():
         return read_source(download_source(source, revision), name=source)
-    if revision is not None:
-        raise LongRoPEError(f"--revision applies to Hub repo ids; '{source}' is a local path")
-    return read_source(source)
+    remote = describe_source(HubFiles(source, revision), source, Path(source))
+    if not download:
+        return remote
+    wanted = [p for p in ALLOW_PATTERNS if p not in WEIGHT_PATTERNS] + [path.name for path in remote.weight_files]
+    return read_source(download_source(source, revision, files=wanted), name=source)
 
 
 def describe_config(config: Any, name: str, folder: Path) -> SourceModel:
@@ -160,79 +207,75 @@ def checkpoint_factor_set(config: dict[str, Any], rope: RopeSettings, fingerprin
     }, origin=f"{origin} (rope_scaling)")
 
 
-def check_weights(source: SourceModel) -> list[Path]:
-    """Find the safetensors weights and validate their headers against each other and the config."""
-    folder = source.folder
+def check_weights(source: SourceModel) -> list[str]:
+    """The names of the safetensors weight files (shards then the index, or model.safetensors), their
+    headers checked against each other, the file sizes and the config (check_llama_shapes).
+    Raises SourceError."""
+    files, folder = source.files, source.folder
     index_path = folder / SAFETENSORS_INDEX
-    single = folder / "model.safetensors"
-    if index_path.is_file():
-        try:
-            index = json.loads(index_path.read_text())
-            weight_map = index["weight_map"]
-            assert isinstance(weight_map, dict) and weight_map
-        except (OSError, ValueError, KeyError, TypeError, AssertionError):
-            raise LongRoPEError(f"{index_path}: not a valid safetensors index (needs a non-empty 'weight_map')") from None
+    if SAFETENSORS_INDEX in files.sizes:
+        index = read_json(files, SAFETENSORS_INDEX, folder)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) for v in weight_map.values())):
+            raise SourceError(f"{index_path}: not a valid safetensors index (needs a non-empty 'weight_map')")
         shard_names = sorted(set(weight_map.values()))
         tensors: dict[str, dict] = {}
         for shard_name in shard_names:
-            shard = folder / shard_name
-            if Path(shard_name).name != shard_name or not shard.is_file():
-                raise LongRoPEError(f"{index_path}: shard '{shard_name}' is missing from {folder}")
-            header = read_safetensors_header(shard)
+            if Path(shard_name).name != shard_name or shard_name not in files.sizes:
+                raise SourceError(f"{index_path}: shard '{shard_name}' is missing from {folder}")
+            header = read_safetensors_header(files, shard_name, folder)
             for tensor_name in header:
                 tensors[tensor_name] = header[tensor_name]
                 if weight_map.get(tensor_name) != shard_name:
-                    raise LongRoPEError(f"{shard}: tensor '{tensor_name}' is not mapped to this shard by the index")
+                    raise SourceError(f"{folder / shard_name}: tensor '{tensor_name}' is not mapped to this shard by "
+                                      "the index")
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
-            raise LongRoPEError(f"{index_path}: tensor '{missing[0]}' (and {len(missing) - 1} more) not in its shard")
-        files = [folder / name for name in shard_names] + [index_path]
-    elif single.is_file():
-        tensors = read_safetensors_header(single)
-        files = [single]
+            raise SourceError(f"{index_path}: tensor '{missing[0]}' (and {len(missing) - 1} more) not in its shard")
+        names = [*shard_names, SAFETENSORS_INDEX]
+    elif "model.safetensors" in files.sizes:
+        tensors = read_safetensors_header(files, "model.safetensors", folder)
+        names = ["model.safetensors"]
     else:
-        pickles = sorted(p.name for pattern in PICKLE_PATTERNS for p in folder.glob(pattern))
+        pickles = [name for name in files.sizes if any(fnmatch.fnmatch(name, p) for p in PICKLE_PATTERNS)]
         if pickles:
-            raise LongRoPEError(
+            raise SourceError(
                 f"source '{folder}' has only pickle weights ({', '.join(pickles[:3])}); longrope-convert never "
                 "loads pickle files: convert them to safetensors first (load once with transformers and "
                 "save_pretrained(..., safe_serialization=True)) or use a repo that ships *.safetensors"
             )
-        raise LongRoPEError(f"source '{folder}' has no model.safetensors or {SAFETENSORS_INDEX}")
+        raise SourceError(f"source '{folder}' has no model.safetensors or {SAFETENSORS_INDEX}")
     check_llama_shapes(source, tensors)
-    return files
+    return names
 
 
-def read_safetensors_header(path: Path) -> dict[str, dict]:
-    """The tensor table of a safetensors file, checked for consistency with the file's size."""
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise LongRoPEError(f"{path}: truncated safetensors file ({size} bytes)")
-        (header_length,) = struct.unpack("<Q", prefix)
-        if header_length > MAX_HEADER_BYTES or 8 + header_length > size:
-            raise LongRoPEError(f"{path}: corrupt safetensors header (header length {header_length}, file {size} bytes)")
-        try:
-            header = json.loads(handle.read(header_length))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise LongRoPEError(f"{path}: corrupt safetensors header (not JSON)") from None
+def read_safetensors_header(files: SourceFiles, name: str, folder: Path) -> dict[str, dict]:
+    """The tensor table of a safetensors file ({tensor: {"dtype", "shape", "data_offsets"}}), checked
+    against the format (https://huggingface.co/docs/safetensors: an 8-byte little-endian header length,
+    a JSON header, then the tensors' bytes, contiguous) and the file's size. Raises SourceError."""
+    path, size = folder / name, files.sizes[name]
+    prefix = files.read(name, 0, 8)
+    if len(prefix) < 8:
+        raise SourceError(f"{path}: truncated safetensors file ({size} bytes)")
+    (header_length,) = struct.unpack("<Q", prefix)
+    if header_length > MAX_HEADER_BYTES or 8 + header_length > size:
+        raise SourceError(f"{path}: corrupt safetensors header (header length {header_length}, file {size} bytes)")
+    try:
+        header = json.loads(files.read(name, 8, header_length))
+    except ValueError:  # undecodable bytes or bad JSON
+        raise SourceError(f"{path}: corrupt safetensors header (not JSON)") from None
     if not isinstance(header, dict):
-        raise LongRoPEError(f"{path}: corrupt safetensors header (not an object)")
+        raise SourceError(f"{path}: corrupt safetensors header (not an object)")
     header.pop("__metadata__", None)
     data_size = size - 8 - header_length
     spans = []
-    for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            itemsize = DTYPE_BYTES[dtype]
-            assert all(isinstance(d, int) and d >= 0 for d in shape)
-            assert isinstance(begin, int) and isinstance(end, int)
-        except (KeyError, TypeError, ValueError, AssertionError):
-            raise LongRoPEError(f"{path}: corrupt safetensors header entry for tensor '{name}'") from None
-        if end - begin != math.prod(shape) * itemsize or begin < 0 or end > data_size:
-            raise LongRoPEError(
-                f"{path}: tensor '{name}' ({dtype} {shape}) has offsets {begin}..{end} that do not fit its size "
+    for tensor, entry in header.items():
+        if not _valid_entry(entry):
+            raise SourceError(f"{path}: corrupt safetensors header entry for tensor '{tensor}'")
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if end - begin != math.prod(shape) * DTYPE_BYTES[dtype] or begin < 0 or end > data_size:
+            raise SourceError(
+                f"{path}: tensor '{tensor}' ({dtype} {shape}) has offsets {begin}..{end} that do not fit its size "
                 f"or the file's {data_size} data bytes (truncated download?)"
             )
         spans.append((begin, end))
@@ -240,33 +283,87 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
     covered = 0
     for begin, end in spans:
         if begin != covered:
-            raise LongRoPEError(f"{path}: safetensors data has a hole or overlap at byte {covered}")
+            raise SourceError(f"{path}: safetensors data has a hole or overlap at byte {covered}")
         covered = end
     if covered != data_size:
-        raise LongRoPEError(f"{path}: {data_size - covered} bytes after the last tensor (not a valid safetensors file)")
+        raise SourceError(f"{path}: {data_size - covered} bytes after the last tensor (not a valid safetensors file)")
     return header
 
 
-def check_llama_shapes(source: SourceModel, tensors: dict[str, dict]) -> None:
-    """The weights must be the Llama the config describes: layer count and attention projection shapes."""
+def _valid_entry(entry: Any) -> bool:
+    def count(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    return (isinstance(entry, dict) and entry.get("dtype") in DTYPE_BYTES
+            and isinstance(entry.get("shape"), list) and all(count(d) for d in entry["shape"])
+            and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+            and all(count(offset) for offset in entry["data_offsets"]))
+
+
+def llama_tensor_shapes(source: SourceModel) -> dict[str, list[int]]:
+    """Every tensor LlamaForCausalLM loads, with the shape its config implies: the embeddings, each
+    layer's attention (q, k, v, o) and MLP (gate, up, down) projections with their biases when
+    attention_bias / mlp_bias, both norms, the final norm, and lm_head unless tie_word_embeddings.
+    Absent keys take transformers' LlamaConfig defaults (vocab_size 32000, intermediate_size 11008,
+    num_key_value_heads = num_attention_heads, no biases, tie_word_embeddings false: see
+    transformers/models/llama/configuration_llama.py, 5.24). Raises SourceError for a mistyped key."""
     config, fingerprint = source.config, source.fingerprint
+
+    def setting(key: str, default: Any, kind: type) -> Any:
+        value = config.get(key)
+        if value is None:
+            return default
+        wrong = isinstance(value, bool) != (kind is bool) or not isinstance(value, kind)
+        if wrong or (kind is int and value <= 0):
+            expected = "true or false" if kind is bool else "a positive integer"
+            raise SourceError(f"{source.folder / 'config.json'}: '{key}' must be {expected}, got {value!r}")
+        return value
+
+    heads, hidden, head_dim = config["num_attention_heads"], fingerprint.hidden_size, fingerprint.head_dim
+    vocab = setting("vocab_size", 32000, int)
+    intermediate = setting("intermediate_size", 11008, int)
+    kv_heads = setting("num_key_value_heads", heads, int)
+    attention_bias, mlp_bias = setting("attention_bias", False, bool), setting("mlp_bias", False, bool)
+    shapes = {"model.embed_tokens.weight": [vocab, hidden]}
+    for layer in range(fingerprint.num_hidden_layers):
+        prefix = f"model.layers.{layer}."
+        projections = {"self_attn.q_proj": [heads * head_dim, hidden], "self_attn.k_proj": [kv_heads * head_dim, hidden],
+                       "self_attn.v_proj": [kv_heads * head_dim, hidden], "self_attn.o_proj": [hidden, heads * head_dim],
+                       "mlp.gate_proj": [intermediate, hidden], "mlp.up_proj": [intermediate, hidden],
+                       "mlp.down_proj": [hidden, intermediate]}
+        for module, shape in projections.items():
+            shapes[f"{prefix}{module}.weight"] = shape
+            if attention_bias if module.startswith("self_attn") else mlp_bias:
+                shapes[f"{prefix}{module}.bias"] = shape[:1]
+        shapes[f"{prefix}input_layernorm.weight"] = [hidden]
+        shapes[f"{prefix}post_attention_layernorm.weight"] = [hidden]
+    shapes["model.norm.weight"] = [hidden]
+    if not setting("tie_word_embeddings", False, bool):
+        shapes["lm_head.weight"] = [vocab, hidden]
+    return shapes
+
+
+def check_llama_shapes(source: SourceModel, tensors: dict[str, dict]) -> None:
+    """The weights must hold the Llama the config describes: every tensor of llama_tensor_shapes with
+    its shape (extra tensors are allowed). Names may lack the "model." prefix, as a LlamaModel saves
+    them. Raises SourceError naming the first tensor missing or of the wrong shape."""
+    where = f"source '{source.folder}'"
     layers = {int(m.group(1)) for name in tensors if (m := re.match(r"(?:model\.)?layers\.(\d+)\.", name))}
-    if layers != set(range(fingerprint.num_hidden_layers)):
-        raise LongRoPEError(
-            f"source '{source.folder}': weights hold {len(layers)} decoder layers, config.json says "
-            f"{fingerprint.num_hidden_layers}"
-        )
-    kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
-    expected = {
-        "self_attn.q_proj.weight": [config["num_attention_heads"] * fingerprint.head_dim, fingerprint.hidden_size],
-        "self_attn.k_proj.weight": [kv_heads * fingerprint.head_dim, fingerprint.hidden_size],
-    }
-    for suffix, shape in expected.items():
-        entry = tensors.get(f"model.layers.0.{suffix}") or tensors.get(f"layers.0.{suffix}")
+    if layers != set(range(source.fingerprint.num_hidden_layers)):
+        raise SourceError(f"{where}: weights hold {len(layers)} decoder layers, config.json says "
+                          f"{source.fingerprint.num_hidden_layers}")
+    bare = "model.embed_tokens.weight" not in tensors and "embed_tokens.weight" in tensors
+    for name, shape in llama_tensor_shapes(source).items():
+        stored = name.removeprefix("model.") if bare else name
+        entry = tensors.get(stored)
+        if entry is None and name == "lm_head.weight":
+            tied = source.config.get("tie_word_embeddings")
+            raise SourceError(
+                f"{where}: no tensor 'lm_head.weight', and config.json does not tie the output head to the input "
+                f"embeddings (tie_word_embeddings {'absent, false by default' if tied is None else 'false'}): "
+                "loading it would initialise a random output head")
         if entry is None:
-            raise LongRoPEError(f"source '{source.folder}': no attention weight 'model.layers.0.{suffix}'; not a Llama checkpoint")
+            raise SourceError(f"{where}: no tensor '{stored}' in the weights; a Llama of this config.json needs it")
         if entry["shape"] != shape:
-            raise LongRoPEError(
-                f"source '{source.folder}': 'model.layers.0.{suffix}' has shape {entry['shape']}, config.json "
-                f"implies {shape} (head_dim {fingerprint.head_dim})"
-            )
+            raise SourceError(f"{where}: '{stored}' has shape {entry['shape']}, config.json implies {shape} "
+                              f"(head_dim {source.fingerprint.head_dim}, hidden_size {source.fingerprint.hidden_size})")

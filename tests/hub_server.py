@@ -326,9 +326,10 @@ class HubHandler(BaseHTTPRequestHandler):
             headers.update({"X-Linked-Etag": f'"{entry["lfs"]}"', "X-Linked-Size": str(entry["size"])})
         status, ranged = 200, self.headers.get("Range")
         if ranged and ranged.startswith("bytes="):
-            start = int(ranged[6:].split("-")[0])
-            headers["Content-Range"] = f"bytes {start}-{len(content) - 1}/{len(content)}"
-            content, status = content[start:], 206
+            first, _, last = ranged[6:].partition("-")
+            start, end = int(first), min(int(last or len(content) - 1), len(content) - 1)
+            headers["Content-Range"] = f"bytes {start}-{end}/{len(content)}"
+            content, status = content[start : end + 1], 206
         self._send(status, content, headers, content_type="application/octet-stream")
 
     def preupload(self, repo: str, revision: str) -> None:

@@ -13,7 +13,8 @@ from conftest import DATA
 from longrope_convert.convert import write_checkpoint
 from longrope_convert.errors import DataError
 from longrope_convert.factors import analytic_factor_set
-from longrope_convert.perplexity import read_documents, tokenized_documents
+from longrope_convert.documents import read_documents
+from longrope_convert.perplexity import tokenized_documents
 from longrope_convert.source import read_source
 
 TESTBED = Path(__file__).parent / "testbed" / "tiny-llama-256"

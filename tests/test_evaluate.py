@@ -33,7 +33,8 @@ from longrope_convert.evaluate import (
     sliding_windows,
 )
 from longrope_convert.factors import analytic_factor_set, load_factor_set
-from longrope_convert.perplexity import Document, document_ids, load_longrope_model, token_nll, tokenized_documents
+from longrope_convert.documents import Document
+from longrope_convert.perplexity import document_ids, load_longrope_model, token_nll, tokenized_documents
 from longrope_convert.plots import factors_plot, passkey_heatmap, perplexity_plot, read_series
 from longrope_convert.source import read_source
 

@@ -95,7 +95,7 @@ def test_push_is_one_commit_and_an_unchanged_push_makes_none(hub, env, tmp_path)
     head, commits = branch_head(hub, "me/tiny-push-1k")
     assert head == summary["commit"] and commits == 2  # the repo's initial commit, then exactly one
     files = hub.store.load("me/tiny-push-1k")["commits"][head]["files"]
-    assert set(files) == {p.name for p in (tmp_path / "out").iterdir()}
+    assert set(files) == {p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")}  # the marker stays local
     assert files["model.safetensors"]["lfs"] and files["config.json"]["lfs"] is None
     assert f'from_pretrained("me/tiny-push-1k", trust_remote_code=True, revision="{head}")' in first.stderr
     assert 'from_pretrained("me/tiny-push-1k", trust_remote_code=True)' in (tmp_path / "out" / "README.md").read_text()
@@ -134,7 +134,8 @@ def test_push_mirrors_the_folder_after_eval_card(hub, env, tmp_path):
     pushed = run(env, "push", tmp_path / "b", "--to", "me/mirror", "--json")
     assert pushed.returncode == 0, pushed.stderr
     summary = json.loads(pushed.stdout)
-    local = {p.relative_to(tmp_path / "b").as_posix() for p in (tmp_path / "b").rglob("*") if p.is_file()}
+    local = {p.relative_to(tmp_path / "b").as_posix() for p in (tmp_path / "b").rglob("*")
+             if p.is_file() and not p.name.startswith(".")}  # the markers stay local
     assert {"model-00001-of-00003.safetensors", "model.safetensors.index.json", "eval/passkey.png"} <= local
     assert set(remote_files(hub, "me/mirror")) == local | {"notes.md"}
     assert summary["deleted"] == ["model.safetensors"] and summary["kept"] == ["notes.md"]

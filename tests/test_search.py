@@ -141,7 +141,8 @@ def test_two_gloo_processes_find_the_same_best_as_one(tmp_path):
 def held_out_perplexity(factor_set) -> float:
     from transformers import AutoTokenizer
 
-    from longrope_convert.perplexity import read_documents, tokenized_documents
+    from longrope_convert.documents import read_documents
+    from longrope_convert.perplexity import tokenized_documents
 
     model = model_with(TESTBED, factor_set)
     documents, _, _ = tokenized_documents(AutoTokenizer.from_pretrained(TESTBED), read_documents([str(HELD_OUT)]),
