@@ -44,10 +44,6 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, StaticLayer
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 
-# Positions of the first n_hat tokens may only be left un-interpolated at these values (the search space).
-N_HAT_CHOICES = (0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256)
-
-
 def default_long_mscale(scale: float, original_max_position_embeddings: int) -> float:
     """Attention scale for the long factor set: sqrt(1 + ln(s) / ln(L)), 1.0 when s <= 1."""
     if scale <= 1.0:
