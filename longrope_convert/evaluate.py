@@ -159,7 +159,7 @@ def evaluate_checkpoint(folder: Path, data: list[str], lengths: list[int], basel
                         passkey_lengths: list[int] = (), depths: list[float] = (0.1, 0.5, 0.9), trials: int = 3,
                         seed: int = 0, out: Path | None = None, command: str = "",
                         status: Callable[[str], None] = lambda message: None,
-                        on_step: Callable[[], None] = lambda: None) -> dict:
+                        on_step: Callable[[], None] = lambda: None, device_map: str | None = None) -> dict:
     """Run the evaluation of a converted checkpoint and write results.json and the plots to `out`
     (default: the checkpoint's eval/ folder), replacing what was there only when all is done."""
     from transformers import AutoTokenizer
@@ -182,7 +182,7 @@ def evaluate_checkpoint(folder: Path, data: list[str], lengths: list[int], basel
     sets = comparison_sets(checkpoint, baselines)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     status(f"model: loading {source.folder} on {device}")
-    model = load_longrope_model(source.folder, source.config, device)
+    model = load_longrope_model(source.folder, source.config, device, device_map=device_map)
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
     results: dict[str, Any] = {"checkpoint": source.name, "target_length": checkpoint.target_length,
                                "original_max_position_embeddings": checkpoint.model.original_max_position_embeddings,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -125,9 +124,10 @@ class Fitness(Protocol):
 
     documents: int  # how many documents one full evaluation of a candidate covers
 
-    def nll(self, requests: Sequence[tuple[Candidate, int]],
-            on_result: Callable[[Candidate, int, NLL], None]) -> None:
-        """Evaluate each (candidate, document index) request, calling on_result as each one finishes."""
+    def nll(self, requests: Sequence[tuple[Candidate, int]], on_result: Callable[[Candidate, int, NLL], None],
+            keep_going: Callable[[], bool]) -> None:
+        """Evaluate the (candidate, document index) requests in order, calling on_result as each one
+        finishes; before each evaluation it computes, stop if keep_going() is False."""
 
 
 def perplexity_of(results: Iterable[NLL]) -> float:
@@ -138,8 +138,8 @@ def perplexity_of(results: Iterable[NLL]) -> float:
 
 @dataclass
 class SearchResult:
-    best: Candidate
-    best_perplexity: float
+    best: Candidate | None  # None when the time ran out before any candidate was scored on all documents
+    best_perplexity: float  # inf when best is None
     history: list[tuple[float, float]]  # (evaluations so far, best perplexity so far), one per scored candidate
     evaluations: float  # in units of one candidate on all documents
     iterations: int  # evolution steps completed after the initial population
@@ -153,20 +153,20 @@ class Evolution:
     out), mean NLL on document 0 (`probe`, what racing compares), every (candidate, document)
     result (`results`), the candidates ever proposed (`seen`: none is proposed twice) and the
     best-so-far `history`. Budgets: `max_evals` in evaluations (one candidate on all documents),
-    `time_budget` in seconds of `clock`, both checked before every evolution step. `on_evaluation`
-    is called once per (candidate, document) result as it arrives, `on_best` with each new best
-    perplexity.
+    never exceeded (no candidate is started that might not finish within it); `keep_going`, asked
+    by the fitness before every document evaluation (a time budget: the search stops within one
+    document evaluation of it, keeping the candidates scored so far). `on_evaluation` is called
+    once per (candidate, document) result as it arrives, `on_best` with each new best perplexity.
     """
 
     def __init__(self, space: SearchSpace, initial: list[Candidate], preset: Preset, fitness: Fitness, *,
-                 seed: int, max_evals: float | None = None, time_budget: float | None = None,
-                 clock: Callable[[], float] = time.perf_counter, on_evaluation: Callable[[], None] = lambda: None,
+                 seed: int, max_evals: float | None = None, keep_going: Callable[[], bool] = lambda: True,
+                 on_evaluation: Callable[[], None] = lambda: None,
                  on_best: Callable[[float], None] = lambda perplexity: None) -> None:
         self.space, self.initial, self.preset, self.fitness = space, initial, preset, fitness
-        self.max_evals, self.time_budget, self.clock = max_evals, time_budget, clock
+        self.max_evals, self.keep_going = max_evals, keep_going
         self.on_evaluation, self.on_best = on_evaluation, on_best
         self.rng = random.Random(seed)
-        self.started = clock()
         self.scores: dict[Candidate, float] = {}
         self.probe: dict[Candidate, float] = {}
         self.results: dict[tuple[Candidate, int], NLL] = {}
@@ -180,37 +180,33 @@ class Evolution:
         return len(self.results) / self.fitness.documents
 
     def run(self) -> SearchResult:
+        """Score the initial population, then evolve until the iterations, patience or a budget end it."""
         preset = self.preset
         population = self._initial_population()
-        self._score(self._affordable(population), race_against=None)
+        in_time = self._score(self._affordable(population), race_against=None)
         population = [c for c in population if c in self.scores]
-        stale, iterations, stopped_by = 0, 0, "iterations"
-        for _ in range(preset.iterations):
-            stopped_by = self._spent(cost=1.0)
-            if stopped_by:
+        stale, iterations, stopped_by = 0, 0, "iterations" if in_time else "time_budget"
+        for _ in range(preset.iterations if in_time else 0):
+            if self.max_evals is not None and self.evaluations + 1 > self.max_evals + 1e-9:
+                stopped_by = "max_evals"
                 break
-            stopped_by = "iterations"
             parents = sorted(population, key=lambda c: (self.scores[c], c))[: preset.parents]
             children = self._children(parents)
             before = self.best_perplexity
-            self._score(self._affordable(children), race_against=parents if preset.racing else None)
+            if not self._score(self._affordable(children), race_against=parents if preset.racing else None):
+                stopped_by = "time_budget"
+                break
             population = parents + [c for c in children if math.isfinite(self.scores.get(c, math.inf))]
             iterations += 1
             stale = 0 if self.best_perplexity < before * (1 - 1e-4) else stale + 1
             if preset.patience is not None and stale >= preset.patience:
                 stopped_by = "patience"
                 break
-        winner = min((c for c in self.scores if math.isfinite(self.scores[c])), key=lambda c: (self.scores[c], c))
-        return SearchResult(best=winner, best_perplexity=self.scores[winner], history=self.history,
-                            evaluations=self.evaluations, iterations=iterations, stopped_by=stopped_by)
-
-    def _spent(self, cost: float = 0.0) -> str:
-        """The budget that would be exceeded by `cost` more evaluations ("" if none)."""
-        if self.max_evals is not None and self.evaluations + cost > self.max_evals + 1e-9:
-            return "max_evals"
-        if self.time_budget is not None and self.clock() - self.started > self.time_budget:
-            return "time_budget"
-        return ""
+        finite = [c for c in self.scores if math.isfinite(self.scores[c])]
+        winner = min(finite, key=lambda c: (self.scores[c], c)) if finite else None
+        return SearchResult(best=winner, best_perplexity=self.scores[winner] if winner else math.inf,
+                            history=self.history, evaluations=self.evaluations, iterations=iterations,
+                            stopped_by=stopped_by)
 
     def _affordable(self, candidates: list[Candidate]) -> list[Candidate]:
         """As many candidates as the evaluation budget allows (each may cost a full evaluation)."""
@@ -260,13 +256,16 @@ class Evolution:
             self.results[(candidate, doc)] = nll
             self.on_evaluation()
 
-    def _score(self, candidates: list[Candidate], race_against: list[Candidate] | None) -> None:
+    def _score(self, candidates: list[Candidate], race_against: list[Candidate] | None) -> bool:
         """Full-fitness perplexity of the candidates not yet scored; with `race_against`, only of
-        those whose NLL on document 0 would rank them among the parents (the others score inf)."""
+        those whose NLL on document 0 would rank them among the parents (the others score inf).
+        False when keep_going stopped the fitness first: the candidates it finished are scored."""
         candidates = [c for c in candidates if c not in self.scores]
         docs = self.fitness.documents
         if race_against is not None and docs > 1:
-            self.fitness.nll([(c, 0) for c in candidates], self._record)
+            self.fitness.nll([(c, 0) for c in candidates], self._record, self.keep_going)
+            if any((c, 0) not in self.results for c in candidates):
+                return False
             for candidate in candidates:
                 nll, tokens = self.results[(candidate, 0)]
                 self.probe[candidate] = nll / tokens
@@ -276,8 +275,10 @@ class Evolution:
         else:
             finalists = candidates
         self.fitness.nll([(c, doc) for c in finalists for doc in range(docs) if (c, doc) not in self.results],
-                         self._record)
+                         self._record, self.keep_going)
         for candidate in finalists:
+            if any((candidate, doc) not in self.results for doc in range(docs)):
+                return False
             self.scores[candidate] = perplexity_of(self.results[(candidate, doc)] for doc in range(docs))
             nll, tokens = self.results[(candidate, 0)]
             self.probe[candidate] = nll / tokens
@@ -285,3 +286,4 @@ class Evolution:
                 self.best_perplexity = self.scores[candidate]
                 self.on_best(self.best_perplexity)
             self.history.append((self.evaluations, self.best_perplexity))
+        return True

@@ -27,7 +27,7 @@ from .evolution import N_HAT_CHOICES, NLL, PRESETS, Candidate, Evolution, Search
 from .factors import ANALYTIC_METHODS, FactorSet, analytic_factor_set, new_provenance
 from .modeling_longrope_llama import default_long_mscale
 from .perplexity import token_nll, use_factor_set
-from .search_log import LOG_VERSION, SearchLog
+from .search_log import LOG_VERSION, SearchLog, config_sha256, file_sha256, tokens_sha256
 from .workers import Workers
 
 
@@ -85,13 +85,14 @@ class ModelFitness:
         self.model, self.token_ids, self.log, self.workers, self.task = model, token_ids, log, workers, task
         self.documents = len(token_ids)
 
-    def nll(self, requests: Sequence[tuple[Candidate, int]],
-            on_result: Callable[[Candidate, int, NLL], None]) -> None:
-        self.evaluate([(c, c.key, self.task.factor_set(c), doc) for c, doc in requests], on_result)
+    def nll(self, requests: Sequence[tuple[Candidate, int]], on_result: Callable[[Candidate, int, NLL], None],
+            keep_going: Callable[[], bool]) -> None:
+        self.evaluate([(c, c.key, self.task.factor_set(c), doc) for c, doc in requests], on_result, keep_going)
 
-    def evaluate(self, requests: Sequence[tuple[Any, str, FactorSet, int]],
-                 on_result: Callable[[Any, int, NLL], None]) -> None:
-        """(item, log key, factor set, document) requests; on_result(item, document, NLL) as each finishes."""
+    def evaluate(self, requests: Sequence[tuple[Any, str, FactorSet, int]], on_result: Callable[[Any, int, NLL], None],
+                 keep_going: Callable[[], bool]) -> None:
+        """(item, log key, factor set, document) requests; on_result(item, document, NLL) as each finishes.
+        Logged ones are replayed at no cost; before computing each round, rank 0's keep_going() decides."""
         todo = []
         for item, key, factor_set, doc in requests:
             if (key, doc) in self.log.known:
@@ -110,45 +111,99 @@ class ModelFitness:
             self.log.append(key, doc, nll_sum, tokens, seconds)
             on_result(item, doc, (nll_sum, tokens))
 
-        self.workers.map(compute, todo, record)
-
-    def perplexity(self, key: str, factor_set: FactorSet, on_evaluation: Callable[[], None]) -> float:
-        """Perplexity of one factor set (a baseline) on all documents, logged under `key`."""
-        results = {}
-
-        def record(_, doc: int, nll: NLL) -> None:
-            results[doc] = nll
-            on_evaluation()
-
-        self.evaluate([(key, key, factor_set, doc) for doc in range(self.documents)], record)
-        return perplexity_of(results.values())
+        self.workers.map(compute, todo, record, keep_going)
 
 
-def baseline_perplexities(task: SearchTask, fitness: ModelFitness,
-                          on_evaluation: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Perplexity of the classic sets at their own attention scale, and of no scaling, on the same data."""
+def baseline_sets(task: SearchTask) -> dict[str, FactorSet]:
+    """What the search is compared with: the classic sets at their own attention scale and no scaling
+    (long search), or the checkpoint's own short factors ("before", short search)."""
     if not task.long_mode:
-        return {"before": fitness.perplexity("baseline:checkpoint", task.base, on_evaluation)}
+        return {"before": task.base}
     stage = task.base.model
     sets = {"none": replace(task.base, long_factor=[1.0] * task.space.dims, n_hat=0, long_mscale=1.0)}
     for method in ANALYTIC_METHODS:
         analytic = analytic_factor_set(method, stage, task.base.target_length)
         sets[method] = replace(task.base, long_factor=analytic.long_factor, n_hat=0, long_mscale=analytic.long_mscale)
-    return {name: fitness.perplexity(f"baseline:{name}", factor_set, on_evaluation)
-            for name, factor_set in sets.items()}
+    return sets
 
 
-def search_log_header(source_name: str, task: SearchTask, documents: list[str], skipped_documents: int,
-                      eval_length: int, seed: int, preset_name: str, budget: dict[str, Any]) -> dict[str, Any]:
+def baseline_perplexities(sets: dict[str, FactorSet], fitness: ModelFitness, keep_going: Callable[[], bool],
+                          on_evaluation: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Perplexity of each set on the search documents, in order, while keep_going() allows; a set
+    not finished in time is left out."""
+    results: dict[tuple[str, int], NLL] = {}
+
+    def record(name: str, doc: int, nll: NLL) -> None:
+        results[(name, doc)] = nll
+        on_evaluation()
+
+    fitness.evaluate([(name, f"baseline:{name}", factor_set, doc) for name, factor_set in sets.items()
+                      for doc in range(fitness.documents)], record, keep_going)
+    return {name: perplexity_of(results[(name, doc)] for doc in range(fitness.documents)) for name in sets
+            if all((name, doc) in results for doc in range(fitness.documents))}
+
+
+BASELINE_LABELS = {"none": "no scaling", "pi": "PI", "ntk": "NTK", "yarn": "YaRN", "llama3": "llama3",
+                   "before": "the checkpoint's own short factors"}
+BUDGET_LABELS = {"max_evals": "evaluation budget (--max-evals)", "time_budget": "time budget (--time-budget)"}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a search may call its result: `method` for the factor file, a one-sentence `warning`
+    when that is not a searched set, and the baseline whose factors are written instead, if any."""
+
+    method: str
+    warning: str | None = None
+    baseline: str | None = None
+
+
+def verdict(result: SearchResult, baselines: dict[str, float], long_mode: bool) -> Verdict:
+    """Honest label of a search's outcome. "search" ("search:short") only for a search that evolved
+    and whose best is not worse than any baseline it measured. A measured baseline that is better
+    wins: its factors are written ("baseline:<name>"), since knowingly shipping worse factors helps
+    nobody. A budget spent before any evolution step gives "search:no-evolution" (the best of the
+    initial population). Raises LongRoPEError when nothing at all was scored in time."""
+    searched = "search" if long_mode else "search:short"
+    best_baseline = min(baselines, key=baselines.get, default=None)
+    if best_baseline is not None and baselines[best_baseline] < result.best_perplexity:
+        label, perplexity = BASELINE_LABELS[best_baseline], baselines[best_baseline]
+        if result.best is None:
+            why = (f"The {BUDGET_LABELS.get(result.stopped_by, 'budget')} ended before any candidate was scored "
+                   "on all documents")
+        else:
+            why = (f"The search's best (perplexity {result.best_perplexity:.4f} after {result.evaluations:.1f} "
+                   f"evaluations) is worse than {label} ({perplexity:.4f}) on the same data")
+        return Verdict(f"baseline:{best_baseline}", f"{why}, so these are the factors of {label}, not searched ones.",
+                       best_baseline)
+    if result.best is None:
+        raise LongRoPEError(f"the {BUDGET_LABELS.get(result.stopped_by, 'budget')} ended before any candidate or "
+                            "baseline was scored on all documents: nothing to write; resume the log with a larger one")
+    if result.iterations == 0:
+        spent = BUDGET_LABELS.get(result.stopped_by, "budget")
+        return Verdict(f"{searched}:no-evolution",
+                       f"The {spent} ended before any evolution step, so these factors are the best of the initial "
+                       f"population (analytic sets on the search grid and their mutants) after "
+                       f"{result.evaluations:.1f} evaluations, not evolved ones.")
+    return Verdict(searched)
+
+
+def search_log_header(source, task: SearchTask, names: list[str], token_ids: list[torch.Tensor],
+                      skipped_documents: int, eval_length: int, seed: int, preset_name: str,
+                      budget: dict[str, Any]) -> dict[str, Any]:
+    """The log's first line: the settings a resume must share, with content hashes of the documents'
+    tokens and of the model's config and weight files (these hash the weights: ~1.3 GB/s)."""
     return {
         "version": LOG_VERSION,
-        "source": source_name,
+        "source": source.name,
         "model": asdict(task.base.model),
+        "model_files": {"config_sha256": config_sha256(source.config),
+                        "weights_sha256": {path.name: file_sha256(path) for path in source.weight_files}},
         "mode": "long" if task.long_mode else "short",
         "target_length": task.base.target_length,
         "base_long_factor": task.base.long_factor,
         "space": asdict(task.space),
-        "documents": documents,
+        "documents": [{"name": name, "tokens_sha256": tokens_sha256(ids)} for name, ids in zip(names, token_ids)],
         "skipped_documents": skipped_documents,  # shorter than the evaluation length
         "eval_length": eval_length,
         "seed": seed,
@@ -157,16 +212,17 @@ def search_log_header(source_name: str, task: SearchTask, documents: list[str], 
     }
 
 
-def result_factor_set(task: SearchTask, result: SearchResult, provenance: dict[str, Any]) -> FactorSet:
-    method = "search" if task.long_mode else "search:short"
-    return replace(task.factor_set(result.best), provenance=new_provenance(method, **provenance))
 class SearchRun:
-    """A search made ready (task, documents, model, log), then run; what the `search` command drives."""
+    """A search made ready (task, documents, log, model), then run by `execute`; what `search` drives.
 
-    def __init__(self, source, data: list[str], target: int | None, documents: int = 4, preset: str = "default",
-                 max_evals: float | None = None, time_budget: float | None = None, seed: int = 0,
-                 n_hat: bool = True, short: bool = False, max_factor: float | None = None,
-                 log_path: Path | None = None, resume: bool = False, baselines: bool = True,
+    Raises LongRoPEError for settings that cannot be searched, data without a document of the
+    evaluation length, and a log that exists (without resume) or does not match (with resume).
+    """
+
+    def __init__(self, *, source, data: list[str], target: int | None, log_path: Path, documents: int = 4,
+                 preset: str = "default", max_evals: float | None = None, time_budget: float | None = None,
+                 seed: int = 0, n_hat: bool = True, short: bool = False, max_factor: float | None = None,
+                 resume: bool = False, baselines: bool = True, device_map: str | None = None,
                  status: Callable[[str], None] = lambda message: None) -> None:
         from transformers import AutoTokenizer
 
@@ -188,13 +244,16 @@ class SearchRun:
             raise LongRoPEError(f"--data has no document of at least {self.eval_length} tokens "
                                 f"({skipped} shorter ones skipped)")
         budget = {"max_evals": max_evals, "time_budget": time_budget}
-        header = search_log_header(source.name, self.task, self.document_names, skipped, self.eval_length, seed,
-                                   preset, budget)
-        self.log = SearchLog(log_path, header, resume, self.workers)
-        self.status(f"model: loading {source.folder} on {self.workers.device} "
+        self.log = SearchLog(log_path, lambda: search_log_header(
+            source, self.task, self.document_names, self.documents, skipped, self.eval_length, seed, preset, budget),
+            resume, self.workers)
+        if resume:
+            self.status(f"search log: {len(self.log.known)} evaluations replayed from {log_path}")
+        where = f"device map {device_map}" if device_map else str(self.workers.device)
+        self.status(f"model: loading {source.folder} on {where} "
                     f"({self.workers.world} process{'es' if self.workers.world > 1 else ''})")
         self.model = load_longrope_model(source.folder, longrope_config(source.config, self.task.base),
-                                         self.workers.device)
+                                         self.workers.device, device_map=device_map, gpus=self.workers.gpus)
 
     @staticmethod
     def _task(source, target: int | None, short: bool, n_hat: bool, max_factor: float | None):
@@ -221,48 +280,76 @@ class SearchRun:
 
     @property
     def planned_document_evaluations(self) -> int:
+        """At most this many document evaluations (fewer when children are raced out or patience stops it)."""
         preset = self.preset
         evaluations = preset.population + preset.iterations * (preset.mutations + preset.crossovers)
         if self.max_evals is not None:
             evaluations = min(evaluations, math.ceil(self.max_evals))
         if self.baselines:
-            evaluations += 1 + len(ANALYTIC_METHODS) if self.task.long_mode else 1
+            evaluations += len(baseline_sets(self.task))
         return evaluations * len(self.documents)
 
-    def execute(self, on_document: Callable[[], None] = lambda: None,
+    def execute(self, on_evaluation: Callable[[], None] = lambda: None,
                 on_best: Callable[[float], None] = lambda ppl: None) -> tuple[FactorSet, dict[str, Any]]:
+        """Measure the baselines, then evolve, within the budgets; the factor set to write (labelled by
+        `verdict`) and a summary. The time budget counts from here, baselines included, and is checked
+        before every document evaluation. `on_evaluation` is called per finished document evaluation
+        (replayed ones too), `on_best` with each new best perplexity of the search."""
         started = time.perf_counter()
+
+        def keep_going() -> bool:
+            return self.time_budget is None or time.perf_counter() - started < self.time_budget
+
         fitness = ModelFitness(self.model, self.documents, self.log, self.workers, self.task)
-        evolution = Evolution(self.task.space, self.task.initial, self.preset, fitness, seed=self.seed,
-                              max_evals=self.max_evals, time_budget=self.time_budget, on_evaluation=on_document,
-                              on_best=on_best)
-        result = evolution.run()
-        baselines = baseline_perplexities(self.task, fitness, on_document) if self.baselines else {}
+        sets = baseline_sets(self.task) if self.baselines else {}
+        baselines = baseline_perplexities(sets, fitness, keep_going, on_evaluation)
+        result = Evolution(self.task.space, self.task.initial, self.preset, fitness, seed=self.seed,
+                           max_evals=self.max_evals, keep_going=keep_going, on_evaluation=on_evaluation,
+                           on_best=on_best).run()
+        self.workers.close()
         seconds = time.perf_counter() - started
+        outcome = verdict(result, baselines, self.task.long_mode)
+        if outcome.warning:
+            self.status(f"warning: {outcome.warning}")
+        written = sets[outcome.baseline] if outcome.baseline else self.task.factor_set(result.best)
+        best_perplexity = baselines[outcome.baseline] if outcome.baseline else result.best_perplexity
         provenance = {
             "source": self.source.name,
             "data": self.data,
             "documents": len(self.documents),
             "eval_length": self.eval_length,
             "evaluations": round(result.evaluations, 2),
-            "best_perplexity": round(result.best_perplexity, 4),
+            "best_perplexity": round(best_perplexity, 4),
             "baseline_perplexities": {name: round(ppl, 4) for name, ppl in baselines.items()},
             "preset": self.preset_name,
             "budget": {"max_evals": self.max_evals, "time_budget_s": self.time_budget,
-                       "seconds_this_run": round(seconds, 1)},
+                       "seconds_this_run": round(seconds, 1), "stopped_by": result.stopped_by},
             "seed": self.seed,
+            **({"warning": outcome.warning} if outcome.warning else {}),
         }
         if self.task.long_mode and self.source.longrope is not None:
             stage = self.source.longrope
             provenance["base_factors"] = {"method": stage.method, "target_length": stage.target_length,
                                           "long_factor": stage.long_factor}
-        factor_set = result_factor_set(self.task, result, provenance)
-        summary = {"best_perplexity": result.best_perplexity, "evaluations": result.evaluations,
-                   "n_hat": result.best.n_hat, "baselines": baselines, "history": result.history,
-                   "seconds": seconds}
-        self.workers.close()
+        factor_set = replace(written, provenance=new_provenance(outcome.method, **provenance))
+        summary = {"method": outcome.method, "warning": outcome.warning, "best_perplexity": best_perplexity,
+                   "search_best_perplexity": result.best_perplexity, "evaluations": result.evaluations,
+                   "iterations": result.iterations, "stopped_by": result.stopped_by, "n_hat": factor_set.n_hat,
+                   "baselines": baselines, "history": result.history, "seconds": seconds}
         return factor_set, summary
 
     @property
     def is_main(self) -> bool:
         return self.workers.is_main
+
+
+def search_factors(*, source, data: list[str], target: int | None, log_path: Path, resume: bool = False,
+                   status: Callable[[str], None] = lambda message: None,
+                   on_evaluation: Callable[[], None] = lambda: None, **settings: Any) -> tuple[FactorSet, dict[str, Any]]:
+    """Search factors for `source` (a source.SourceModel) on `data` for `target` tokens: the factor set
+    to write (rank 0 writes it under torchrun) and the summary (method, warning, perplexities,
+    evaluations). `settings` are SearchRun's (documents, preset, max_evals, time_budget, seed, n_hat,
+    short, max_factor, baselines, device_map). Raises LongRoPEError as SearchRun and verdict do."""
+    run = SearchRun(source=source, data=data, target=target, log_path=log_path, resume=resume, status=status,
+                    **settings)
+    return run.execute(on_evaluation=on_evaluation)

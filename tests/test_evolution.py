@@ -23,8 +23,10 @@ class QuadraticFitness:
         distance = sum((s - o) ** 2 for s, o in zip(candidate.steps, self.optimum)) / len(self.optimum)
         return 3.0 + distance / 1e4 + doc / 10 + abs(candidate.n_hat - 8) / 1e3
 
-    def nll(self, requests, on_result) -> None:
+    def nll(self, requests, on_result, keep_going) -> None:
         for candidate, doc in requests:
+            if not keep_going():
+                return
             self.requests.append((candidate, doc))
             on_result(candidate, doc, (self.mean_nll(candidate, doc) * TOKENS, TOKENS))
 
@@ -36,6 +38,23 @@ def setup(preset="default", documents=3, seed=0, flat=False, **budget):
     evolution = Evolution(space, initial, PRESETS[preset] if isinstance(preset, str) else preset, fitness,
                           seed=seed, **budget)
     return evolution, fitness
+
+
+def test_operators_keep_candidates_valid_and_new():
+    """Property test over many seeds and random parents: every child is in the space (grid, bounds,
+    monotone, n_hat choice), and the search never proposes a candidate twice."""
+    for seed in range(200):
+        rng = random.Random(seed)
+        dims = rng.choice([4, 8, 32, 64])
+        space = SearchSpace.from_bounds(dims, 1.0, rng.choice([1.5, 2.5, 10.0]))
+        parents = [space.snap(sorted(rng.uniform(1, 12) for _ in range(dims)), rng.choice(range(300)))
+                   for _ in range(4)]
+        assert all(space.contains(p) for p in parents)
+        for _ in range(20):
+            child = space.mutate(rng.choice(parents), rng, rng.choice([0.1, 0.3, 1.0]))
+            assert space.contains(child)
+            crossed = space.crossover(*rng.sample(parents, 2), rng, 0.15)
+            assert len(crossed.steps) == dims and all(space.low <= s <= space.high for s in crossed.steps)
 
 
 def test_the_same_seed_gives_the_same_search_and_it_improves_on_the_initial_population():
@@ -96,3 +115,26 @@ def test_progress_is_reported_per_finished_evaluation_not_per_batch():
     evolution.run()
     # the i-th call came right after the i-th evaluation, not when its batch returned
     assert calls == list(range(1, len(fitness.requests) + 1))
+
+
+def test_a_time_budget_stops_the_search_within_one_document_evaluation():
+    """A clock that advances one second per document evaluation; budgets that end in the initial
+    population (before any evolution step), in the middle of a candidate, and during racing."""
+    for budget in (0, 1, 7, 31, 100, 333):
+        fitness = None
+
+        def keep_going():
+            return len(fitness.requests) < budget  # seconds so far < budget
+
+        evolution, fitness = setup(keep_going=keep_going)
+        result = evolution.run()
+        assert len(fitness.requests) == budget  # not one document evaluation more
+        assert result.stopped_by == "time_budget"
+        assert result.evaluations == budget / 3
+        complete = [c for c in evolution.initial if all((c, d) in evolution.results for d in range(3))]
+        if budget < 3:
+            assert result.best is None and result.best_perplexity == math.inf
+        else:  # the best so far, among the candidates finished in time
+            assert result.best_perplexity == min(s for s in evolution.scores.values())
+            assert complete or result.iterations > 0
+        assert (result.iterations == 0) == (budget <= 16 * 3)  # the initial population costs 48 evaluations
