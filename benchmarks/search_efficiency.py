@@ -32,8 +32,8 @@ DATA = ROOT / "tests" / "data" / "tom_sawyer_chapters.jsonl"
 
 
 def search(preset: str, seed: int, work: Path, known: dict) -> dict:
-    run = SearchRun(read_source(TESTBED), [str(DATA)], 2048, documents=4, preset=preset, seed=seed,
-                    log_path=work / f"{preset}-{seed}.log.jsonl", baselines=False)
+    run = SearchRun(source=read_source(TESTBED), data=[str(DATA)], target=2048, documents=4, preset=preset,
+                    seed=seed, log_path=work / f"{preset}-{seed}.log.jsonl", baselines=False)
     run.log.known.update(known)
     _, summary = run.execute()
     known.update(run.log.known)
@@ -52,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     known = {}
     for log in args.reuse:
-        known.update(logged_evaluations(log.read_text().splitlines()[1:]))
+        known.update(logged_evaluations(log))
     work = Path(tempfile.mkdtemp())
     paper = search("paper", 0, work, known)
     curves = {"paper, seed 0": paper["history"]}
