@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import DATA, TINY_WINDOW, edit_json
+from longrope_convert.cli import resume_command
 from longrope_convert.convert import longrope_config
 from longrope_convert.factors import analytic_factor_set, load_factor_set
 from longrope_convert.perplexity import load_longrope_model, perplexity, token_nll, use_factor_set
@@ -26,7 +27,7 @@ from longrope_convert.factors import FactorSet
 from longrope_convert.search import ModelFitness, SearchRun, Verdict, long_search_task, verdict
 from longrope_convert.search_log import LOG_VERSION, SearchLog
 from longrope_convert.source import read_source
-from longrope_convert.workers import Workers
+from longrope_convert.workers import Workers, gpu_group
 
 TESTBED = Path(__file__).parent / "testbed" / "tiny-llama-256"
 SEARCH_DATA = DATA / "tom_sawyer_chapters.jsonl"
@@ -320,3 +321,22 @@ def test_the_verdict_calls_searched_only_an_evolved_search_that_beats_every_meas
     assert verdict(nothing, baselines, long_mode=True).method == "baseline:yarn"
     with pytest.raises(LongRoPEError, match="time budget .* ended before any candidate or baseline"):
         verdict(nothing, {}, long_mode=True)
+
+
+def test_each_torchrun_process_gets_its_share_of_the_gpus():
+    assert gpu_group(0, 1, 8) == list(range(8))  # one process: one replica over all GPUs (with --device-map)
+    assert gpu_group(3, 4, 8) == [6, 7]  # 4 replicas of 2 GPUs
+    assert gpu_group(1, 2, 3) == [1]  # an uneven split leaves the last GPU out, never shares one
+    with pytest.raises(LongRoPEError, match="8 processes per node but 4 GPUs"):
+        gpu_group(0, 8, 4)
+
+
+def test_the_resume_command_repeats_the_arguments_with_the_log(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    log = Path("runs/my search.log.jsonl")
+    assert resume_command(["search", "./m", "--target", "2048", "--resume=old.jsonl", "--seed", "3"], log) == \
+        "longrope-convert search ./m --target 2048 --seed 3 --resume 'runs/my search.log.jsonl'"
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert resume_command(["search", "./m", "--resume", "old.jsonl"], log).startswith(
+        "torchrun --nproc-per-node 8 -m longrope_convert search ./m --resume")
