@@ -19,11 +19,10 @@ from safetensors.torch import load_file, save_file
 from conftest import DATA, TINY_WINDOW, edit_json
 from longrope_convert.cli import resume_command
 from longrope_convert.convert import longrope_config
-from longrope_convert.factors import analytic_factor_set, load_factor_set
-from longrope_convert.perplexity import load_longrope_model, perplexity, token_nll, use_factor_set
 from longrope_convert.errors import LongRoPEError
 from longrope_convert.evolution import Candidate, SearchResult, SearchSpace
-from longrope_convert.factors import FactorSet
+from longrope_convert.factors import FactorSet, analytic_factor_set, load_factor_set
+from longrope_convert.perplexity import load_longrope_model, perplexity, token_nll, use_factor_set
 from longrope_convert.search import ModelFitness, SearchRun, Verdict, long_search_task, verdict
 from longrope_convert.search_log import LOG_VERSION, SearchLog
 from longrope_convert.source import read_source
