@@ -1,6 +1,6 @@
 """What one fitness evaluation costs beyond the backbone's forward pass, for a small and a Llama-3 vocabulary.
 
-    python benchmarks/fitness_speed.py [--length 4096] [--rounds 5] [--threads 2]
+    python benchmarks/fitness_speed.py [--length 4096] [--rounds 5] [--threads 2] [--models smollm2 llama3-vocab]
 
 Models, fp32 on the CPU, loaded as the search loads them (the LongRoPE model, YaRN init at 4x):
   SmolLM2-135M-Instruct   the real model (vocabulary 49,152, hidden 576)
@@ -87,6 +87,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--models", nargs="+", choices=["smollm2", "llama3-vocab"], default=["smollm2", "llama3-vocab"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     smollm2 = smollm2_folder()
@@ -97,8 +98,11 @@ def main() -> None:
     if hasattr(F, "linear_cross_entropy"):
         ways["torch LCE"] = torch_lce
     work = Path(tempfile.mkdtemp())
-    models = {"SmolLM2-135M (vocab 49,152)": smollm2,
-              "Llama-3 vocabulary (128,256), SmolLM2 shape": llama3_vocabulary_model(smollm2, work / "llama3-vocab")}
+    models = {}
+    if "smollm2" in args.models:
+        models["SmolLM2-135M (vocab 49,152)"] = smollm2
+    if "llama3-vocab" in args.models:
+        models["Llama-3 vocabulary (128,256), SmolLM2 shape"] = llama3_vocabulary_model(smollm2, work / "llama3-vocab")
     names = list(ways)
     print(f"| model | {' | '.join(f'{name} (s)' for name in names)} | token_nll / flat | token_nll / backbone "
           f"| dcd7372 / flat | max abs NLL difference to flat |\n|---|" + "---|" * (len(names) + 4))
