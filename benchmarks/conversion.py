@@ -4,8 +4,9 @@
 
 Checkpoints: SmolLM2-135M (538 MB fp32, one file) and a synthetic ~4.2 GB Llama in 5 shards (random
 weights, made once in the work folder). Each command runs as its own process under /usr/bin/time;
-the source is read once before, so every command starts from a warm page cache. Prints a Markdown
-table (median of the repeats).
+the source is read once before, so every command starts from a warm page cache. Each repeat runs
+every command in turn (drift on a shared machine hits all alike). Prints a Markdown table (median
+of the repeats).
 """
 
 from __future__ import annotations
@@ -76,19 +77,15 @@ NAIVE = ("import sys, torch; from transformers import AutoModelForCausalLM; "
          "AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).save_pretrained(sys.argv[2])")
 
 
-def measure(command: list[str], output: Path, repeats: int) -> tuple[float, float]:
-    """Median wall seconds and peak RSS (MB) of a command, with `output` removed before each run."""
-    times, peaks = [], []
-    for _ in range(repeats):
-        shutil.rmtree(output, ignore_errors=True)
-        done = subprocess.run(["/usr/bin/time", "-f", "%e %M", *command], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{command} failed:\n{done.stderr}")
-        wall, peak_kb = done.stderr.strip().splitlines()[-1].split()
-        times.append(float(wall))
-        peaks.append(int(peak_kb) / 1024)
+def measure(command: list[str], output: Path) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of one run of a command, with `output` removed before and after."""
     shutil.rmtree(output, ignore_errors=True)
-    return statistics.median(times), max(peaks)
+    done = subprocess.run(["/usr/bin/time", "-f", "%e %M", *command], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{command} failed:\n{done.stderr}")
+    shutil.rmtree(output, ignore_errors=True)
+    wall, peak_kb = done.stderr.strip().splitlines()[-1].split()
+    return float(wall), int(peak_kb) / 1024
 
 
 def main() -> None:
@@ -112,11 +109,15 @@ def main() -> None:
                                                 "--output", str(out), "--copy-weights"],
             "from_pretrained().save_pretrained()": [sys.executable, "-c", NAIVE, str(source), str(out)],
         }
-        for name, command in commands.items():
-            repeats = 1 if name.startswith("from_pretrained") else args.repeats
-            wall, peak = measure(command, out, repeats)
-            rows.append((label, f"{size:.2f}", name, wall, peak))
-            print(rows[-1], file=sys.stderr, flush=True)
+        runs = {name: [] for name in commands}
+        for repeat in range(args.repeats):  # each repeat runs every command in turn: drift hits all alike
+            for name, command in commands.items():
+                if repeat == 0 or not name.startswith("from_pretrained"):  # the slow naive way once
+                    runs[name].append(measure(command, out))
+                    print(label, name, runs[name][-1], file=sys.stderr, flush=True)
+        for name, measured in runs.items():
+            rows.append((label, f"{size:.2f}", name, statistics.median(wall for wall, _ in measured),
+                         max(peak for _, peak in measured)))
     print("| checkpoint | GB | method | wall s | peak RSS MB |\n|---|---|---|---|---|")
     for label, size, name, wall, peak in rows:
         print(f"| {label} | {size} | {name} | {wall:.2f} | {peak:.0f} |")

@@ -2,12 +2,14 @@
 
     python benchmarks/modeling_speed.py [--threads 2]
 
-Both models are fp32 with SDPA attention. Prefill: one forward of 2048 and 8192 tokens (inside the
+Both models are fp32 with SDPA attention. Every measurement alternates the two models, so drift
+on a shared machine hits both alike. Prefill: one forward of 2048 and 8192 tokens (inside the
 original window, where both compute the same thing), logits for the last token only; median of
-alternating runs. Decode: 64 single-token cached steps after a 512-token prompt. Crossing: cached
-steps around the 8192-token window; at the step that crosses it, the LongRoPE model rebuilds the
-cache of the 8192-token prefix with the long factors (stock transformers does not, and is wrong
-from there on). Prints Markdown tables.
+alternating runs. Decode: 64 single-token cached steps after a 512-token prompt, the two models
+stepping in turn; median step. Crossing: cached steps around the 8192-token window, the two models
+stepping in turn; at the step that crosses it, the LongRoPE model rebuilds the cache of the
+8192-token prefix with the long factors (stock transformers does not, and is wrong from there on).
+Prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -43,11 +45,16 @@ def prefill_seconds(model, ids, repeats):
 
 
 @torch.inference_mode()
-def cached_step_seconds(model, ids, prompt_length, steps):
-    cache = DynamicCache(config=model.config)
-    model(ids[:, :prompt_length], cache=cache, use_cache=True, logits_to_keep=1)
-    return [timed(lambda end=end: model(ids[:, end - 1 : end], cache=cache, use_cache=True))
-            for end in range(prompt_length + 1, prompt_length + steps + 1)]
+def cached_step_seconds(models: dict, ids, prompt_length, steps) -> dict[str, list[float]]:
+    """Seconds of each single-token cached step after a prompt, the models stepping in turn."""
+    caches = {name: DynamicCache(config=model.config) for name, model in models.items()}
+    for name, model in models.items():
+        model(ids[:, :prompt_length], cache=caches[name], use_cache=True, logits_to_keep=1)
+    seconds = {name: [] for name in models}
+    for end in range(prompt_length + 1, prompt_length + steps + 1):
+        for name, model in models.items():
+            seconds[name].append(timed(lambda: model(ids[:, end - 1 : end], cache=caches[name], use_cache=True)))
+    return seconds
 
 
 def main() -> None:
@@ -75,12 +82,12 @@ def main() -> None:
         stock, ours = (statistics.median(runs[name]) for name in models)
         print(f"| prefill {length} tokens (s) | {stock:.2f} | {ours:.2f} | {stock / ours:.3f} |", flush=True)
 
-    decode = {name: statistics.median(cached_step_seconds(model, ids, 512, 64)) for name, model in models.items()}
-    stock, ours = decode.values()
+    decode = cached_step_seconds(models, ids, 512, 64)
+    stock, ours = (statistics.median(decode[name]) for name in models)
     print(f"| decode after 512 tokens (tokens/s) | {1 / stock:.1f} | {1 / ours:.1f} | {stock / ours:.3f} |")
 
     print("\n| cached step: sequence length after the step | stock (s) | LongRoPE (s) |\n|---|---|---|")
-    crossing = {name: cached_step_seconds(model, ids, 8190, 4) for name, model in models.items()}
+    crossing = cached_step_seconds(models, ids, 8190, 4)
     for i, length in enumerate(range(8191, 8195)):
         note = " (crosses the window: LongRoPE rebuilds the cache)" if length == 8193 else ""
         print(f"| {length}{note} | {crossing['stock LlamaForCausalLM'][i]:.3f} | "

@@ -22,7 +22,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from longrope_convert.search import SearchRun, logged_evaluations
+from longrope_convert.search import SearchRun
+from longrope_convert.search_log import logged_evaluations
 from longrope_convert.source import read_source
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,8 +32,8 @@ DATA = ROOT / "tests" / "data" / "tom_sawyer_chapters.jsonl"
 
 
 def search(preset: str, seed: int, work: Path, known: dict) -> dict:
-    run = SearchRun(read_source(TESTBED), [str(DATA)], 2048, documents=4, preset=preset, seed=seed,
-                    log_path=work / f"{preset}-{seed}.log.jsonl", baselines=False)
+    run = SearchRun(source=read_source(TESTBED), data=[str(DATA)], target=2048, documents=4, preset=preset,
+                    seed=seed, log_path=work / f"{preset}-{seed}.log.jsonl", baselines=False)
     run.log.known.update(known)
     _, summary = run.execute()
     known.update(run.log.known)
@@ -51,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     known = {}
     for log in args.reuse:
-        known.update(logged_evaluations(log.read_text().splitlines()[1:]))
+        known.update(logged_evaluations(log))
     work = Path(tempfile.mkdtemp())
     paper = search("paper", 0, work, known)
     curves = {"paper, seed 0": paper["history"]}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -14,12 +16,12 @@ import click
 from . import __version__
 from .convert import plan_conversion, write_checkpoint, write_planned
 from .errors import LongRoPEError
+from .evolution import PRESETS as SEARCH_PRESETS  # pure Python: `convert` still never imports torch
 from .hub import loading_snippet, push_folder
 from .preflight import check_push, check_search_outputs
 from .source import open_source
 
-# search.PRESETS, named here so that `convert` never imports torch (its memory stays flat)
-SEARCH_PRESETS = ("default", "paper")
+DEVICE_MAPS = ["auto"]  # accelerate's placement of a model over the GPUs it may use
 
 EXAMPLES = """\b
 Examples:
@@ -120,11 +122,13 @@ Examples:
               help="Factor file to write. Default: ./<source>-<target>.factors.json.")
 @click.option("--documents", type=click.IntRange(min=1), default=4, show_default=True,
               help="Documents per evaluation (the first ones at least as long as the evaluation length).")
-@click.option("--preset", type=click.Choice(SEARCH_PRESETS), default="default", show_default=True,
+@click.option("--preset", type=click.Choice(list(SEARCH_PRESETS)), default="default", show_default=True,
               help="'paper': the official hyper-parameters; 'default': far fewer evaluations.")
 @click.option("--max-evals", type=click.FloatRange(min=1), default=None,
-              help="Budget in evaluations (one candidate on all documents).")
-@click.option("--time-budget", type=click.FloatRange(min=1), default=None, help="Budget in seconds.")
+              help="Budget in evaluations (one candidate on all documents; baselines not counted), never exceeded.")
+@click.option("--time-budget", type=click.FloatRange(min=1), default=None,
+              help="Budget in seconds from the first evaluation (baselines included), checked before every document "
+                   "evaluation; the best so far is written.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--n-hat/--no-n-hat", default=True, show_default=True, help="Search n_hat too.")
 @click.option("--short", is_flag=True, help="Search the short factors of a LongRoPE checkpoint instead.")
@@ -137,40 +141,51 @@ Examples:
               help="Also measure no scaling, PI, NTK, YaRN and llama3 on the same data.")
 @click.option("--convert-to", type=click.Path(path_type=Path), default=None,
               help="Then write a converted checkpoint with the searched factors here.")
+@click.option("--device-map", type=click.Choice(DEVICE_MAPS), default=None,
+              help="Spread the model over the GPUs (of each torchrun process's share of them) with accelerate, "
+                   "for models that do not fit one GPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def search(source: str, target: int | None, revision: str | None, data: tuple[str, ...], out: Path | None, documents: int, preset: str,
            max_evals: float | None, time_budget: float | None, seed: int, n_hat: bool, short: bool,
            max_factor: float | None, log_path: Path | None, resume: Path | None, baselines: bool,
-           convert_to: Path | None, as_json: bool) -> None:
+           convert_to: Path | None, device_map: str | None, as_json: bool) -> None:
     """Search LongRoPE factors for SOURCE by evolution on long-document perplexity."""
     from .search import SearchRun
 
     model = open_source(source, revision)
     out = out or Path(f"{Path(model.name).name}-{target or 'short'}.factors.json")
     check_search_outputs(model, out, convert_to)
-    run = SearchRun(model, list(data), target, documents=documents, preset=preset, max_evals=max_evals,
-                    time_budget=time_budget, seed=seed, n_hat=n_hat, short=short, max_factor=max_factor,
-                    log_path=resume or log_path or out.with_name(out.name + ".log.jsonl"), resume=resume is not None,
-                    baselines=baselines, status=status)
+    log = resume or log_path or out.with_name(out.name + ".log.jsonl")
+    run = SearchRun(source=model, data=list(data), target=target, log_path=log, documents=documents, preset=preset,
+                    max_evals=max_evals, time_budget=time_budget, seed=seed, n_hat=n_hat, short=short,
+                    max_factor=max_factor, resume=resume is not None, baselines=baselines, device_map=device_map,
+                    status=status)
     best = [math.inf]
-
-    def improved(ppl: float) -> None:
-        best[0] = ppl
-        if run.is_main and not sys.stderr.isatty():  # no live bar in a log file: a line per improvement
-            status(f"search: best perplexity {ppl:.4f}")
-
     with click.progressbar(length=run.planned_document_evaluations, label="search (document evaluations)",
                            file=sys.stderr, show_pos=True,
                            item_show_func=lambda _: f"best ppl {best[0]:.4f}" if math.isfinite(best[0]) else "",
                            show_eta=True) as bar:
-        factor_set, summary = run.execute(on_document=lambda: bar.update(1) if run.is_main else None,
-                                          on_best=improved)
+        def evaluated() -> None:
+            if not run.is_main:
+                return
+            bar.update(1)
+            if not sys.stderr.isatty():  # no live bar in a log file: a line per finished evaluation
+                status(f"search: {bar.pos}/{bar.length} document evaluations done"
+                       + (f", best perplexity {best[0]:.4f}" if math.isfinite(best[0]) else ""))
+
+        try:
+            factor_set, summary = run.execute(on_evaluation=evaluated, on_best=lambda ppl: best.__setitem__(0, ppl))
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (main() turns it into SystemExit)
+            if run.is_main:
+                status(f"search interrupted; every finished evaluation is in {log}. Continue it with:\n"
+                       f"  {resume_command(sys.argv[1:], log)}")
+            raise
     if not run.is_main:
         return
     factor_set.save(out)
-    status(f"best perplexity {summary['best_perplexity']:.4f} after {summary['evaluations']:.1f} evaluations "
-           f"(n_hat {summary['n_hat']}); baselines: "
-           + ", ".join(f"{k} {v:.4f}" for k, v in summary["baselines"].items()) + f"; wrote {out}")
+    status(f"wrote {out}: method {summary['method']}, perplexity {summary['best_perplexity']:.4f} (n_hat "
+           f"{summary['n_hat']}) after {summary['evaluations']:.1f} evaluations; baselines: "
+           + (", ".join(f"{k} {v:.4f}" for k, v in summary["baselines"].items()) or "none measured"))
     if convert_to is not None:
         result = write_checkpoint(model, factor_set, convert_to, str(out), log=status)
         status(f"wrote {result.output}")
@@ -191,6 +206,22 @@ def _push(folder: Path, repo: str, private: bool, branch: str | None, commit_mes
     status("load it with:\n" + loading_snippet(repo, pushed.commit))
     return {"repo": repo, "url": pushed.repo_url, "commit": pushed.commit, "changed": pushed.changed,
             "deleted": pushed.deleted, "kept": pushed.kept}
+
+
+def resume_command(arguments: list[str], log: Path) -> str:
+    """The command line that continues an interrupted search: the same arguments, with --resume LOG."""
+    kept, skip = [], False
+    for argument in arguments:
+        if skip or argument.startswith("--resume="):
+            skip = False
+            continue
+        skip = argument == "--resume"
+        if not skip:
+            kept.append(argument)
+    launcher = "longrope-convert"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        launcher = f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', '1')} -m longrope_convert"
+    return f"{launcher} {shlex.join([*kept, '--resume', str(log)])}"
 
 
 def _integers(ctx, param, value: str | None) -> list[int]:
@@ -238,10 +269,12 @@ Examples:
               help="Folder for results.json and the plots. Default: CHECKPOINT/eval.")
 @click.option("--card", is_flag=True,
               help="Update the evaluation and the other sections longrope-convert wrote in CHECKPOINT/README.md.")
+@click.option("--device-map", type=click.Choice(DEVICE_MAPS), default=None,
+              help="Spread the model over the GPUs with accelerate, for models that do not fit one GPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout instead of tables.")
 def evaluate(checkpoint: Path, lengths: list[int], data: tuple[str, ...], baselines: bool, protocol: str, stride: int,
              documents: int, passkey_lengths: list[int], depths: list[float], trials: int, seed: int,
-             beyond_target: bool, out: Path | None, card: bool, as_json: bool) -> None:
+             beyond_target: bool, out: Path | None, card: bool, device_map: str | None, as_json: bool) -> None:
     """Perplexity against length and passkey retrieval for a converted CHECKPOINT; plots and model card."""
     from .card import EVAL_DIR, refresh_card
     from .evaluate import plan_evaluation, run_evaluation
@@ -258,7 +291,7 @@ def evaluate(checkpoint: Path, lengths: list[int], data: tuple[str, ...], baseli
                 status(f"eval: {bar.pos}/{plan.steps} measurements done")
 
         results = run_evaluation(plan, out=out, command="longrope-convert eval " + " ".join(sys.argv[2:]),
-                                 status=status, on_step=on_step)
+                                 device_map=device_map, status=status, on_step=on_step)
     if card:
         refresh_card(checkpoint)
         status(f"wrote {checkpoint / 'README.md'}")

@@ -300,11 +300,12 @@ def plan_evaluation(folder: Path, *, data: list[str], lengths: list[int], baseli
 
 
 def run_evaluation(plan: EvaluationPlan, *, out: Path | None = None, command: str = "",
-                   status: Callable[[str], None] = lambda message: None,
+                   device_map: str | None = None, status: Callable[[str], None] = lambda message: None,
                    on_step: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Measure a plan and write results.json and the plots to `out` (default: the checkpoint's eval/
-    folder), replacing what was there only when all is done. Returns the results as written (lengths
-    as int keys; inf and nan as strings)."""
+    folder), replacing what was there only when all is done; `device_map="auto"` spreads the model over
+    the GPUs (perplexity.load_longrope_model). Returns the results as written (lengths as int keys; inf
+    and nan as strings)."""
     from .card import EVAL_DIR, EVAL_RESULTS
     from .outputs import atomic_folder
     from .perplexity import load_longrope_model
@@ -314,7 +315,7 @@ def run_evaluation(plan: EvaluationPlan, *, out: Path | None = None, command: st
     checkpoint = next(iter(sets.values()))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     status(f"model: loading {source.folder} on {device}")
-    model = load_longrope_model(source.folder, source.config, device)
+    model = load_longrope_model(source.folder, source.config, device, device_map=device_map)
     results: dict[str, Any] = {"checkpoint": source.name, "target_length": checkpoint.target_length,
                                "original_max_position_embeddings": checkpoint.model.original_max_position_embeddings,
                                "factors": {name: s.long_factor for name, s in sets.items()}}

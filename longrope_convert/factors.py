@@ -43,7 +43,9 @@ FORMAT = "longrope-factors"
 VERSION = 1
 ANALYTIC_METHODS = ("pi", "ntk", "yarn", "llama3")
 PROVENANCE_FIELDS = {
-    "method": "how the factors were made: 'search', 'init:<pi|ntk|yarn|llama3>', ...",
+    "method": "how the factors were made: 'search', 'search:short', 'search:no-evolution', 'baseline:<name>', "
+              "'init:<pi|ntk|yarn|llama3>', ...",
+    "warning": "one sentence on why the method is not a plain 'search', when it is not",
     "source": "the model the factors were made for (folder or Hub id)",
     "data": "documents used (paths or dataset ids)",
     "documents": "number of documents evaluated per candidate",
@@ -104,7 +106,8 @@ class FactorSet:
 
     @property
     def is_searched(self) -> bool:
-        return self.method.startswith("search")
+        """Found by an evolutionary search that evolved and beat every baseline it measured."""
+        return self.method in ("search", "search:short")
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -7,6 +7,7 @@ O(length x hidden), never O(length x vocab).
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .documents import Document
+from .errors import LongRoPEError
 from .factors import FactorSet
 
 
@@ -41,20 +43,34 @@ def tokenized_documents(tokenizer, documents: Iterable[Document], length: int,
 
 
 def load_longrope_model(folder: str | Path, config: dict, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None):
+                        dtype: torch.dtype | None = None, device_map: str | None = None,
+                        gpus: list[int] | None = None):
     """The shipped LongRoPE model on the weights in `folder`, configured by the config dict given
     (weights in `dtype`, default bf16 on CUDA and fp32 elsewhere; the rotary math is float32 in every
-    dtype; SDPA attention; eval mode)."""
+    dtype; SDPA attention; eval mode).
+
+    On `device`, or with `device_map="auto"` spread by accelerate over the GPUs in `gpus` (all
+    when None), layer by layer, for models that do not fit one GPU. Raises LongRoPEError when
+    device_map is asked for without accelerate installed.
+    """
     from transformers import LlamaConfig
 
     from .modeling_longrope_llama import LongRoPELlamaForCausalLM
 
     device = torch.device(device)
+    placement = {}
+    if device_map is not None:
+        if importlib.util.find_spec("accelerate") is None:
+            raise LongRoPEError(f"--device-map {device_map} needs the accelerate package (pip install accelerate)")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        placement["device_map"] = device_map
+        if gpus is not None and device.type == "cuda":  # only this process's GPUs, as their free memory allows
+            placement["max_memory"] = {gpu: torch.cuda.mem_get_info(gpu)[0] for gpu in gpus}
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = LongRoPELlamaForCausalLM.from_pretrained(
-        folder, config=LlamaConfig.from_dict(config), dtype=dtype, attn_implementation="sdpa")
-    return model.to(device).eval()
+        folder, config=LlamaConfig.from_dict(config), dtype=dtype, attn_implementation="sdpa", **placement)
+    return (model if device_map is not None else model.to(device)).eval()
 
 
 def use_factor_set(model, factor_set: FactorSet) -> None:
@@ -74,23 +90,45 @@ def document_ids(tokenizer, text: str, length: int | None = None) -> torch.Tenso
     return torch.tensor([ids], dtype=torch.long)
 
 
-@torch.inference_mode()
-def token_nll(model, input_ids: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
-    """Negative log-likelihood of tokens 1 .. n-1 of each row, [batch, n-1] float32.
+# Positions per chunk of logits on the CPU: the lowest peak memory at 16k for SmolLM2 at no cost in time
+# (benchmarks/perplexity_memory.py; benchmarks/fitness_speed.py for the time).
+CPU_LOGITS_CHUNK = 256
 
-    `model` is a causal LM with `.model` (the backbone) and `.lm_head`, as Llama has. The logits
-    exist for `chunk_size` positions at a time (with their log-softmax, 2 x chunk x vocab floats),
-    so memory beyond the backbone's activations does not grow with the length.
+
+def logits_chunk_size(lm_head: torch.nn.Linear, positions: int) -> int:
+    """Positions whose logits are computed at once: CPU_LOGITS_CHUNK on the CPU; on a GPU as many
+    as half its free memory holds (logits in the model's dtype, their float32 copy and the
+    log-softmax the loss makes of it: vocab x (element size + 8) bytes a position), at most all."""
+    weight = lm_head.weight
+    if weight.device.type != "cuda":
+        return min(CPU_LOGITS_CHUNK, positions)
+    free_bytes, _ = torch.cuda.mem_get_info(weight.device)
+    per_position = weight.shape[0] * (weight.element_size() + 2 * 4)
+    return max(1, min(positions, free_bytes // 2 // per_position))
+
+
+@torch.inference_mode()
+def token_nll(model, input_ids: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """Negative log-likelihood in nats of tokens 1 .. n-1 of each row of input_ids [batch, n]: [batch, n-1] float32.
+
+    `model` is a causal LM with `.model` (the backbone) and `.lm_head`, as Llama has; the backbone
+    runs once. The LM head and the loss then run on flat [positions, vocab] logits (the layout
+    cross_entropy reads fastest; [batch, vocab, positions] costs 25x the backbone on a GPU), for
+    `chunk_size` positions at a time (default: logits_chunk_size), so memory beyond the backbone's
+    activations is O(chunk x vocab) and never O(length x vocab). Values equal the loss on all flat
+    logits at once.
     """
     input_ids = input_ids.to(model.device)
-    hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state
-    targets = input_ids[:, 1:]
+    hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state  # [batch, n, hidden]
+    head = model.lm_head
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).to(head.weight.device)  # [batch x (n-1), hidden]
+    targets = input_ids[:, 1:].reshape(-1).to(head.weight.device)
+    chunk_size = chunk_size or logits_chunk_size(head, targets.numel())
     nll = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
-    for start in range(0, targets.shape[1], chunk_size):
-        end = min(start + chunk_size, targets.shape[1])
-        logits = model.lm_head(hidden[:, start:end]).float()
-        nll[:, start:end] = F.cross_entropy(logits.transpose(1, 2), targets[:, start:end], reduction="none")
-    return nll
+    for start in range(0, targets.numel(), chunk_size):
+        logits = head(hidden[start : start + chunk_size]).float()  # [chunk, vocab]
+        nll[start : start + chunk_size] = F.cross_entropy(logits, targets[start : start + chunk_size], reduction="none")
+    return nll.view(input_ids.shape[0], -1)
 
 
 def perplexity(nll: torch.Tensor) -> float:

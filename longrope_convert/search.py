@@ -1,4 +1,4 @@
-"""Evolutionary search of LongRoPE factors (lambda and n_hat) that works on current transformers.
+"""The search of LongRoPE factors (lambda and n_hat) for a model: task, fitness, baselines, the run.
 
 Fitness: perplexity of the model with a candidate's factors over K documents of the evaluation
 length (each: BOS + its first length - 1 tokens), exp(total NLL / total tokens). The model is
@@ -6,34 +6,16 @@ loaded once and every candidate is swapped into its rotary embedding in place (t
 ships in checkpoints). Documents longer than the original window use the long set; a short-factor
 search evaluates at the original window, where the short set is in use.
 
-Search space: lambda_i on a 0.01 grid within [low, high] (default [1, 1.25 s]), non-decreasing in
-i; n_hat from N_HAT_CHOICES. Operators, as in LongRoPE's official search:
-  mutation   each dimension with probability p is redrawn uniformly between its neighbours'
-             values (children stay monotone); n_hat moves to a neighbouring choice with probability p
-  crossover  each dimension comes from the second parent with probability p_c, n_hat from either;
-             non-monotone or already-evaluated children are redrawn (20 tries, then a mutation)
+The evolution itself (space, operators, presets, budgets) is in evolution.py, the JSONL log and
+resume in search_log.py, the spreading of evaluations over torchrun processes in workers.py.
 Initial population: the PI, NTK, YaRN and llama3 sets on the grid, then mutants of them.
-Presets:
-  paper    population 64, 32 parents, 16 mutations + 16 crossovers per iteration, 40 iterations,
-           p = 0.3, p_c = 0.3 x 0.5 (microsoft/LongRoPE's dim_mono hyper-parameters)
-  default  population 16, 3 parents, 12 mutations + 4 crossovers, p = 0.15, up to 60 iterations,
-           stop after 10 without improvement; each child is first scored on one document and
-           finishes only if it would rank among the parents there ("racing")
-
-Evaluations are pure functions of (candidate, document). Each is appended to a JSONL log as it
-finishes; a resumed search replays the log instead of recomputing, so it ends where the
-uninterrupted search would have. Under torchrun every rank runs the same search and the
-evaluations of each round are spread over the ranks (gloo on CPU, NCCL on GPUs).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -41,231 +23,12 @@ from typing import Any
 import torch
 
 from .errors import LongRoPEError
+from .evolution import N_HAT_CHOICES, NLL, PRESETS, Candidate, Evolution, SearchResult, SearchSpace, perplexity_of
 from .factors import ANALYTIC_METHODS, FactorSet, analytic_factor_set, new_provenance
-from .modeling_longrope_llama import N_HAT_CHOICES, default_long_mscale
+from .modeling_longrope_llama import default_long_mscale
 from .perplexity import token_nll, use_factor_set
-
-GRID = 0.01
-LOG_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Preset:
-    population: int
-    parents: int
-    mutations: int
-    crossovers: int
-    iterations: int
-    mutation_p: float
-    crossover_p: float
-    racing: bool  # score each child on one document first; finish it only if it would rank among the parents
-    patience: int | None  # stop after this many iterations without improvement
-
-
-PRESETS = {
-    # microsoft/LongRoPE evolution/default_hyper_params/dim_mono_llama.json and algorithms/dim_mono.py
-    "paper": Preset(population=64, parents=32, mutations=16, crossovers=16, iterations=40, mutation_p=0.3,
-                    crossover_p=0.3 * 0.5, racing=False, patience=None),
-    # Tuned on the tiny testbed (benchmarks/search_efficiency.py): few parents and mostly mutations
-    # exploit faster; racing spends a fraction of an evaluation on children that would not be parents.
-    "default": Preset(population=16, parents=3, mutations=12, crossovers=4, iterations=60, mutation_p=0.15,
-                      crossover_p=0.3 * 0.5, racing=True, patience=10),
-}
-
-
-@dataclass(frozen=True, order=True)
-class Candidate:
-    steps: tuple[int, ...]  # lambda_i / GRID
-    n_hat: int
-
-    @property
-    def factors(self) -> list[float]:
-        return [round(step * GRID, 10) for step in self.steps]
-
-    @property
-    def key(self) -> str:
-        return f"n{self.n_hat}:" + ",".join(map(str, self.steps))
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    dims: int
-    low: int  # grid steps
-    high: int
-    n_hat_choices: tuple[int, ...]
-
-    @classmethod
-    def from_bounds(cls, dims: int, low: float, high: float, n_hat_choices=N_HAT_CHOICES) -> SearchSpace:
-        if not 1.0 <= low <= high:
-            raise LongRoPEError(f"factor bounds must satisfy 1 <= low <= high, got [{low}, {high}]")
-        return cls(dims, round(low / GRID), round(high / GRID), tuple(n_hat_choices))
-
-    def snap(self, factors: list[float], n_hat: int = 0) -> Candidate:
-        """The nearest candidate: on the grid, within bounds, non-decreasing, n_hat among the choices."""
-        steps, floor = [], self.low
-        for factor in factors:
-            floor = min(max(round(factor / GRID), floor), self.high)
-            steps.append(floor)
-        return Candidate(tuple(steps), min(self.n_hat_choices, key=lambda choice: abs(choice - n_hat)))
-
-    def contains(self, candidate: Candidate) -> bool:
-        steps = candidate.steps
-        return (len(steps) == self.dims and all(self.low <= s <= self.high for s in steps)
-                and all(a <= b for a, b in zip(steps, steps[1:])) and candidate.n_hat in self.n_hat_choices)
-
-    def mutate(self, parent: Candidate, rng: random.Random, p: float) -> Candidate:
-        steps = list(parent.steps)
-        for i in range(self.dims):
-            if rng.random() < p:
-                lower = steps[i - 1] if i > 0 else self.low
-                upper = steps[i + 1] if i < self.dims - 1 else self.high
-                steps[i] = rng.randint(lower, upper)
-        n_hat = parent.n_hat
-        if len(self.n_hat_choices) > 1 and rng.random() < p:
-            index = self.n_hat_choices.index(n_hat) + rng.choice((-1, 1))
-            n_hat = self.n_hat_choices[min(max(index, 0), len(self.n_hat_choices) - 1)]
-        return Candidate(tuple(steps), n_hat)
-
-    def crossover(self, first: Candidate, second: Candidate, rng: random.Random, p: float) -> Candidate:
-        steps = tuple(b if rng.random() < p else a for a, b in zip(first.steps, second.steps))
-        return Candidate(steps, second.n_hat if rng.random() < 0.5 else first.n_hat)
-
-
-class Workers:
-    """The processes of a torchrun launch (or just this one): rank 0 writes, all compute."""
-
-    def __init__(self) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-        if self.world > 1 and not torch.distributed.is_initialized():
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
-            torch.distributed.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def map(self, function: Callable[[Any], Any], items: list, on_result: Callable[[Any, Any], None]) -> list:
-        """function(item) for every item, in rounds of one item per rank; on_result(item, result) in order."""
-        results = []
-        for start in range(0, len(items), self.world):
-            chunk = items[start : start + self.world]
-            mine = function(chunk[self.rank]) if self.rank < len(chunk) else None
-            if self.world > 1:
-                gathered = [None] * self.world
-                torch.distributed.all_gather_object(gathered, mine)
-            else:
-                gathered = [mine]
-            for item, result in zip(chunk, gathered):
-                on_result(item, result)
-                results.append(result)
-        return results
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def close(self) -> None:
-        if self.world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-class SearchLog:
-    """JSONL: a header with the search's settings, then one line per (setting, document) evaluation."""
-
-    def __init__(self, path: Path, header: dict[str, Any], resume: bool, workers: Workers) -> None:
-        self.path, self.writer = path, workers.is_main
-        self.known: dict[tuple[str, int], tuple[float, int]] = {}
-        header = json.loads(json.dumps(header))  # tuples become lists, as when read back
-        if resume:
-            self._replay(header)
-        elif path.exists():
-            raise LongRoPEError(f"search log '{path}' exists; pass --resume {path} to continue it, or remove it")
-        workers.barrier()  # every rank has looked at the log before rank 0 writes it
-        if self.writer and not resume:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"kind": "header", **header}) + "\n")
-
-    def _replay(self, header: dict[str, Any]) -> None:
-        try:
-            lines = self.path.read_text().splitlines()
-            logged = json.loads(lines[0])
-        except (OSError, IndexError, ValueError):
-            raise LongRoPEError(f"--resume {self.path}: not a search log") from None
-        logged.pop("kind", None)
-        for field, value in header.items():
-            if field != "budget" and logged.get(field) != value:
-                raise LongRoPEError(f"--resume {self.path}: the log was made with a different '{field}' "
-                                    f"({logged.get(field)!r}); resume with the same settings")
-        self.known.update(logged_evaluations(lines[1:]))
-
-    def append(self, setting: str, doc: int, nll_sum: float, tokens: int, seconds: float) -> None:
-        self.known[(setting, doc)] = (nll_sum, tokens)
-        if self.writer:
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps({"kind": "eval", "setting": setting, "doc": doc, "nll_sum": nll_sum,
-                                         "tokens": tokens, "seconds": round(seconds, 3)}) + "\n")
-
-
-def logged_evaluations(lines: list[str]) -> dict[tuple[str, int], tuple[float, int]]:
-    """(setting, document) -> (NLL sum, tokens) from a search log's evaluation lines."""
-    known = {}
-    for line in lines:
-        try:
-            entry = json.loads(line)
-            known[(entry["setting"], entry["doc"])] = (entry["nll_sum"], entry["tokens"])
-        except (ValueError, KeyError, TypeError):
-            break  # a line cut short by a kill: the evaluation in flight is recomputed
-    return known
-
-
-class Fitness:
-    """NLL of factor sets on the documents: replayed from the log when known, computed otherwise."""
-
-    def __init__(self, model, documents: list[torch.Tensor], log: SearchLog, workers: Workers,
-                 on_document: Callable[[], None] = lambda: None) -> None:
-        self.model, self.documents = model, documents
-        self.log, self.workers, self.on_document = log, workers, on_document
-        self.requested: set[tuple[str, int]] = set()  # replayed ones count too: a resumed search stops alike
-
-    @property
-    def evaluations(self) -> float:
-        """Evaluations done so far, in units of one candidate on all documents."""
-        return len(self.requested) / len(self.documents)
-
-    def nll(self, requests: list[tuple[str, FactorSet, int]]) -> dict[tuple[str, int], tuple[float, int]]:
-        todo = [(key, factor_set, doc) for key, factor_set, doc in requests if (key, doc) not in self.log.known]
-
-        def compute(request):
-            _, factor_set, doc = request
-            started = time.perf_counter()
-            use_factor_set(self.model, factor_set)  # the document's length selects the long or short set
-            nll = token_nll(self.model, self.documents[doc])
-            return math.fsum(nll.double().flatten().tolist()), nll.numel(), time.perf_counter() - started
-
-        def record(request, result):
-            key, _, doc = request
-            self.log.append(key, doc, *result)
-
-        self.workers.map(compute, todo, record)
-        for key, _, doc in requests:
-            if (key, doc) not in self.requested:
-                self.requested.add((key, doc))
-                self.on_document()
-        return {(key, doc): self.log.known[(key, doc)] for key, _, doc in requests}
-
-    def perplexity(self, key: str, factor_set: FactorSet, docs: range | None = None) -> float:
-        docs = range(len(self.documents)) if docs is None else docs
-        results = self.nll([(key, factor_set, doc) for doc in docs])
-        return _perplexity(results.values())
-
-
-def _perplexity(results) -> float:
-    results = list(results)
-    return math.exp(math.fsum(nll for nll, _ in results) / sum(tokens for _, tokens in results))
+from .search_log import LOG_VERSION, SearchLog, config_sha256, file_sha256, tokens_sha256
+from .workers import Workers
 
 
 @dataclass
@@ -306,128 +69,141 @@ def short_search_task(checkpoint: FactorSet, high: float | None = None) -> Searc
     return SearchTask(base=checkpoint, long_mode=False, space=space, initial=initial)
 
 
-@dataclass
-class SearchResult:
-    best: Candidate
-    best_perplexity: float
-    history: list[tuple[float, float]]  # (evaluations so far, best perplexity so far)
-    evaluations: float
+def document_nll(model, factor_set: FactorSet, input_ids: torch.Tensor) -> NLL:
+    """(sum of token NLLs, tokens) of one document [1, length] under a factor set swapped into the model."""
+    use_factor_set(model, factor_set)  # the document's length selects the long or short set
+    nll = token_nll(model, input_ids)
+    return math.fsum(nll.double().flatten().tolist()), nll.numel()
 
 
-def evolve(task: SearchTask, preset: Preset, fitness: Fitness, seed: int, max_evals: float | None = None,
-           time_budget: float | None = None, on_best: Callable[[float], None] = lambda ppl: None) -> SearchResult:
-    """(mu + lambda) evolution over the task's search space; deterministic for a given seed."""
-    rng = random.Random(seed)
-    space, docs = task.space, len(fitness.documents)
-    started = time.perf_counter()
-    scores: dict[Candidate, float] = {}  # full-fitness perplexity; inf for children raced out
-    probe: dict[Candidate, float] = {}  # mean NLL on document 0
-    history: list[tuple[float, float]] = []
-    best = [math.inf]
+class ModelFitness:
+    """NLL of factor sets on the search documents: replayed from the log when known, computed otherwise
+    (spread over the torchrun processes). Implements evolution.Fitness for the task's candidates."""
 
-    def out_of_budget(cost: float = 0.0) -> bool:
-        over_evals = max_evals is not None and fitness.evaluations + cost > max_evals + 1e-9
-        return over_evals or (time_budget is not None and time.perf_counter() - started > time_budget)
+    def __init__(self, model, token_ids: list[torch.Tensor], log: SearchLog, workers: Workers,
+                 task: SearchTask) -> None:
+        self.model, self.token_ids, self.log, self.workers, self.task = model, token_ids, log, workers, task
+        self.documents = len(token_ids)
 
-    def score(candidates: list[Candidate], race_against: list[Candidate] | None) -> None:
-        candidates = [c for c in candidates if c not in scores]
-        if race_against is not None and docs > 1:
-            results = fitness.nll([(c.key, task.factor_set(c), 0) for c in candidates])
-            for candidate in candidates:
-                nll, tokens = results[(candidate.key, 0)]
-                probe[candidate] = nll / tokens
-            bar = sorted(probe[p] for p in race_against)[min(preset.parents, len(race_against)) - 1]
-            finalists = [c for c in candidates if probe[c] <= bar]
-            scores.update((c, math.inf) for c in candidates if probe[c] > bar)
-        else:
-            finalists = candidates
-        requests = [(c.key, task.factor_set(c), doc) for c in finalists for doc in range(docs)]
-        results = fitness.nll(requests)
-        for candidate in finalists:
-            scores[candidate] = _perplexity(results[(candidate.key, doc)] for doc in range(docs))
-            probe[candidate] = results[(candidate.key, 0)][0] / results[(candidate.key, 0)][1]
-            if scores[candidate] < best[0]:
-                best[0] = scores[candidate]
-                on_best(best[0])
-            history.append((fitness.evaluations, best[0]))
+    def nll(self, requests: Sequence[tuple[Candidate, int]], on_result: Callable[[Candidate, int, NLL], None],
+            keep_going: Callable[[], bool]) -> None:
+        self.evaluate([(c, c.key, self.task.factor_set(c), doc) for c, doc in requests], on_result, keep_going)
 
-    def fit(candidates: list[Candidate]) -> list[Candidate]:
-        """As many candidates as the evaluation budget allows (each may cost a full evaluation)."""
-        if max_evals is None:
-            return candidates
-        room = math.floor(max_evals - fitness.evaluations + 1e-9)
-        return candidates[: max(room, 0)]
+    def evaluate(self, requests: Sequence[tuple[Any, str, FactorSet, int]], on_result: Callable[[Any, int, NLL], None],
+                 keep_going: Callable[[], bool]) -> None:
+        """(item, log key, factor set, document) requests; on_result(item, document, NLL) as each finishes.
+        Logged ones are replayed at no cost; before computing each round, rank 0's keep_going() decides."""
+        todo = []
+        for item, key, factor_set, doc in requests:
+            if (key, doc) in self.log.known:
+                on_result(item, doc, self.log.known[(key, doc)])
+            else:
+                todo.append((item, key, factor_set, doc))
 
-    def new_child(make: Callable[[], Candidate], seen: set[Candidate]) -> Candidate | None:
-        for _ in range(100):
-            child = make()
-            if child not in seen and space.contains(child):
-                seen.add(child)
-                return child
-        return None
+        def compute(request) -> tuple[float, int, float]:
+            _, _, factor_set, doc = request
+            started = time.perf_counter()
+            return *document_nll(self.model, factor_set, self.token_ids[doc]), time.perf_counter() - started
 
-    seen: set[Candidate] = set()
-    population = []
-    for candidate in task.initial:
-        if candidate not in seen:
-            seen.add(candidate)
-            population.append(candidate)
-    while len(population) < preset.population:
-        child = new_child(lambda: space.mutate(rng.choice(task.initial), rng, preset.mutation_p), seen)
-        if child is None:
-            break
-        population.append(child)
-    score(fit(population), race_against=None)
-    population = [c for c in population if c in scores]
+        def record(request, result) -> None:
+            item, key, _, doc = request
+            nll_sum, tokens, seconds = result
+            self.log.append(key, doc, nll_sum, tokens, seconds)
+            on_result(item, doc, (nll_sum, tokens))
 
-    stale = 0
-    for _ in range(preset.iterations):
-        if out_of_budget(cost=1.0):
-            break
-        parents = sorted(population, key=lambda c: (scores[c], c))[: preset.parents]
-        children = []
-        for _ in range(preset.mutations):
-            child = new_child(lambda: space.mutate(rng.choice(parents), rng, preset.mutation_p), seen)
-            children += [child] if child else []
-        for _ in range(preset.crossovers):
-            first, second = sorted(rng.sample(parents, 2)) if len(parents) > 1 else (parents[0], parents[0])
-            child = new_child(lambda: space.crossover(first, second, rng, preset.crossover_p), seen)
-            child = child or new_child(lambda: space.mutate(first, rng, preset.mutation_p), seen)
-            children += [child] if child else []
-        before = best[0]
-        children = fit(children)
-        score(children, race_against=parents if preset.racing else None)
-        population = parents + [c for c in children if math.isfinite(scores.get(c, math.inf))]
-        stale = 0 if best[0] < before * (1 - 1e-4) else stale + 1
-        if preset.patience is not None and stale >= preset.patience:
-            break
-    winner = min((c for c in scores if math.isfinite(scores[c])), key=lambda c: (scores[c], c))
-    return SearchResult(best=winner, best_perplexity=scores[winner], history=history, evaluations=fitness.evaluations)
+        self.workers.map(compute, todo, record, keep_going)
 
 
-def baseline_perplexities(task: SearchTask, fitness: Fitness) -> dict[str, float]:
-    """Perplexity of the classic sets at their own attention scale, and of no scaling, on the same data."""
+def baseline_sets(task: SearchTask) -> dict[str, FactorSet]:
+    """What the search is compared with: the classic sets at their own attention scale and no scaling
+    (long search), or the checkpoint's own short factors ("before", short search)."""
     if not task.long_mode:
-        return {"before": fitness.perplexity("baseline:checkpoint", task.base)}
+        return {"before": task.base}
     stage = task.base.model
     sets = {"none": replace(task.base, long_factor=[1.0] * task.space.dims, n_hat=0, long_mscale=1.0)}
     for method in ANALYTIC_METHODS:
         analytic = analytic_factor_set(method, stage, task.base.target_length)
         sets[method] = replace(task.base, long_factor=analytic.long_factor, n_hat=0, long_mscale=analytic.long_mscale)
-    return {name: fitness.perplexity(f"baseline:{name}", factor_set) for name, factor_set in sets.items()}
+    return sets
 
 
-def search_log_header(source_name: str, task: SearchTask, documents: list[str], skipped_documents: int,
-                      eval_length: int, seed: int, preset_name: str, budget: dict[str, Any]) -> dict[str, Any]:
+def baseline_perplexities(sets: dict[str, FactorSet], fitness: ModelFitness, keep_going: Callable[[], bool],
+                          on_evaluation: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Perplexity of each set on the search documents, in order, while keep_going() allows; a set
+    not finished in time is left out."""
+    results: dict[tuple[str, int], NLL] = {}
+
+    def record(name: str, doc: int, nll: NLL) -> None:
+        results[(name, doc)] = nll
+        on_evaluation()
+
+    fitness.evaluate([(name, f"baseline:{name}", factor_set, doc) for name, factor_set in sets.items()
+                      for doc in range(fitness.documents)], record, keep_going)
+    return {name: perplexity_of(results[(name, doc)] for doc in range(fitness.documents)) for name in sets
+            if all((name, doc) in results for doc in range(fitness.documents))}
+
+
+BASELINE_LABELS = {"none": "no scaling", "pi": "PI", "ntk": "NTK", "yarn": "YaRN", "llama3": "llama3",
+                   "before": "the checkpoint's own short factors"}
+BUDGET_LABELS = {"max_evals": "evaluation budget (--max-evals)", "time_budget": "time budget (--time-budget)"}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a search may call its result: `method` for the factor file, a one-sentence `warning`
+    when that is not a searched set, and the baseline whose factors are written instead, if any."""
+
+    method: str
+    warning: str | None = None
+    baseline: str | None = None
+
+
+def verdict(result: SearchResult, baselines: dict[str, float], long_mode: bool) -> Verdict:
+    """Honest label of a search's outcome. "search" ("search:short") only for a search that evolved
+    and whose best is not worse than any baseline it measured. A measured baseline that is better
+    wins: its factors are written ("baseline:<name>"), since knowingly shipping worse factors helps
+    nobody. A budget spent before any evolution step gives "search:no-evolution" (the best of the
+    initial population). Raises LongRoPEError when nothing at all was scored in time."""
+    searched = "search" if long_mode else "search:short"
+    best_baseline = min(baselines, key=baselines.get, default=None)
+    if best_baseline is not None and baselines[best_baseline] < result.best_perplexity:
+        label, perplexity = BASELINE_LABELS[best_baseline], baselines[best_baseline]
+        if result.best is None:
+            why = (f"The {BUDGET_LABELS.get(result.stopped_by, 'budget')} ended before any candidate was scored "
+                   "on all documents")
+        else:
+            why = (f"The search's best (perplexity {result.best_perplexity:.4f} after {result.evaluations:.1f} "
+                   f"evaluations) is worse than {label} ({perplexity:.4f}) on the same data")
+        return Verdict(f"baseline:{best_baseline}", f"{why}, so these are the factors of {label}, not searched ones.",
+                       best_baseline)
+    if result.best is None:
+        raise LongRoPEError(f"the {BUDGET_LABELS.get(result.stopped_by, 'budget')} ended before any candidate or "
+                            "baseline was scored on all documents: nothing to write; resume the log with a larger one")
+    if result.iterations == 0:
+        spent = BUDGET_LABELS.get(result.stopped_by, "budget")
+        return Verdict(f"{searched}:no-evolution",
+                       f"The {spent} ended before any evolution step, so these factors are the best of the initial "
+                       f"population (analytic sets on the search grid and their mutants) after "
+                       f"{result.evaluations:.1f} evaluations, not evolved ones.")
+    return Verdict(searched)
+
+
+def search_log_header(source, task: SearchTask, names: list[str], token_ids: list[torch.Tensor],
+                      skipped_documents: int, eval_length: int, seed: int, preset_name: str,
+                      budget: dict[str, Any]) -> dict[str, Any]:
+    """The log's first line: the settings a resume must share, with content hashes of the documents'
+    tokens and of the model's config and weight files (these hash the weights: ~1.3 GB/s)."""
     return {
         "version": LOG_VERSION,
-        "source": source_name,
+        "source": source.name,
         "model": asdict(task.base.model),
+        "model_files": {"config_sha256": config_sha256(source.config),
+                        "weights_sha256": {path.name: file_sha256(path) for path in source.weight_files}},
         "mode": "long" if task.long_mode else "short",
         "target_length": task.base.target_length,
         "base_long_factor": task.base.long_factor,
         "space": asdict(task.space),
-        "documents": documents,
+        "documents": [{"name": name, "tokens_sha256": tokens_sha256(ids)} for name, ids in zip(names, token_ids)],
         "skipped_documents": skipped_documents,  # shorter than the evaluation length
         "eval_length": eval_length,
         "seed": seed,
@@ -436,18 +212,17 @@ def search_log_header(source_name: str, task: SearchTask, documents: list[str], 
     }
 
 
-def result_factor_set(task: SearchTask, result: SearchResult, provenance: dict[str, Any]) -> FactorSet:
-    method = "search" if task.long_mode else "search:short"
-    return replace(task.factor_set(result.best), provenance=new_provenance(method, **provenance))
-
-
 class SearchRun:
-    """A search made ready (task, documents, model, log), then run; what the `search` command drives."""
+    """A search made ready (task, documents, log, model), then run by `execute`; what `search` drives.
 
-    def __init__(self, source, data: list[str], target: int | None, documents: int = 4, preset: str = "default",
-                 max_evals: float | None = None, time_budget: float | None = None, seed: int = 0,
-                 n_hat: bool = True, short: bool = False, max_factor: float | None = None,
-                 log_path: Path | None = None, resume: bool = False, baselines: bool = True,
+    Raises LongRoPEError for settings that cannot be searched, data without a document of the
+    evaluation length, and a log that exists (without resume) or does not match (with resume).
+    """
+
+    def __init__(self, *, source, data: list[str], target: int | None, log_path: Path, documents: int = 4,
+                 preset: str = "default", max_evals: float | None = None, time_budget: float | None = None,
+                 seed: int = 0, n_hat: bool = True, short: bool = False, max_factor: float | None = None,
+                 resume: bool = False, baselines: bool = True, device_map: str | None = None,
                  status: Callable[[str], None] = lambda message: None) -> None:
         from transformers import AutoTokenizer
 
@@ -472,13 +247,16 @@ class SearchRun:
             raise LongRoPEError(f"--data has no document of at least {self.eval_length} tokens "
                                 f"({skipped} shorter ones skipped)")
         budget = {"max_evals": max_evals, "time_budget": time_budget}
-        header = search_log_header(source.name, self.task, self.document_names, skipped, self.eval_length, seed,
-                                   preset, budget)
-        self.log = SearchLog(log_path, header, resume, self.workers)
-        self.status(f"model: loading {source.folder} on {self.workers.device} "
+        self.log = SearchLog(log_path, lambda: search_log_header(
+            source, self.task, self.document_names, self.documents, skipped, self.eval_length, seed, preset, budget),
+            resume, self.workers)
+        if resume:
+            self.status(f"search log: {len(self.log.known)} evaluations replayed from {log_path}")
+        where = f"device map {device_map}" if device_map else str(self.workers.device)
+        self.status(f"model: loading {source.folder} on {where} "
                     f"({self.workers.world} process{'es' if self.workers.world > 1 else ''})")
         self.model = load_longrope_model(source.folder, longrope_config(source.config, self.task.base),
-                                         self.workers.device)
+                                         self.workers.device, device_map=device_map, gpus=self.workers.gpus)
 
     @staticmethod
     def _task(source, target: int | None, short: bool, n_hat: bool, max_factor: float | None):
@@ -505,45 +283,76 @@ class SearchRun:
 
     @property
     def planned_document_evaluations(self) -> int:
+        """At most this many document evaluations (fewer when children are raced out or patience stops it)."""
         preset = self.preset
         evaluations = preset.population + preset.iterations * (preset.mutations + preset.crossovers)
         if self.max_evals is not None:
             evaluations = min(evaluations, math.ceil(self.max_evals))
         if self.baselines:
-            evaluations += 1 + len(ANALYTIC_METHODS) if self.task.long_mode else 1
+            evaluations += len(baseline_sets(self.task))
         return evaluations * len(self.documents)
 
-    def execute(self, on_document: Callable[[], None] = lambda: None,
+    def execute(self, on_evaluation: Callable[[], None] = lambda: None,
                 on_best: Callable[[float], None] = lambda ppl: None) -> tuple[FactorSet, dict[str, Any]]:
+        """Measure the baselines, then evolve, within the budgets; the factor set to write (labelled by
+        `verdict`) and a summary. The time budget counts from here, baselines included, and is checked
+        before every document evaluation. `on_evaluation` is called per finished document evaluation
+        (replayed ones too), `on_best` with each new best perplexity of the search."""
         started = time.perf_counter()
-        fitness = Fitness(self.model, self.documents, self.log, self.workers, on_document)
-        result = evolve(self.task, self.preset, fitness, self.seed, self.max_evals, self.time_budget, on_best)
-        baselines = baseline_perplexities(self.task, fitness) if self.baselines else {}
+
+        def keep_going() -> bool:
+            return self.time_budget is None or time.perf_counter() - started < self.time_budget
+
+        fitness = ModelFitness(self.model, self.documents, self.log, self.workers, self.task)
+        sets = baseline_sets(self.task) if self.baselines else {}
+        baselines = baseline_perplexities(sets, fitness, keep_going, on_evaluation)
+        result = Evolution(self.task.space, self.task.initial, self.preset, fitness, seed=self.seed,
+                           max_evals=self.max_evals, keep_going=keep_going, on_evaluation=on_evaluation,
+                           on_best=on_best).run()
+        self.workers.close()
         seconds = time.perf_counter() - started
+        outcome = verdict(result, baselines, self.task.long_mode)
+        if outcome.warning:
+            self.status(f"warning: {outcome.warning}")
+        written = sets[outcome.baseline] if outcome.baseline else self.task.factor_set(result.best)
+        best_perplexity = baselines[outcome.baseline] if outcome.baseline else result.best_perplexity
         provenance = {
             "source": self.source.name,
             "data": self.data,
             "documents": len(self.documents),
             "eval_length": self.eval_length,
             "evaluations": round(result.evaluations, 2),
-            "best_perplexity": round(result.best_perplexity, 4),
+            "best_perplexity": round(best_perplexity, 4),
             "baseline_perplexities": {name: round(ppl, 4) for name, ppl in baselines.items()},
             "preset": self.preset_name,
             "budget": {"max_evals": self.max_evals, "time_budget_s": self.time_budget,
-                       "seconds_this_run": round(seconds, 1)},
+                       "seconds_this_run": round(seconds, 1), "stopped_by": result.stopped_by},
             "seed": self.seed,
+            **({"warning": outcome.warning} if outcome.warning else {}),
         }
         if self.task.long_mode and self.source.longrope is not None:
             stage = self.source.longrope
             provenance["base_factors"] = {"method": stage.method, "target_length": stage.target_length,
                                           "long_factor": stage.long_factor}
-        factor_set = result_factor_set(self.task, result, provenance)
-        summary = {"best_perplexity": result.best_perplexity, "evaluations": result.evaluations,
-                   "n_hat": result.best.n_hat, "baselines": baselines, "history": result.history,
-                   "seconds": seconds}
-        self.workers.close()
+        factor_set = replace(written, provenance=new_provenance(outcome.method, **provenance))
+        summary = {"method": outcome.method, "warning": outcome.warning, "best_perplexity": best_perplexity,
+                   "search_best_perplexity": result.best_perplexity, "evaluations": result.evaluations,
+                   "iterations": result.iterations, "stopped_by": result.stopped_by, "n_hat": factor_set.n_hat,
+                   "baselines": baselines, "history": result.history, "seconds": seconds}
         return factor_set, summary
 
     @property
     def is_main(self) -> bool:
         return self.workers.is_main
+
+
+def search_factors(*, source, data: list[str], target: int | None, log_path: Path, resume: bool = False,
+                   status: Callable[[str], None] = lambda message: None,
+                   on_evaluation: Callable[[], None] = lambda: None, **settings: Any) -> tuple[FactorSet, dict[str, Any]]:
+    """Search factors for `source` (a source.SourceModel) on `data` for `target` tokens: the factor set
+    to write (rank 0 writes it under torchrun) and the summary (method, warning, perplexities,
+    evaluations). `settings` are SearchRun's (documents, preset, max_evals, time_budget, seed, n_hat,
+    short, max_factor, baselines, device_map). Raises LongRoPEError as SearchRun and verdict do."""
+    run = SearchRun(source=source, data=data, target=target, log_path=log_path, resume=resume, status=status,
+                    **settings)
+    return run.execute(on_evaluation=on_evaluation)
