@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -94,19 +95,33 @@ def _describe(model) -> str:
 
 
 def longrope_config(source_config: dict[str, Any], factor_set: FactorSet) -> dict[str, Any]:
-    """The source config with LongRoPE in the standard keys (stock transformers and vLLM read it without
-    remote code) and the extras only the shipped modeling file uses."""
+    """The source config with LongRoPE in the standard keys and the extras only the shipped modeling file
+    uses (`longrope`), written so that every reader without remote code applies the same factors and
+    attention scales:
+
+    - transformers 5.x reads `rope_scaling` (as `rope_parameters`) and `rope_theta`; `attention_factor`
+      scales both sets;
+    - transformers 4.48-4.57 switch to the long set at the top-level `original_max_position_embeddings`
+      (without it they never do); 4.45 applies the long set at every length;
+    - vLLM applies `short_mscale` / `long_mscale`, and without them sqrt(1 + ln s / ln L) to both sets
+      (`vllm_default_mscale`): they are written, equal to `attention_factor`, only when that default is
+      not the attention factor, because transformers logs a warning about keys it does not use.
+    """
+    original = factor_set.model.original_max_position_embeddings
     config = {key: value for key, value in source_config.items() if key not in ("rope_parameters", "rope_scaling")}
     config["rope_theta"] = factor_set.model.rope_theta
     config["max_position_embeddings"] = factor_set.target_length
+    config["original_max_position_embeddings"] = original
     config["rope_scaling"] = {
         "rope_type": "longrope",
         "long_factor": factor_set.long_factor,
         "short_factor": factor_set.short_factor,
-        "original_max_position_embeddings": factor_set.model.original_max_position_embeddings,
+        "original_max_position_embeddings": original,
         "factor": factor_set.scale,
         "attention_factor": factor_set.long_mscale,
     }
+    if factor_set.long_mscale != vllm_default_mscale(factor_set.target_length, original):
+        config["rope_scaling"].update(short_mscale=factor_set.long_mscale, long_mscale=factor_set.long_mscale)
     config["longrope"] = {
         "n_hat": factor_set.n_hat,
         "short_mscale": factor_set.short_mscale,
@@ -115,6 +130,16 @@ def longrope_config(source_config: dict[str, Any], factor_set: FactorSet) -> dic
     }
     config["auto_map"] = dict(AUTO_MAP)
     return config
+
+
+def vllm_default_mscale(max_position_embeddings: int, original_max_position_embeddings: int) -> float:
+    """The attention scale vLLM gives both factor sets of a `longrope` config without `short_mscale` /
+    `long_mscale`: sqrt(1 + ln s / ln L), s = max_position_embeddings / L, 1.0 when s <= 1
+    (vllm/model_executor/layers/rotary_embedding/phi3_long_rope_scaled_rope.py)."""
+    scale = max_position_embeddings / original_max_position_embeddings
+    if scale <= 1.0:
+        return 1.0
+    return math.sqrt(1 + math.log(scale) / math.log(original_max_position_embeddings))
 
 
 @contextmanager

@@ -128,15 +128,18 @@ def tokenized_documents(tokenizer, documents: Iterable[Document], length: int,
     return kept, names, skipped
 
 
-def load_longrope_model(folder: str | Path, config: dict, device: str | torch.device = "cpu"):
+def load_longrope_model(folder: str | Path, config: dict, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None):
     """The shipped LongRoPE model on the weights in `folder`, configured by the config dict given
-    (bf16 on CUDA, fp32 elsewhere; SDPA attention; eval mode)."""
+    (weights in `dtype`, default bf16 on CUDA and fp32 elsewhere; the rotary math is float32 in every
+    dtype; SDPA attention; eval mode)."""
     from transformers import LlamaConfig
 
     from .modeling_longrope_llama import LongRoPELlamaForCausalLM
 
     device = torch.device(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = LongRoPELlamaForCausalLM.from_pretrained(
         folder, config=LlamaConfig.from_dict(config), dtype=dtype, attn_implementation="sdpa")
     return model.to(device).eval()

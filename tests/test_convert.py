@@ -17,6 +17,7 @@ from conftest import TINY_WINDOW, edit_json, tiny_llama_config
 from longrope_convert import cli, convert, modeling_longrope_llama
 from longrope_convert.card import front_matter
 from longrope_convert.factors import ModelFingerprint, analytic_factor_set, load_factor_set
+from longrope_convert.modeling_longrope_llama import default_long_mscale
 from longrope_convert.source import read_source
 
 
@@ -52,9 +53,11 @@ def test_conversion_writes_a_complete_checkpoint(tiny_source, tmp_path, capfd, m
     assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
     assert config["max_position_embeddings"] == 256 and config["rope_theta"] == 10000.0
     assert "rope_parameters" not in config
+    assert config["original_max_position_embeddings"] == TINY_WINDOW  # where transformers 4.48-4.57 read it
     assert config["rope_scaling"] == {
         "rope_type": "longrope", "long_factor": factor_set.long_factor, "short_factor": [1.0] * 8,
-        "original_max_position_embeddings": TINY_WINDOW, "factor": 4.0, "attention_factor": 1.0}
+        "original_max_position_embeddings": TINY_WINDOW, "factor": 4.0, "attention_factor": 1.0,
+        "short_mscale": 1.0, "long_mscale": 1.0}  # for vLLM, whose default would be 1.1547
     assert config["longrope"] == {"n_hat": 0, "short_mscale": 1.0, "method": "init:ntk",
                                   "factors_file": "longrope_factors.json"}
     assert config["auto_map"] == {"AutoModel": "modeling_longrope_llama.LongRoPELlamaModel",
@@ -85,7 +88,8 @@ def test_model_card_inherits_the_source_licence(tiny_source, tmp_path, capfd, mo
 def test_converted_checkpoint_loads_with_and_without_remote_code(tiny_source, tmp_path):
     output = tmp_path / "out"
     source = read_source(tiny_source)
-    factor_set = analytic_factor_set("yarn", source.fingerprint, 256)
+    # a searched set's attention scale (the default): no keys for vLLM, which stock transformers would log as unused
+    factor_set = replace(analytic_factor_set("yarn", source.fingerprint, 256), long_mscale=default_long_mscale(4, 64))
     convert.write_checkpoint(source, factor_set, output, "init:yarn")
 
     records = []

@@ -1,44 +1,28 @@
-"""The shipped modeling file: short identity, built-in longrope parity, n_hat, per-row sets, cache switching."""
+"""The shipped modeling file: short identity in every dtype, built-in longrope parity, n_hat, per-row sets,
+cache switching.
+
+These tests also run under the oldest supported transformers release and one in the middle
+(test_transformers_releases.py): keep them fast and independent of the installed release.
+"""
 
 import json
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
 from conftest import TINY_WINDOW
-from longrope_convert.convert import longrope_config
-from longrope_convert.factors import FactorSet
+from longrope_convert.convert import longrope_config, write_checkpoint
 from longrope_convert.modeling_longrope_llama import (
+    CACHE_KEYWORD,
     LongRoPELlamaForCausalLM,
     LongRoPEScaledRotaryEmbedding,
-    default_long_mscale,
     rope_inv_freq,
 )
+from longrope_convert.perplexity import load_longrope_model
 from longrope_convert.source import read_source
-
-HALF = 8  # tiny model: head_dim 16
-RAMP = [1.0 + 3.0 * i / (HALF - 1) for i in range(HALF)]
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).abs().max() / expected.abs().max()).item()
-
-
-def longrope_pair(folder, long_factor=RAMP, n_hat=0, long_mscale=None, target=4 * TINY_WINDOW):
-    """(source model, LongRoPE model with the same weights, LongRoPE config), built through the converter's config."""
-    source = LlamaForCausalLM.from_pretrained(folder).eval()
-    fingerprint = read_source(folder).fingerprint
-    factor_set = FactorSet(
-        model=fingerprint, target_length=target, long_factor=list(long_factor), short_factor=[1.0] * HALF,
-        n_hat=n_hat, long_mscale=long_mscale or default_long_mscale(target / TINY_WINDOW, TINY_WINDOW),
-        provenance={"method": "test"},
-    )
-    config = LlamaConfig.from_dict(longrope_config(json.loads((folder / "config.json").read_text()), factor_set))
-    model = LongRoPELlamaForCausalLM(config).eval()
-    model.load_state_dict(source.state_dict())
-    return source, model, config
+from longrope_models import RAMP, left_padded, longrope_pair, relative_error, tiny_factor_set
 
 
 @torch.no_grad()
@@ -112,12 +96,8 @@ def greedy_logits_vs_recompute(model, ids, mask, new_tokens, **generate_kwargs):
 
 
 def left_padded_prompts():
-    torch.manual_seed(4)
-    ids = torch.randint(3, 256, (2, TINY_WINDOW - 3))
-    mask = torch.ones_like(ids)
-    mask[1, :6] = 0  # row 1 is 6 tokens shorter: it crosses the window 6 steps later
-    ids[1, :6] = 0
-    return ids, mask
+    """Two prompts 3 tokens short of the window; row 1 is left-padded by 6, so it crosses 6 steps after row 0."""
+    return left_padded(2, TINY_WINDOW - 3, padding=6, seed=4)
 
 
 @pytest.mark.parametrize("cache_implementation", ["dynamic", "static"])
@@ -153,6 +133,66 @@ def test_manual_cached_loop_and_crop_back_into_the_window(tiny_llama_dir):
     step = model(ids[:, end - 1 : end], cache=cache, use_cache=True).logits[:, -1]
     assert end <= TINY_WINDOW
     assert relative_error(step, model(ids[:, :end]).logits[:, -1]) <= 1e-5
+
+
+@pytest.mark.parametrize("prompt_as", ["ids", "embeddings"])
+@torch.no_grad()
+def test_manual_loop_fed_the_cache_the_model_returned(tiny_llama_dir, prompt_as):
+    """out = model(prompt, use_cache=True), then one token at a time with the returned cache, across the window:
+    the source's logits inside it, a recompute without cache beyond it."""
+    source, model, _ = longrope_pair(tiny_llama_dir, n_hat=4)
+    ids = left_padded(1, TINY_WINDOW + 4, padding=0, seed=6)[0]
+    prompt = ids[:, : TINY_WINDOW - 3]
+    if prompt_as == "ids":
+        out, stock = model(prompt, use_cache=True), source(prompt, use_cache=True)
+    else:
+        out = model(inputs_embeds=model.model.embed_tokens(prompt), use_cache=True)
+        stock = source(inputs_embeds=source.model.embed_tokens(prompt), use_cache=True)
+    for end in range(TINY_WINDOW - 2, ids.shape[1] + 1):
+        token = ids[:, end - 1 : end]
+        out = model(token, use_cache=True, **{CACHE_KEYWORD: getattr(out, CACHE_KEYWORD)})
+        if end <= TINY_WINDOW:
+            stock = source(token, use_cache=True, **{CACHE_KEYWORD: getattr(stock, CACHE_KEYWORD)})
+            assert torch.equal(out.logits, stock.logits), end
+        else:
+            assert relative_error(out.logits[:, -1], model(ids[:, :end]).logits[:, -1]) <= 1e-5, end
+
+
+@pytest.fixture(scope="module")
+def tiny_converted_dir(tiny_llama_dir, tmp_path_factory):
+    """The tiny model converted to 4x its window with a ramp of long factors and n_hat 4."""
+    output = tmp_path_factory.mktemp("converted") / "tiny-longrope"
+    write_checkpoint(read_source(tiny_llama_dir), tiny_factor_set(tiny_llama_dir, n_hat=4), output, "test")
+    return output
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
+def test_half_precision_loads_keep_float32_rotary_math(tiny_llama_dir, tiny_converted_dir, dtype):
+    """from_pretrained(dtype=bf16/fp16): frequencies and angles stay float32 (as stock transformers keeps its
+    own); inside the window the logits are the source's loaded in the same dtype, bit for bit."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_converted_dir, trust_remote_code=True, dtype=dtype).eval()
+    source = LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=dtype).eval()
+    reference = AutoModelForCausalLM.from_pretrained(tiny_converted_dir, trust_remote_code=True).model.rotary_emb
+    rotary = model.model.rotary_emb
+    assert {buffer.dtype for buffer in rotary.buffers()} == {torch.float32}
+    positions = torch.arange(4 * TINY_WINDOW)[None]  # long set beyond the window, n_hat at the start
+    for cos_sin, expected in zip(rotary(torch.zeros(1, dtype=dtype), positions), reference(torch.zeros(1), positions)):
+        assert torch.equal(cos_sin, expected.to(dtype))
+    ids, mask = left_padded(2, TINY_WINDOW, padding=9, seed=7)
+    assert torch.equal(model(ids, attention_mask=mask).logits, source(ids, attention_mask=mask).logits)
+
+
+def test_search_and_evaluation_loader_keeps_float32_angles_in_bf16(tiny_llama_dir):
+    """load_longrope_model loads bf16 on CUDA; the same load on CPU keeps the rotary math in float32."""
+    config = longrope_config(json.loads((tiny_llama_dir / "config.json").read_text()), tiny_factor_set(tiny_llama_dir))
+    model = load_longrope_model(tiny_llama_dir, config, dtype=torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    assert {buffer.dtype for buffer in model.model.rotary_emb.buffers()} == {torch.float32}
+    positions = torch.arange(4 * TINY_WINDOW)[None]
+    cos, _ = model.model.rotary_emb(torch.zeros(1, dtype=torch.bfloat16), positions)
+    expected, _ = LongRoPEScaledRotaryEmbedding(LlamaConfig.from_dict(config))(torch.zeros(1), positions)
+    assert torch.equal(cos, expected.to(torch.bfloat16))
 
 
 @torch.no_grad()
