@@ -22,7 +22,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from longrope_convert.search import SearchRun, logged_evaluations
+from longrope_convert.search import SearchRun
+from longrope_convert.search_log import logged_evaluations
 from longrope_convert.source import read_source
 
 ROOT = Path(__file__).resolve().parent.parent

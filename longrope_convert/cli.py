@@ -13,11 +13,9 @@ import click
 from . import __version__
 from .convert import default_output, plan_conversion, resolve_factors, write_checkpoint
 from .errors import LongRoPEError
+from .evolution import PRESETS as SEARCH_PRESETS  # pure Python: `convert` still never imports torch
 from .hub import loading_snippet, push_folder
 from .source import open_source
-
-# search.PRESETS, named here so that `convert` never imports torch (its memory stays flat)
-SEARCH_PRESETS = ("default", "paper")
 
 EXAMPLES = """\b
 Examples:
@@ -114,7 +112,7 @@ Examples:
               help="Factor file to write. Default: ./<source>-<target>.factors.json.")
 @click.option("--documents", type=click.IntRange(min=1), default=4, show_default=True,
               help="Documents per evaluation (the first ones at least as long as the evaluation length).")
-@click.option("--preset", type=click.Choice(SEARCH_PRESETS), default="default", show_default=True,
+@click.option("--preset", type=click.Choice(list(SEARCH_PRESETS)), default="default", show_default=True,
               help="'paper': the official hyper-parameters; 'default': far fewer evaluations.")
 @click.option("--max-evals", type=click.FloatRange(min=1), default=None,
               help="Budget in evaluations (one candidate on all documents).")

@@ -85,10 +85,6 @@ from transformers.models.llama.modeling_llama import (  # noqa: E402
 CACHE_KEYWORD = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 # ---------------------------------------------------------------------------------------------------
 
-# Positions of the first n_hat tokens may only be left un-interpolated at these values (the search space).
-N_HAT_CHOICES = (0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256)
-
-
 def default_long_mscale(scale: float, original_max_position_embeddings: int) -> float:
     """Attention scale for the long factor set: sqrt(1 + ln(s) / ln(L)), 1.0 when s <= 1.
 

@@ -20,7 +20,9 @@ from longrope_convert.convert import longrope_config
 from longrope_convert.factors import analytic_factor_set, load_factor_set
 from longrope_convert.modeling_longrope_llama import LongRoPELlamaForCausalLM
 from longrope_convert.perplexity import load_longrope_model, perplexity, token_nll, use_factor_set
-from longrope_convert.search import PRESETS, Candidate, SearchLog, SearchRun, SearchSpace, Workers
+from longrope_convert.evolution import Candidate, SearchSpace
+from longrope_convert.search_log import SearchLog
+from longrope_convert.workers import Workers
 from longrope_convert.source import read_source
 
 TESTBED = Path(__file__).parent / "testbed" / "tiny-llama-256"
@@ -203,8 +205,3 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     with pytest.raises(LongRoPEError, match="exists; pass --resume"):
         SearchLog(log, task_header, resume=False, workers=one_process)
 
-
-def test_cli_lists_the_search_presets():
-    from longrope_convert.cli import SEARCH_PRESETS
-
-    assert set(SEARCH_PRESETS) == set(PRESETS)
