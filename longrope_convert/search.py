@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,41 +24,58 @@ import torch
 
 from .errors import LongRoPEError
 from .evolution import N_HAT_CHOICES, NLL, PRESETS, Candidate, Evolution, SearchResult, SearchSpace, perplexity_of
-from .factors import ANALYTIC_METHODS, FactorSet, analytic_factor_set, new_provenance
-from .modeling_longrope_llama import default_long_mscale
+from .factors import (
+    ANALYTIC_METHODS,
+    FactorSet,
+    ModelFingerprint,
+    analytic_factors,
+    baseline_factor_sets,
+    compose,
+    new_provenance,
+    source_factor_set,
+)
 from .perplexity import token_nll, use_factor_set
 from .search_log import LOG_VERSION, SearchLog
+from .source_rope import long_attention_scales
 from .workers import Workers
 
 
 @dataclass
 class SearchTask:
-    """What to search: the model's starting factor set and how candidates map onto it."""
+    """What to search: how a candidate becomes a factor set, the space and the starting candidates."""
 
-    base: FactorSet  # long mode: lambda_total = base.long_factor * lambda; short mode: short_factor = lambda
+    # long mode: the source's own RoPE at the target (factors.source_factor_set), which candidates compose on;
+    # short mode: the LongRoPE checkpoint's set, whose short factors candidates replace
+    base: FactorSet
     long_mode: bool
     space: SearchSpace
     initial: list[Candidate]
+    # long mode: the attention scales considered (rule -> long mscale); the evolution runs with the first
+    attention_scales: dict[str, float] = field(default_factory=dict)
 
     def factor_set(self, candidate: Candidate) -> FactorSet:
         if self.long_mode:
-            long_factor = [b * f for b, f in zip(self.base.long_factor, candidate.factors)]
-            return replace(self.base, long_factor=long_factor, n_hat=candidate.n_hat)
-        return replace(self.base, short_factor=candidate.factors)
+            return compose(self.base, candidate.factors, n_hat=candidate.n_hat)
+        return replace(self.base, short_factor=candidate.factors, short_set="factors")
 
 
-def long_search_task(base: FactorSet, stage_target: int, target: int, n_hat: bool,
-                     high: float | None = None) -> SearchTask:
-    """Search long factors for `target`, relative to `base` (identity for a plain model; the first
-    stage's long factors when extending a LongRoPE checkpoint that reached `stage_target`)."""
-    scale = target / stage_target
-    dims = len(base.long_factor)
-    space = SearchSpace.from_bounds(dims, 1.0, high or 1.25 * scale, N_HAT_CHOICES if n_hat else (0,))
-    stage = replace(base.model, original_max_position_embeddings=stage_target)
-    initial = [space.snap(analytic_factor_set(method, stage, target).long_factor) for method in ANALYTIC_METHODS]
-    total = replace(base, target_length=target, long_mscale=default_long_mscale(
-        target / base.model.original_max_position_embeddings, base.model.original_max_position_embeddings))
-    return SearchTask(base=total, long_mode=True, space=space, initial=initial)
+def long_search_task(model: ModelFingerprint, target: int, n_hat: bool, high: float | None = None) -> SearchTask:
+    """Search long factors for `target` relative to the source's own (factors.compose): lambda within
+    [1, high or 1.25 s] for the extension s = target / the length the source already serves, starting from the
+    analytic sets for that extension. Raises LongRoPEError for a target the source already reaches."""
+    base_set = source_factor_set(model, target)
+    base = model.base_factor_set()
+    reach = base.max_position_embeddings
+    scale = target / reach
+    # n_hat applies to both sets: when the short set is not exactly the source's angles (a LongRoPE source's own
+    # short factors), another n_hat would change the model inside its window, so the source's is kept.
+    searched_n_hat = n_hat and base.short_is_source_rope
+    space = SearchSpace.from_bounds(model.head_dim // 2, 1.0, high or 1.25 * scale,
+                                    N_HAT_CHOICES if searched_n_hat else (base.n_hat,))
+    initial = [space.snap(analytic_factors(method, scale, model.head_dim, model.rope_theta, reach)[0], base.n_hat)
+               for method in ANALYTIC_METHODS]
+    return SearchTask(base=base_set, long_mode=True, space=space, initial=initial,
+                      attention_scales=long_attention_scales(base, target))
 
 
 def short_search_task(checkpoint: FactorSet, high: float | None = None) -> SearchTask:
@@ -126,16 +143,28 @@ class ModelFitness:
 
 def baseline_perplexities(task: SearchTask, fitness: ModelFitness,
                           on_evaluation: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Perplexity of the classic sets at their own attention scale, and of no scaling, on the same data."""
+    """Perplexity of the source's own RoPE carried past its window and of the classic sets composed on it
+    (factors.baseline_factor_sets), at their own attention scales, on the same data."""
     if not task.long_mode:
         return {"before": fitness.perplexity("baseline:checkpoint", task.base, on_evaluation)}
-    stage = task.base.model
-    sets = {"none": replace(task.base, long_factor=[1.0] * task.space.dims, n_hat=0, long_mscale=1.0)}
-    for method in ANALYTIC_METHODS:
-        analytic = analytic_factor_set(method, stage, task.base.target_length)
-        sets[method] = replace(task.base, long_factor=analytic.long_factor, n_hat=0, long_mscale=analytic.long_mscale)
+    sets = baseline_factor_sets(task.base.model, task.base.target_length)
     return {name: fitness.perplexity(f"baseline:{name}", factor_set, on_evaluation)
             for name, factor_set in sets.items()}
+
+
+def measured_attention_scales(task: SearchTask, fitness: ModelFitness, result: SearchResult,
+                              on_evaluation: Callable[[], None] = lambda: None) -> dict[str, dict[str, float]]:
+    """The best candidate's perplexity at each attention scale the task considers ({rule: {"long_mscale",
+    "perplexity"}}): the evolution's own for the first, one more evaluation for each other."""
+    measured = {}
+    for rule, long_mscale in task.attention_scales.items():
+        if not measured:
+            perplexity = result.best_perplexity
+        else:
+            factor_set = replace(task.factor_set(result.best), long_mscale=long_mscale)
+            perplexity = fitness.perplexity(f"attention:{rule}:{result.best.key}", factor_set, on_evaluation)
+        measured[rule] = {"long_mscale": long_mscale, "perplexity": perplexity}
+    return measured
 
 
 def search_log_header(source_name: str, task: SearchTask, documents: list[str], skipped_documents: int,
@@ -157,9 +186,19 @@ def search_log_header(source_name: str, task: SearchTask, documents: list[str], 
     }
 
 
-def result_factor_set(task: SearchTask, result: SearchResult, provenance: dict[str, Any]) -> FactorSet:
+def result_factor_set(task: SearchTask, result: SearchResult, provenance: dict[str, Any],
+                      attention_scales: dict[str, dict[str, float]] | None = None) -> FactorSet:
+    """The best candidate's factor set with its provenance; in long mode at the attention scale that measured
+    best among `attention_scales` (measured_attention_scales), recorded in the composition provenance."""
     method = "search" if task.long_mode else "search:short"
-    return replace(task.factor_set(result.best), provenance=new_provenance(method, **provenance))
+    best = task.factor_set(result.best)
+    if not attention_scales or "composition" not in best.provenance:  # a source without RoPE scaling: one rule
+        return replace(best, provenance=new_provenance(method, **provenance))
+    rule = min(attention_scales, key=lambda name: attention_scales[name]["perplexity"])
+    measured = {name: {**scale, "perplexity": round(scale["perplexity"], 4)} for name, scale in attention_scales.items()}
+    composition = {**best.provenance.get("composition", {}), "attention_scale": rule, "attention_scales": measured}
+    return replace(best, long_mscale=attention_scales[rule]["long_mscale"],
+                   provenance=new_provenance(method, **provenance, composition=composition))
 class SearchRun:
     """A search made ready (task, documents, model, log), then run; what the `search` command drives."""
 
@@ -208,16 +247,7 @@ class SearchRun:
             return short_search_task(stage, max_factor), stage.model.original_max_position_embeddings
         if target is None:
             raise LongRoPEError("--target is required (except with --short)")
-        if stage is None:
-            half = source.fingerprint.head_dim // 2
-            stage = FactorSet(model=source.fingerprint, target_length=source.original_window,
-                              long_factor=[1.0] * half, short_factor=[1.0] * half)
-            stage_target = source.original_window
-        else:
-            stage_target = stage.target_length
-        if target <= stage_target:
-            raise LongRoPEError(f"--target {target} must be larger than the source's context window {stage_target}")
-        return long_search_task(stage, stage_target, target, n_hat, max_factor), target
+        return long_search_task(source.fingerprint, target, n_hat, max_factor), target
 
     @property
     def planned_document_evaluations(self) -> int:
@@ -227,6 +257,7 @@ class SearchRun:
             evaluations = min(evaluations, math.ceil(self.max_evals))
         if self.baselines:
             evaluations += 1 + len(ANALYTIC_METHODS) if self.task.long_mode else 1
+        evaluations += max(len(self.task.attention_scales) - 1, 0)
         return evaluations * len(self.documents)
 
     def execute(self, on_document: Callable[[], None] = lambda: None,
@@ -237,6 +268,8 @@ class SearchRun:
                               max_evals=self.max_evals, time_budget=self.time_budget, on_evaluation=on_document,
                               on_best=on_best)
         result = evolution.run()
+        attention_scales = measured_attention_scales(self.task, fitness, result, on_document)
+        best_perplexity = min((m["perplexity"] for m in attention_scales.values()), default=result.best_perplexity)
         baselines = baseline_perplexities(self.task, fitness, on_document) if self.baselines else {}
         seconds = time.perf_counter() - started
         provenance = {
@@ -245,19 +278,15 @@ class SearchRun:
             "documents": len(self.documents),
             "eval_length": self.eval_length,
             "evaluations": round(result.evaluations, 2),
-            "best_perplexity": round(result.best_perplexity, 4),
+            "best_perplexity": round(best_perplexity, 4),
             "baseline_perplexities": {name: round(ppl, 4) for name, ppl in baselines.items()},
             "preset": self.preset_name,
             "budget": {"max_evals": self.max_evals, "time_budget_s": self.time_budget,
                        "seconds_this_run": round(seconds, 1)},
             "seed": self.seed,
         }
-        if self.task.long_mode and self.source.longrope is not None:
-            stage = self.source.longrope
-            provenance["base_factors"] = {"method": stage.method, "target_length": stage.target_length,
-                                          "long_factor": stage.long_factor}
-        factor_set = result_factor_set(self.task, result, provenance)
-        summary = {"best_perplexity": result.best_perplexity, "evaluations": result.evaluations,
+        factor_set = result_factor_set(self.task, result, provenance, attention_scales)
+        summary = {"best_perplexity": best_perplexity, "evaluations": result.evaluations,
                    "n_hat": result.best.n_hat, "baselines": baselines, "history": result.history,
                    "seconds": seconds}
         self.workers.close()

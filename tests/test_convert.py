@@ -134,24 +134,6 @@ def test_copy_weights_and_sharded_sources(tmp_path, capfd, monkeypatch):
     assert torch.equal(model.lm_head.weight, LlamaForCausalLM.from_pretrained(source).lm_head.weight)
 
 
-def test_a_longrope_source_keeps_its_first_window(tiny_source, tmp_path, capfd, monkeypatch):
-    """Converting a converted checkpoint again: factors stay relative to the first stage's window."""
-    stage_one = tmp_path / "stage1"
-    assert run_cli(capfd, monkeypatch, tiny_source, "--target", 256, "--factors", "yarn", "--output", stage_one)[0] == 0
-    source = read_source(stage_one)
-    assert source.fingerprint.original_max_position_embeddings == TINY_WINDOW
-    written = load_factor_set(stage_one / "longrope_factors.json")
-    # read back from config.json; the fingerprint names the folder it was read from
-    assert source.longrope == replace(written, provenance={"method": "init:yarn"},
-                                      model=replace(written.model, name="stage1"))
-    code, out, err = run_cli(capfd, monkeypatch, stage_one, "--target", 512, "--factors", "pi", "--output",
-                             tmp_path / "stage2", "--json")
-    assert code == 0, err
-    config = json.loads((tmp_path / "stage2" / "config.json").read_text())
-    assert config["rope_scaling"]["original_max_position_embeddings"] == TINY_WINDOW
-    assert config["rope_scaling"]["long_factor"] == [8.0] * 8 and config["max_position_embeddings"] == 512
-
-
 @pytest.mark.parametrize("style", ["4.x", "5.x"])
 def test_both_config_styles_are_read(tiny_source, style):
     if style == "4.x":  # what most Hub checkpoints carry, e.g. Meta-Llama-3-8B
@@ -211,10 +193,8 @@ def break_source(kind: str, folder: Path, tmp_path: Path) -> list:
         config.unlink()
     elif kind == "not llama":
         edit_json(config, model_type="mistral")
-    elif kind == "llama3 scaling":
-        edit_json(config, rope_parameters=None, rope_theta=500000.0, rope_scaling={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192})
+    elif kind == "dynamic scaling":
+        edit_json(config, rope_parameters=None, rope_theta=500000.0, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     elif kind == "broken longrope":
         edit_json(config, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "long_factor": [2.0, 1.0] * 4,
                                            "short_factor": [1.0] * 8, "original_max_position_embeddings": 32})
@@ -261,7 +241,7 @@ BAD_INPUTS = {
     "not a folder": "is not a folder",
     "no config": "has no config.json",
     "not llama": "is a 'mistral' model",
-    "llama3 scaling": "already scales RoPE (rope_type 'llama3'",
+    "dynamic scaling": "(rope_scaling): rope_type 'dynamic' (dynamic NTK) changes its frequencies with the sequence",
     "broken longrope": "(rope_scaling): field 'long_factor[1]': must be non-decreasing",
     "pickle only": "has only pickle weights (pytorch_model.bin)",
     "no weights": "has no model.safetensors",

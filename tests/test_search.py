@@ -176,7 +176,8 @@ def test_progressive_and_short_searches_compose_with_the_first_stage(tmp_path):
                "--no-baselines", "--out", out, "--convert-to", tmp_path / "stage2")
     second = load_factor_set(out)
     assert second.model.original_max_position_embeddings == 256 and second.target_length == 2048
-    assert second.provenance["base_factors"]["long_factor"] == first.long_factor
+    assert second.model.rope_scaling["long_factor"] == first.long_factor
+    assert second.provenance["composition"]["extends"] == [1024, 2048]
     header = json.loads(out.with_name("stage2.json.log.jsonl").read_text().splitlines()[0])
     relative = [round(t / f, 6) for t, f in zip(second.long_factor, first.long_factor)]
     assert all(abs(r * 100 - round(r * 100)) < 1e-4 for r in relative)  # lambda_2 on the grid
