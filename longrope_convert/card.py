@@ -191,17 +191,19 @@ def _composition_text(factor_set: FactorSet, composition: dict[str, Any]) -> str
 def _composition_rows(factor_set: FactorSet, composition: dict[str, Any]) -> list[tuple[str, str]]:
     """The source's own scaling and how the factors compose with it (factors.compose)."""
     rope_scaling = factor_set.model.rope_scaling
-    lists = ("short_factor", "long_factor", "source_rope")  # long: in the factor file
-    settings = ", ".join(f"{key} {value}" for key, value in rope_scaling.items() if key != "rope_type" and key not in lists)
+    shown = [key for key in rope_scaling if key not in ("rope_type", "short_factor", "long_factor", "source_rope")]
+    settings = ", ".join(f"{key} {rope_scaling[key]}" for key in shown)  # factor lists: in the factor file
     reach, target = composition["extends"]
+    short_set = "the source's" if factor_set.keeps_source_inside_window else "this checkpoint's own"
     rows = [("source RoPE", f"`{rope_scaling['rope_type']}` ({settings})"),
-            ("composition", f"long λ = source λ × new λ, {reach:,} → {target:,} tokens (×{target / reach:g}); short set: "
-                            + ("the source's" if factor_set.keeps_source_inside_window else "this checkpoint's own")),
+            ("composition", f"long λ = source λ × new λ, {reach:,} → {target:,} tokens (×{target / reach:g}); "
+                            f"short set: {short_set}"),
             ("attention scale", composition.get("attention_scale", ""))]
     measured = composition.get("attention_scales")
     if measured:
         rows.append(("attention scales measured", "; ".join(
-            f"{rule}: {scale['long_mscale']:.4f} (perplexity {scale['perplexity']})" for rule, scale in measured.items())))
+            f"{rule}: {scale['long_mscale']:.4f} (perplexity {scale['perplexity']})"
+            for rule, scale in measured.items())))
     return rows
 
 

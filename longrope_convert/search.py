@@ -195,10 +195,13 @@ def result_factor_set(task: SearchTask, result: SearchResult, provenance: dict[s
     if not attention_scales or "composition" not in best.provenance:  # a source without RoPE scaling: one rule
         return replace(best, provenance=new_provenance(method, **provenance))
     rule = min(attention_scales, key=lambda name: attention_scales[name]["perplexity"])
-    measured = {name: {**scale, "perplexity": round(scale["perplexity"], 4)} for name, scale in attention_scales.items()}
-    composition = {**best.provenance.get("composition", {}), "attention_scale": rule, "attention_scales": measured}
+    measured = {name: {**scale, "perplexity": round(scale["perplexity"], 4)}
+                for name, scale in attention_scales.items()}
+    composition = {**best.provenance["composition"], "attention_scale": rule, "attention_scales": measured}
     return replace(best, long_mscale=attention_scales[rule]["long_mscale"],
                    provenance=new_provenance(method, **provenance, composition=composition))
+
+
 class SearchRun:
     """A search made ready (task, documents, model, log), then run; what the `search` command drives."""
 

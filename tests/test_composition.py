@@ -7,6 +7,7 @@ import math
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,17 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from conftest import DATA, TINY_WINDOW, edit_json, tiny_llama_config
+from longrope_convert.card import model_card
 from longrope_convert.errors import LongRoPEError, RopeScalingError
-from longrope_convert.factors import FactorSet, ModelFingerprint, load_factor_set, source_factor_set
+from longrope_convert.evaluate import comparison_sets
+from longrope_convert.factors import (
+    FactorSet,
+    ModelFingerprint,
+    analytic_factor_set,
+    load_factor_set,
+    source_factor_set,
+)
+from longrope_convert.perplexity import load_longrope_model, use_factor_set
 from longrope_convert.source import describe_config, read_source
 from longrope_convert.source_rope import base_factor_set, longrope_attention_factor
 from longrope_models import HALF, left_padded
@@ -92,7 +102,7 @@ def test_llama_3_1_is_a_factor_set_of_ones_a_blend_and_eights():
 
 
 @pytest.mark.parametrize("rope, message", [
-    ({"rope_type": "dynamic", "factor": 2.0}, "'dynamic' (dynamic NTK) changes its frequencies with the sequence length"),
+    ({"rope_type": "dynamic", "factor": 2.0}, "'dynamic' (dynamic NTK) changes its frequencies with the sequence"),
     ({"rope_type": "proportional"}, "rope_type 'proportional' is not supported (supported: default, linear, llama3"),
     ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "original_max_position_embeddings": 16},
      "field 'high_freq_factor': must be a number, got None"),
@@ -113,12 +123,12 @@ def base_error(rope: dict) -> str:
 
 PHI3_LONGROPE = {"type": "longrope", "short_factor": BASE_CASES["longrope"][3]["short_factor"],
                  "long_factor": BASE_CASES["longrope"][3]["long_factor"]}
-# config.json keys of each layout; every one is the same model for stock transformers
+# config.json keys of each layout met on the Hub: the first four are one llama3 model to stock transformers
 LAYOUTS = {
     "5.x rope_parameters": {"rope_parameters": {**LLAMA3, "rope_theta": 10000.0}},
     "4.x rope_scaling, rope_type": {"rope_parameters": None, "rope_theta": 10000.0, "rope_scaling": LLAMA3},
     "4.x rope_scaling, type": {"rope_parameters": None, "rope_theta": 10000.0,
-                               "rope_scaling": {"type": "llama3", **{k: v for k, v in LLAMA3.items() if k != "rope_type"}}},
+                               "rope_scaling": {"type": "llama3", **{k: LLAMA3[k] for k in LLAMA3 if k != "rope_type"}}},
     "both (rope_scaling wins)": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
                                  "rope_scaling": LLAMA3},
     "Phi-3 longrope": {"rope_parameters": None, "rope_theta": 10000.0, "max_position_embeddings": 256,
@@ -176,6 +186,9 @@ def test_a_llama3_source_converts_to_itself_inside_its_window_and_its_factors_be
     assert all(new >= old for new, old in zip(long_factor, llama3)) and long_factor == sorted(long_factor)
     assert config["rope_scaling"]["short_factor"] == llama3 and config["original_max_position_embeddings"] == 64
     assert config["longrope"]["source_rope"] == LLAMA3 and config["longrope"]["short_set"] == "source"
+    card = (output / "README.md").read_text()
+    assert ("| source RoPE | `llama3` (factor 4.0, low_freq_factor 1.0, high_freq_factor 4.0, "
+            "original_max_position_embeddings 16) |") in card and "the source model's logits bit for bit" in card
     assert torch.isfinite(model(torch.randint(3, 256, (1, TARGET))).logits).all()
 
 
@@ -184,6 +197,25 @@ def test_cached_generation_across_the_switch_of_a_llama3_source(llama3_checkpoin
     model = AutoModelForCausalLM.from_pretrained(llama3_checkpoint[1], trust_remote_code=True).eval()
     ids, mask = left_padded(2, TINY_WINDOW - 3, padding=6, seed=5)
     assert greedy_logits_vs_recompute(model, ids, mask, 12) <= 1e-5
+
+
+@torch.no_grad()
+def test_evaluation_baselines_and_swapped_sets_keep_the_source_inside_the_window(llama3_checkpoint):
+    source_folder, output = llama3_checkpoint
+    checkpoint = load_factor_set(output / "longrope_factors.json")
+    sets = comparison_sets(checkpoint, baselines=True)
+    llama3 = base_factor_set(LLAMA3, 10000.0, 2 * HALF, TINY_WINDOW)
+    assert list(sets) == ["LongRoPE (init:yarn)", "none", "pi", "ntk", "yarn"]
+    assert sets["none"].long_factor == llama3.long_factor
+    assert sets["pi"].long_factor == [4 * f for f in llama3.long_factor]
+    assert all(s.short_set == "source" and s.short_factor == llama3.short_factor for s in sets.values())
+
+    model = load_longrope_model(output, json.loads((output / "config.json").read_text()))
+    source_inv_freq = LlamaForCausalLM.from_pretrained(source_folder).model.rotary_emb.inv_freq
+    use_factor_set(model, replace(checkpoint, short_factor=[1.5] * HALF, short_set="factors"))  # as --short does
+    assert not torch.equal(model.model.rotary_emb.short_inv_freq, source_inv_freq)
+    use_factor_set(model, sets["pi"])
+    assert torch.equal(model.model.rotary_emb.short_inv_freq, source_inv_freq)
 
 
 def test_the_long_attention_scale_follows_the_extension_beyond_the_source(tmp_path):
@@ -297,3 +329,15 @@ def test_the_search_on_a_llama3_source_writes_a_composed_factor_file(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
     ids = torch.randint(3, 2048, (1, 256))
     assert torch.equal(model(ids).logits, stock(ids).logits)
+
+
+def test_the_card_claims_the_source_inside_the_window_only_when_it_holds(longrope_stage):
+    stage, first = longrope_stage
+    composed = analytic_factor_set("pi", read_source(stage).fingerprint, 2 * TARGET)
+    short_searched = replace(first, short_factor=[1.0] * 4 + [1.5] * 4, provenance={"method": "search:short"})
+    cards = {name: model_card(factor_set, None, {}, "me/model")
+             for name, factor_set in (("composed", composed), ("short searched", short_searched))}
+    assert "give the source model's logits bit for bit" in cards["composed"]
+    assert "| source RoPE | `longrope` (" in cards["composed"] and "short set: the source's" in cards["composed"]
+    assert "bit for bit" not in cards["short searched"]
+    assert "use this checkpoint's own short factors, not the source's RoPE" in cards["short searched"]
