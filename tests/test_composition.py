@@ -200,6 +200,21 @@ def test_cached_generation_across_the_switch_of_a_llama3_source(llama3_checkpoin
 
 
 @torch.no_grad()
+def test_a_second_stage_on_a_llama3_source_still_runs_the_llama3_source_inside_its_window(llama3_checkpoint, tmp_path):
+    source_folder, output = llama3_checkpoint
+    done = convert(output, tmp_path / "stage2", 2 * TARGET, "--factors", "pi")
+    assert done.returncode == 0, done.stderr
+    config = json.loads((tmp_path / "stage2" / "config.json").read_text())
+    first = json.loads((output / "config.json").read_text())
+    assert config["longrope"]["source_rope"] == LLAMA3 and config["longrope"]["short_set"] == "source"
+    assert config["rope_scaling"]["long_factor"] == [2 * f for f in first["rope_scaling"]["long_factor"]]
+    source = LlamaForCausalLM.from_pretrained(source_folder).eval()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "stage2", trust_remote_code=True).eval()
+    ids = torch.randint(3, 256, (2, TINY_WINDOW))
+    assert torch.equal(model(ids).logits, source(ids).logits)
+
+
+@torch.no_grad()
 def test_evaluation_baselines_and_swapped_sets_keep_the_source_inside_the_window(llama3_checkpoint):
     source_folder, output = llama3_checkpoint
     checkpoint = load_factor_set(output / "longrope_factors.json")
