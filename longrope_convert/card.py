@@ -139,8 +139,11 @@ def _usage_section(factor_set: FactorSet, repo: str, revision: str | None) -> st
         "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f'model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True{revision_argument})\n'
         f'tokenizer = AutoTokenizer.from_pretrained("{repo}"{revision_argument})\n```\n\n'
-        "- inputs within the original window give the source model's logits bit for bit, in float32, bfloat16 and "
-        "float16 (the rotary math is float32 in every dtype);\n"
+        + ("- inputs within the original window give the source model's logits bit for bit, in float32, bfloat16 "
+           "and float16 (the rotary math is float32 in every dtype);\n"
+           if factor_set.keeps_source_inside_window else
+           "- inputs within the original window use this checkpoint's own short factors, not the source's RoPE "
+           "(`longrope_factors.json`);\n") +
         f"- the first n̂ = {factor_set.n_hat} positions keep their original rotary angles;\n"
         "- each sequence of a batch uses the short or the long factors according to its own length;\n"
         "- cached generation that crosses the original window rebuilds the cache once with the long factors, so "
@@ -179,6 +182,10 @@ def _factors_section(factor_set: FactorSet, plotted: bool) -> str:
         how += " "
     rows = [("method", factor_set.method), ("n̂", factor_set.n_hat),
             ("long mscale", f"{factor_set.long_mscale:.4f}"), ("short mscale", f"{factor_set.short_mscale:.4f}")]
+    composition = provenance.get("composition")
+    if composition:
+        how += _composition_text(factor_set, composition)
+        rows += _composition_rows(factor_set, composition)
     for key in ("data", "documents", "eval_length", "evaluations", "best_perplexity", "baseline_perplexities",
                 "preset", "budget", "seed", "base_factors", "tool_version", "created"):
         if key in provenance:
@@ -189,6 +196,35 @@ def _factors_section(factor_set: FactorSet, plotted: bool) -> str:
     table = "| | |\n|---|---|\n" + "".join(f"| {key} | {value} |\n" for key, value in rows)
     plot = "\nλ per frequency dimension against the classic methods: ![factors](eval/factors.png)\n" if plotted else ""
     return f"## Factors\n\n{how}The full factor set is in `longrope_factors.json`.\n\n{table}{plot}"
+
+
+def _composition_text(factor_set: FactorSet, composition: dict[str, Any]) -> str:
+    reach, target = composition["extends"]
+    inside = ("is the source bit for bit" if factor_set.keeps_source_inside_window
+              else "uses this checkpoint's own short factors")
+    return (f"The source already scales RoPE (`{composition['base']}`, up to {reach:,} tokens): the factors compose "
+            f"with it. Inside its original window of {factor_set.model.original_max_position_embeddings:,} tokens the "
+            f"model {inside}; beyond it, each long factor is the source's own times a new one for the extension to "
+            f"{target:,} tokens. ")
+
+
+def _composition_rows(factor_set: FactorSet, composition: dict[str, Any]) -> list[tuple[str, str]]:
+    """The source's own scaling and how the factors compose with it (factors.compose)."""
+    rope_scaling = factor_set.model.rope_scaling
+    shown = [key for key in rope_scaling if key not in ("rope_type", "short_factor", "long_factor", "source_rope")]
+    settings = ", ".join(f"{key} {rope_scaling[key]}" for key in shown)  # factor lists: in the factor file
+    reach, target = composition["extends"]
+    short_set = "the source's" if factor_set.keeps_source_inside_window else "this checkpoint's own"
+    rows = [("source RoPE", f"`{rope_scaling['rope_type']}` ({settings})"),
+            ("composition", f"long λ = source λ × new λ, {reach:,} → {target:,} tokens (×{target / reach:g}); "
+                            f"short set: {short_set}"),
+            ("attention scale", composition.get("attention_scale", ""))]
+    measured = composition.get("attention_scales")
+    if measured:
+        rows.append(("attention scales measured", "; ".join(
+            f"{rule}: {scale['long_mscale']:.4f} (perplexity {scale['perplexity']})"
+            for rule, scale in measured.items())))
+    return rows
 
 
 def _evaluation_section(evaluation: dict[str, Any], original: int) -> str:

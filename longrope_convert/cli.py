@@ -138,7 +138,8 @@ Examples:
 @click.option("--resume", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Continue the search recorded in this log.")
 @click.option("--baselines/--no-baselines", default=True, show_default=True,
-              help="Also measure no scaling, PI, NTK, YaRN and llama3 on the same data.")
+              help="Also measure the source's RoPE unchanged and PI, NTK, YaRN, llama3 composed on it, on the same "
+                   "data.")
 @click.option("--convert-to", type=click.Path(path_type=Path), default=None,
               help="Then write a converted checkpoint with the searched factors here.")
 @click.option("--device-map", type=click.Choice(DEVICE_MAPS), default=None,
@@ -253,7 +254,8 @@ Examples:
               help="Context lengths for perplexity, e.g. 4096,8192 (2 .. the checkpoint's target).")
 @click.option("--data", multiple=True,
               help="Text files, folders, JSONL files or a `datasets` id (DATASET[:SPLIT]). Repeatable.")
-@click.option("--baselines", is_flag=True, help="Also evaluate no scaling, PI, NTK and YaRN on the same weights.")
+@click.option("--baselines", is_flag=True,
+              help="Also evaluate the source's RoPE unchanged and PI, NTK, YaRN composed on it, on the same weights.")
 @click.option("--protocol", type=click.Choice(["truncated", "sliding"]), default="truncated", show_default=True)
 @click.option("--stride", type=click.IntRange(min=1), default=256, show_default=True,
               help="Stride of the sliding-window protocol (smaller than each length but the largest).")

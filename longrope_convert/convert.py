@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
 import os
 import shutil
 import time
@@ -22,9 +21,18 @@ from typing import Any
 
 from .card import CARD_FILE, hub_model_id, model_card, source_license
 from .errors import LongRoPEError
-from .factors import FACTORS_FILE, FactorSet, analytic_factor_set, find_shipped_factor_set, load_factor_set
+from .factors import (
+    ANALYTIC_METHODS,
+    FACTORS_FILE,
+    FactorSet,
+    analytic_factor_set,
+    find_shipped_factor_set,
+    load_factor_set,
+    source_factor_set,
+)
 from .outputs import MARKER, atomic_folder, check_output_folder, marker_text
 from .source import FolderFiles, SourceModel, open_source, read_json, read_source
+from .source_rope import DEFAULT_ROPE, longrope_attention_factor
 
 MODELING_FILE = "modeling_longrope_llama.py"
 # Copied, not imported: conversion never imports torch, so its memory stays flat.
@@ -108,12 +116,11 @@ class ConversionPlan:
 
 def resolve_factors(source: SourceModel, target: int, factors: str | None,
                     warn: Callable[[str], None]) -> tuple[FactorSet, str]:
-    """The factor set to use and where it came from: a file, an analytic method, or the shipped ones."""
-    if target <= source.original_window:
-        raise LongRoPEError(
-            f"--target {target} must be larger than the source's context window {source.original_window}"
-        )
-    if factors in ("pi", "ntk", "yarn", "llama3"):
+    """The factor set to use and where it came from: a file, an analytic method, or the shipped ones; the
+    analytic sets and the default YaRN init composed on the source's own RoPE (factors.compose). Raises
+    LongRoPEError for a target the source already reaches, a file made for another source or target."""
+    source_factor_set(source.fingerprint, target)  # refuses a target within the source's window
+    if factors in ANALYTIC_METHODS:
         return analytic_factor_set(factors, source.fingerprint, target), f"init:{factors}"
     if factors is not None:
         factor_set = load_factor_set(factors)
@@ -137,7 +144,8 @@ def resolve_factors(source: SourceModel, target: int, factors: str | None,
 
 def _describe(model) -> str:
     return (f"head_dim {model.head_dim}, rope_theta {model.rope_theta:g}, window "
-            f"{model.original_max_position_embeddings}, {model.num_hidden_layers} layers, hidden {model.hidden_size}")
+            f"{model.original_max_position_embeddings}, {model.num_hidden_layers} layers, hidden {model.hidden_size}, "
+            f"rope_type {model.rope_scaling['rope_type']}")
 
 
 def longrope_config(source_config: dict[str, Any], factor_set: FactorSet) -> dict[str, Any]:
@@ -174,6 +182,9 @@ def longrope_config(source_config: dict[str, Any], factor_set: FactorSet) -> dic
         "method": factor_set.method,
         "factors_file": FACTORS_FILE,
     }
+    source_rope = factor_set.model.base_factor_set().source_rope
+    if source_rope != DEFAULT_ROPE:  # a source that scales RoPE: its frequencies before n_hat, maybe the short set
+        config["longrope"].update(source_rope=source_rope, short_set=factor_set.short_set)
     config["auto_map"] = dict(AUTO_MAP)
     return config
 
@@ -182,10 +193,8 @@ def vllm_default_mscale(max_position_embeddings: int, original_max_position_embe
     """The attention scale vLLM gives both factor sets of a `longrope` config without `short_mscale` /
     `long_mscale`: sqrt(1 + ln s / ln L), s = max_position_embeddings / L, 1.0 when s <= 1
     (vllm/model_executor/layers/rotary_embedding/phi3_long_rope_scaled_rope.py)."""
-    scale = max_position_embeddings / original_max_position_embeddings
-    if scale <= 1.0:
-        return 1.0
-    return math.sqrt(1 + math.log(scale) / math.log(original_max_position_embeddings))
+    return longrope_attention_factor(max_position_embeddings / original_max_position_embeddings,
+                                     original_max_position_embeddings)
 
 
 def extend_window_fields(data: Any, file: str, old: int, new: int) -> list[dict[str, Any]]:

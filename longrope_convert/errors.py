@@ -25,3 +25,8 @@ class EvaluationError(LongRoPEError):
 
 class HubError(LongRoPEError):
     """A refusal or failure of the Hugging Face Hub, with what to do about it."""
+
+
+class RopeScalingError(LongRoPEError):
+    """A source's RoPE scaling that LongRoPE cannot compose with: a type whose frequencies are not fixed per
+    dimension (dynamic), an unknown type, or parameters missing or out of range."""

@@ -9,8 +9,9 @@ Perplexity protocols:
              that reaches it, with the tokens before it in that window as context (the scheme of
              transformers' "Perplexity of fixed-length models" guide, used by the YaRN paper). S < L,
              so consecutive windows overlap and no target falls between them.
-Baselines are factor sets on the same model (no scaling, PI, NTK, YaRN): like LongRoPE, they use
-the source's RoPE up to the original window and their own factors beyond it.
+Baselines are factor sets on the same model (the source's RoPE unchanged, and PI, NTK, YaRN composed
+on it): like LongRoPE, they use the source's RoPE up to the original window and their own factors
+beyond it.
 
 Passkey retrieval: filler passages with a 5-digit key at a chosen depth, then "What is the pass
 key?", greedy decoding; accuracy over N trials per length x depth with a fixed seed. Prompt and
@@ -26,7 +27,7 @@ import json
 import random
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ import torch
 
 from .card import json_number, searched_by_evolution
 from .errors import DataError, EvaluationError, LongRoPEError
-from .factors import FactorSet, analytic_factor_set
+from .factors import FactorSet, baseline_factor_sets
 from .perplexity import document_ids, perplexity, token_nll, use_factor_set
 from .source import SourceModel
 
@@ -44,15 +45,12 @@ MIN_LENGTH = 2  # one token of context and one to predict
 
 
 def comparison_sets(checkpoint: FactorSet, baselines: bool) -> dict[str, FactorSet]:
-    """The checkpoint's own set first, then the baselines at the same target."""
+    """The checkpoint's own set first, then the baselines at the same target, composed on the source's RoPE as
+    the search's are (factors.baseline_factor_sets)."""
     label = "LongRoPE" if searched_by_evolution(checkpoint) else f"LongRoPE ({checkpoint.method})"
     sets = {label: checkpoint}
     if baselines:
-        half = len(checkpoint.long_factor)
-        sets["none"] = replace(checkpoint, long_factor=[1.0] * half, short_factor=[1.0] * half, n_hat=0,
-                               long_mscale=1.0, short_mscale=1.0)
-        for method in BASELINE_METHODS[1:]:
-            sets[method] = analytic_factor_set(method, checkpoint.model, checkpoint.target_length)
+        sets.update(baseline_factor_sets(checkpoint.model, checkpoint.target_length, BASELINE_METHODS[1:]))
     return sets
 
 

@@ -1,46 +1,70 @@
-"""LongRoPE factor sets: the file format, strict validation, model fingerprints and analytic sets.
+"""LongRoPE factor sets: the file format, strict validation, model fingerprints, composition and analytic sets.
 
-A factor file is JSON:
+A factor file is JSON (version 2; version-1 files, which predate the last two fields, are read as made
+for a source without RoPE scaling, short set "factors"):
 
     {
-      "format": "longrope-factors", "version": 1,
+      "format": "longrope-factors", "version": 2,
       "model": {"architecture", "name", "head_dim", "rope_theta", "original_max_position_embeddings",
-                "num_hidden_layers", "hidden_size"},
+                "num_hidden_layers", "hidden_size", "rope_scaling"},
       "target_length": 65536,
       "long_factor": [head_dim/2 floats >= 1, non-decreasing],
       "short_factor": [head_dim/2 floats >= 1],
-      "n_hat": 0, "long_mscale": 1.2, "short_mscale": 1.0,
+      "n_hat": 0, "long_mscale": 1.2, "short_mscale": 1.0, "short_set": "factors" | "source",
       "provenance": {"method": "search" | "init:yarn" | ..., "data": [...], "evaluations": 0, ...}
     }
 
-The analytic sets (the classic baselines and the search's starting points), for scale s = target / L,
-head dimension d, base b, theta_i = b^(-2i/d), i = 0 .. d/2 - 1:
+`model.rope_scaling` is the source's own RoPE scaling (source_rope.py: {"rope_type": "default"} for none),
+part of what a set was made for: a set is reused only for a source scaled the same way.
+
+Composition. Every set is made on top of the source's own RoPE, its base factor set (source_rope.py):
+the short set, its attention scale and n_hat stay the source's, so that inside the source's window a
+converted checkpoint is the source; the long set is the source's long factors times new ones,
+long_factor_i = base_i * lambda_i (lambda_i >= 1, non-decreasing: so is the product), switched to beyond
+the source's original window. For a source without scaling the base is all ones and this is plain
+LongRoPE. The analytic sets and the search's candidates are lambda relative to the base, for the
+extension s = target / L beyond the length L the source already serves, head dimension d, base b,
+theta_i = b^(-2i/d), i = 0 .. d/2 - 1:
 
     pi      lambda_i = s                                            (Position Interpolation)
     ntk     lambda_i = s^(2i / (d - 2))          (NTK-aware: base b * s^(d/(d-2)))
-    yarn    lambda_i = s * (1 - m_i) + m_i       (m_i = 1 - ramp(i; low, high), beta_fast 32, beta_slow 1,
-                                                  as in LongRoPE's official YaRN init; mscale 0.1 ln s + 1)
+    yarn    lambda_i = s * r_i + (1 - r_i)       (r_i YaRN's ramp, beta_fast 32, beta_slow 1, as in LongRoPE's
+                                                  official YaRN init; mscale 0.1 ln s + 1. Not transformers'
+                                                  `yarn` type, which interpolates inv_freq, not lambda)
     llama3  lambda_i = 1 for wavelength < L/4, s for wavelength > L, else 1 / ((1 - a)/s + a)
             with a = (L / wavelength - 1) / 3    (transformers' llama3 type, low 1, high 4)
+
+each with the source's long attention scale times the method's own (1, or YaRN's 0.1 ln s + 1).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import LongRoPEError
+from .errors import LongRoPEError, RopeScalingError
 from .outputs import write_text_atomically
+from .source_rope import (
+    DEFAULT_ROPE,
+    BaseFactorSet,
+    base_factor_set,
+    llama3_factors,
+    long_attention_scales,
+    monotone_factors,
+    yarn_ramp,
+)
 
 FACTORS_FILE = "longrope_factors.json"  # its name inside a converted checkpoint
 FORMAT = "longrope-factors"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 ANALYTIC_METHODS = ("pi", "ntk", "yarn", "llama3")
 PROVENANCE_FIELDS = {
     "method": "how the factors were made: 'search', 'search:short', 'search:no-evolution', 'baseline:<name>', "
@@ -56,7 +80,9 @@ PROVENANCE_FIELDS = {
     "preset": "search preset",
     "budget": "search budget (evaluations, seconds)",
     "seed": "random seed",
-    "base_factors": "factors of an earlier stage that these compose with",
+    "base_factors": "factors of an earlier stage that these compose with (version-1 files)",
+    "composition": "how the set composes with the source's own RoPE scaling: its type, the extension, the rule "
+                   "of the long attention scale (and, after a search, each rule's perplexity)",
     "tool_version": "longrope-convert version",
     "created": "UTC timestamp",
     "notes": "free text",
@@ -69,7 +95,12 @@ class FactorFileError(LongRoPEError):
 
 @dataclass(frozen=True)
 class ModelFingerprint:
-    """What a factor set was made for. `name` is informative; the rest must match to reuse a set."""
+    """What a factor set was made for. `name` is informative; the rest must match to reuse a set.
+
+    original_max_position_embeddings: the window a converted checkpoint switches to its long set beyond (the
+    source's window; a LongRoPE source's own original window). rope_scaling: the source's own RoPE scaling
+    (BaseFactorSet.rope_scaling), {"rope_type": "default"} for none.
+    """
 
     architecture: str
     name: str
@@ -78,15 +109,31 @@ class ModelFingerprint:
     original_max_position_embeddings: int
     num_hidden_layers: int
     hidden_size: int
+    rope_scaling: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ROPE))
 
     def matches(self, other: ModelFingerprint) -> bool:
         mine, theirs = asdict(self), asdict(other)
         mine.pop("name"), theirs.pop("name")
         return mine == theirs
 
+    def base_factor_set(self) -> BaseFactorSet:
+        """The source's own RoPE as factor sets (source_rope.base_factor_set); RopeScalingError when the
+        recorded scaling is not one LongRoPE composes with."""
+        return base_factor_set(self.rope_scaling, self.rope_theta, self.head_dim,
+                               self.original_max_position_embeddings)
+
 
 @dataclass
 class FactorSet:
+    """LongRoPE factors for one model and target: lambda per frequency dimension ([head_dim/2] floats >= 1,
+    relative to theta_i = b^(-2i/d)) for the long set (beyond model.original_max_position_embeddings) and the
+    short set, n_hat, and each set's attention scale (cos and sin are multiplied by it).
+
+    short_set "source": inside the window the checkpoint computes the source's own RoPE exactly
+    (model.base_factor_set().source_rope; short_factor then holds the same frequencies as factors, for readers
+    without the shipped code); "factors": 1 / (short_factor_i * b^(2i/d)).
+    """
+
     model: ModelFingerprint
     target_length: int
     long_factor: list[float]
@@ -95,6 +142,7 @@ class FactorSet:
     long_mscale: float = 1.0
     short_mscale: float = 1.0
     provenance: dict[str, Any] = field(default_factory=dict)
+    short_set: str = "factors"
 
     @property
     def scale(self) -> float:
@@ -109,6 +157,14 @@ class FactorSet:
         """Found by an evolutionary search that evolved and beat every baseline it measured."""
         return self.method in ("search", "search:short")
 
+    @property
+    def keeps_source_inside_window(self) -> bool:
+        """Whether inputs that fit the original window get the source's own RoPE: the short set, its scale and,
+        unless the short set is the source's angles anyway, n_hat as the source has them."""
+        base = self.model.base_factor_set()
+        return (self.short_set == base.short_set and self.short_factor == base.short_factor
+                and self.short_mscale == base.short_mscale and (self.n_hat == base.n_hat or base.short_is_source_rope))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT,
@@ -120,6 +176,7 @@ class FactorSet:
             "n_hat": self.n_hat,
             "long_mscale": self.long_mscale,
             "short_mscale": self.short_mscale,
+            "short_set": self.short_set,
             "provenance": self.provenance,
         }
 
@@ -144,21 +201,26 @@ def load_factor_set(path: str | Path) -> FactorSet:
 
 
 def factor_set_from_json(data: Any, origin: str = "<factors>") -> FactorSet:
+    """A factor set from a factor file's JSON (format in the module docstring), version 1 or 2. Raises
+    FactorFileError naming `origin` and the first field that is missing, unknown or invalid."""
     def fail(field_name: str, problem: str) -> None:
         raise FactorFileError(f"{origin}: field '{field_name}': {problem}")
 
     if not isinstance(data, dict):
         fail("<top level>", "must be a JSON object")
+    version = data.get("version")
+    if "version" in data and version not in READABLE_VERSIONS:
+        fail("version", f"unsupported version {version!r} (this tool reads {', '.join(map(str, READABLE_VERSIONS))})")
     expected = {"format", "version", "model", "target_length", "long_factor", "short_factor", "n_hat",
-                "long_mscale", "short_mscale", "provenance"}
+                "long_mscale", "short_mscale", "provenance"} | ({"short_set"} if version == 2 else set())
     _check_keys(data, expected, expected, "", fail)
     if data["format"] != FORMAT:
         fail("format", f"must be '{FORMAT}', got {data['format']!r}")
-    if data["version"] != VERSION:
-        fail("version", f"unsupported version {data['version']!r} (this tool reads {VERSION})")
 
     model_fields = {"architecture": str, "name": str, "head_dim": int, "rope_theta": (int, float),
                     "original_max_position_embeddings": int, "num_hidden_layers": int, "hidden_size": int}
+    if version == 2:
+        model_fields["rope_scaling"] = dict
     model = data["model"]
     if not isinstance(model, dict):
         fail("model", "must be an object")
@@ -167,17 +229,21 @@ def factor_set_from_json(data: Any, origin: str = "<factors>") -> FactorSet:
         value = model[name]
         if isinstance(value, bool) or not isinstance(value, kind):
             fail(f"model.{name}", f"wrong type {type(value).__name__}")
-        if name != "architecture" and name != "name" and not value > 0:
+        if name not in ("architecture", "name", "rope_scaling") and not value > 0:
             fail(f"model.{name}", f"must be positive, got {value}")
     if model["head_dim"] % 2:
         fail("model.head_dim", f"must be even, got {model['head_dim']}")
     fingerprint = ModelFingerprint(**{**model, "rope_theta": float(model["rope_theta"])})
+    try:
+        base = fingerprint.base_factor_set()
+    except RopeScalingError as error:
+        raise FactorFileError(f"{origin} (model.rope_scaling): {error}") from None
 
     target = data["target_length"]
     if isinstance(target, bool) or not isinstance(target, int):
         fail("target_length", "must be an integer")
-    if target <= fingerprint.original_max_position_embeddings:
-        fail("target_length", f"{target} must exceed the original window {fingerprint.original_max_position_embeddings}")
+    if target <= base.max_position_embeddings:
+        fail("target_length", f"{target} must exceed the source's window {base.max_position_embeddings}")
 
     half = fingerprint.head_dim // 2
     factors = {}
@@ -192,10 +258,13 @@ def factor_set_from_json(data: Any, origin: str = "<factors>") -> FactorSet:
             if value < 1.0:
                 fail(f"{name}[{i}]", f"must be >= 1 (factors only interpolate), got {value}")
         factors[name] = [float(v) for v in values]
-    for i in range(1, half):
-        if factors["long_factor"][i] < factors["long_factor"][i - 1]:
-            fail(f"long_factor[{i}]", f"must be non-decreasing, got {factors['long_factor'][i]} after "
-                                      f"{factors['long_factor'][i - 1]}")
+    long_factor = factors["long_factor"]
+    for i in range(half):
+        if i and long_factor[i] < long_factor[i - 1]:
+            fail(f"long_factor[{i}]", f"must be non-decreasing, got {long_factor[i]} after {long_factor[i - 1]}")
+        if long_factor[i] < base.long_factor[i]:
+            fail(f"long_factor[{i}]", f"must be >= the source's own factor {base.long_factor[i]} (new factors only "
+                                      f"interpolate further), got {long_factor[i]}")
 
     n_hat = data["n_hat"]
     if isinstance(n_hat, bool) or not isinstance(n_hat, int) or n_hat < 0:
@@ -206,6 +275,9 @@ def factor_set_from_json(data: Any, origin: str = "<factors>") -> FactorSet:
         value = data[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             fail(name, f"must be a positive finite number, got {value!r}")
+    short_set = data.get("short_set", "factors")
+    if short_set not in ("source", "factors"):
+        fail("short_set", f"must be 'source' or 'factors', got {short_set!r}")
 
     provenance = data["provenance"]
     if not isinstance(provenance, dict):
@@ -217,12 +289,13 @@ def factor_set_from_json(data: Any, origin: str = "<factors>") -> FactorSet:
     return FactorSet(
         model=fingerprint,
         target_length=target,
-        long_factor=factors["long_factor"],
+        long_factor=long_factor,
         short_factor=factors["short_factor"],
         n_hat=n_hat,
         long_mscale=float(data["long_mscale"]),
         short_mscale=float(data["short_mscale"]),
         provenance=provenance,
+        short_set=short_set,
     )
 
 
@@ -243,73 +316,104 @@ def new_provenance(method: str, **fields: Any) -> dict[str, Any]:
     }
 
 
-def analytic_factor_set(method: str, model: ModelFingerprint, target_length: int) -> FactorSet:
-    """A classic method expressed as a LongRoPE factor set (long set; the short set is the identity)."""
+def source_factor_set(model: ModelFingerprint, target_length: int) -> FactorSet:
+    """The source's own RoPE as a LongRoPE factor set for `target_length`, before any new factors: short set,
+    short scale, n_hat and short_set the source's (its base factor set); long set the source's long factors;
+    long attention scale by the default rule of long_attention_scales. What compose() multiplies.
+
+    Raises LongRoPEError when `target_length` does not exceed the length the source already serves, and
+    RopeScalingError for a source scaling that LongRoPE does not compose with.
+    """
+    base = model.base_factor_set()
+    if target_length <= base.max_position_embeddings:
+        raise LongRoPEError(f"--target {target_length} must be larger than the source's context window "
+                            f"{base.max_position_embeddings}")
+    rule, long_mscale = next(iter(long_attention_scales(base, target_length).items()))
+    provenance = {}
+    if base.rope_type != "default":
+        provenance["composition"] = {"base": base.rope_type, "extends": [base.max_position_embeddings, target_length],
+                                     "attention_scale": rule}
+    return FactorSet(model=model, target_length=target_length, long_factor=list(base.long_factor),
+                     short_factor=list(base.short_factor), n_hat=base.n_hat, long_mscale=long_mscale,
+                     short_mscale=base.short_mscale, provenance=provenance, short_set=base.short_set)
+
+
+def compose(source_set: FactorSet, factors: Sequence[float], *, n_hat: int | None = None,
+            long_mscale: float | None = None, attention_scale: str | None = None,
+            provenance: dict[str, Any] | None = None) -> FactorSet:
+    """New long factors on top of a source's own RoPE (source_factor_set): long_factor_i = source_i * factors_i.
+
+    `factors`: lambda relative to the source's long factors, [head_dim/2] floats >= 1, non-decreasing (so the
+    product is too). n_hat and long_mscale replace the source set's when given; `attention_scale` names the
+    rule long_mscale follows, recorded in the composition provenance; `provenance` is the new set's (the
+    composition is added to it). The short set is left as it is: inside the source's window the result is the
+    source. The one way every command (convert, search, eval's baselines) builds a long set. Raises ValueError
+    for factors of the wrong length, below 1 or decreasing.
+    """
+    half = len(source_set.long_factor)
+    factors = [float(f) for f in factors]
+    if len(factors) != half or min(factors) < 1.0 or any(b < a for a, b in zip(factors, factors[1:])):
+        raise ValueError(f"new factors must be {half} non-decreasing numbers >= 1, got {factors}")
+    provenance = dict(provenance if provenance is not None else source_set.provenance)
+    composition = source_set.provenance.get("composition")
+    if composition is not None:
+        provenance["composition"] = {**composition, **({"attention_scale": attention_scale} if attention_scale else {})}
+    return replace(
+        source_set,
+        long_factor=[b * f for b, f in zip(source_set.long_factor, factors)],
+        n_hat=source_set.n_hat if n_hat is None else n_hat,
+        long_mscale=source_set.long_mscale if long_mscale is None else long_mscale,
+        provenance=provenance,
+    )
+
+
+def analytic_factors(method: str, scale: float, head_dim: int, rope_theta: float,
+                     window: int) -> tuple[list[float], float]:
+    """A classic method (module docstring) as (lambda [head_dim/2], its attention scale) for an extension by
+    `scale` of `window` tokens. Raises LongRoPEError for a method not in ANALYTIC_METHODS."""
     if method not in ANALYTIC_METHODS:
         raise LongRoPEError(f"unknown factor method '{method}' (choose one of {', '.join(ANALYTIC_METHODS)})")
-    L, dim, base = model.original_max_position_embeddings, model.head_dim, model.rope_theta
-    scale = target_length / L
-    half = dim // 2
-    long_mscale = 1.0
+    half = head_dim // 2
     if method == "pi":
-        long_factor = [scale] * half
-    elif method == "ntk":
-        long_factor = [scale ** (2 * i / (dim - 2)) for i in range(half)]
-    elif method == "yarn":
-        long_factor = yarn_factors(scale, dim, base, L)
-        long_mscale = 0.1 * math.log(scale) + 1.0
-    else:
-        long_factor = llama3_factors(scale, dim, base, L)
-    # Float rounding must not break the non-decreasing rule the file format enforces.
-    long_factor = [max(1.0, f) for f in long_factor]
-    for i in range(1, half):
-        long_factor[i] = max(long_factor[i], long_factor[i - 1])
-    return FactorSet(
-        model=model,
-        target_length=target_length,
-        long_factor=long_factor,
-        short_factor=[1.0] * half,
-        n_hat=0,
-        long_mscale=long_mscale,
-        short_mscale=1.0,
-        # No timestamp: the same inputs give a byte-identical file (and an unchanged push).
-        provenance={"method": f"init:{method}", "tool_version": __version__},
-    )
+        return [scale] * half, 1.0
+    if method == "ntk":
+        return monotone_factors([scale ** (2 * i / (head_dim - 2)) for i in range(half)]), 1.0
+    if method == "yarn":
+        return yarn_factors(scale, head_dim, rope_theta, window), 0.1 * math.log(scale) + 1.0
+    return monotone_factors(llama3_factors(scale, head_dim, rope_theta, window)), 1.0
+
+
+def analytic_factor_set(method: str, model: ModelFingerprint, target_length: int) -> FactorSet:
+    """A classic method as a LongRoPE factor set for `target_length`, composed on the source's own RoPE: its
+    lambda for the extension beyond the length the source serves multiplies the source's long factors, its
+    attention scale the source's; short set and n_hat stay the source's. Raises LongRoPEError for an unknown
+    method or a target within the source's window."""
+    source_set = source_factor_set(model, target_length)
+    base = model.base_factor_set()
+    reach = base.max_position_embeddings
+    factors, mscale = analytic_factors(method, target_length / reach, model.head_dim, model.rope_theta, reach)
+    # No timestamp: the same inputs give a byte-identical file (and an unchanged push).
+    return compose(source_set, factors, long_mscale=base.long_mscale * mscale, attention_scale=f"source x {method}",
+                   provenance={"method": f"init:{method}", "tool_version": __version__})
+
+
+def baseline_factor_sets(model: ModelFingerprint, target_length: int,
+                         methods: Sequence[str] = ANALYTIC_METHODS) -> dict[str, FactorSet]:
+    """What a searched set is compared with, on the same source and target: "none" (the source's own RoPE
+    carried past its window unchanged) and each analytic method composed on it (analytic_factor_set)."""
+    source_set = source_factor_set(model, target_length)
+    none = compose(source_set, [1.0] * len(source_set.long_factor), long_mscale=model.base_factor_set().long_mscale,
+                   attention_scale="source", provenance={"method": "none"})
+    return {"none": none, **{method: analytic_factor_set(method, model, target_length) for method in methods}}
 
 
 def yarn_factors(scale: float, dim: int, base: float, original_length: int,
                  beta_fast: float = 32, beta_slow: float = 1) -> list[float]:
-    """LongRoPE's official YaRN init: lambda ramps linearly from 1 (fast dims) to s (slow dims)."""
-
-    def correction_dim(rotations: float) -> float:
-        return dim * math.log(original_length / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-    low = max(math.floor(correction_dim(beta_fast)), 0)
-    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
-    if low == high:
-        high += 0.001
-    factors = []
-    for i in range(dim // 2):
-        ramp = min(max((i - low) / (high - low), 0.0), 1.0)
-        extrapolate = 1.0 - ramp
-        factors.append(scale * (1.0 - extrapolate) + extrapolate)
-    return factors
-
-
-def llama3_factors(scale: float, dim: int, base: float, original_length: int,
-                   low_freq_factor: float = 1.0, high_freq_factor: float = 4.0) -> list[float]:
-    """transformers' llama3 rope type as per-dimension factors."""
-    factors = []
-    for i in range(dim // 2):
-        wavelength = 2 * math.pi * base ** (2 * i / dim)
-        if wavelength < original_length / high_freq_factor:
-            factors.append(1.0)
-        elif wavelength > original_length / low_freq_factor:
-            factors.append(scale)
-        else:
-            smooth = (original_length / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)
-            factors.append(1.0 / ((1.0 - smooth) / scale + smooth))
-    return factors
+    """LongRoPE's official YaRN init: lambda ramps linearly from 1 (fast dims) to s (slow dims) along YaRN's
+    ramp (source_rope.yarn_ramp). Not transformers' `yarn` type, which ramps inv_freq instead
+    (source_rope.yarn_base)."""
+    extrapolations = [1.0 - r for r in yarn_ramp(dim, base, original_length, beta_fast, beta_slow)]
+    return monotone_factors([scale * (1.0 - extrapolate) + extrapolate for extrapolate in extrapolations])
 
 
 def shipped_factor_dir() -> Path:

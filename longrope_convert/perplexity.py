@@ -74,10 +74,22 @@ def load_longrope_model(folder: str | Path, config: dict, device: str | torch.de
 
 
 def use_factor_set(model, factor_set: FactorSet) -> None:
-    """Swap a factor set into the model's rotary embedding in place."""
-    model.model.rotary_emb.set_factors(
-        long_factor=factor_set.long_factor, short_factor=factor_set.short_factor, n_hat=factor_set.n_hat,
-        long_mscale=factor_set.long_mscale, short_mscale=factor_set.short_mscale)
+    """Swap a factor set into the model's rotary embedding in place. A set whose short set is the source's own
+    RoPE (short_set "source") gets it back exactly, after sets with short factors replaced it; the model must
+    have been loaded for that source (its config's longrope.source_rope), else ValueError."""
+    rotary = model.model.rotary_emb
+    source_short_set = factor_set.short_set == "source"
+    rotary.set_factors(
+        long_factor=factor_set.long_factor, short_factor=None if source_short_set else factor_set.short_factor,
+        n_hat=factor_set.n_hat, long_mscale=factor_set.long_mscale, short_mscale=factor_set.short_mscale)
+    if source_short_set:
+        source_rope = factor_set.model.base_factor_set().source_rope
+        if rotary.source_rope != source_rope:
+            raise ValueError(f"the model was loaded for a source with RoPE {rotary.source_rope}, the factor set is "
+                             f"for one with {source_rope}")
+        if rotary.short_set != "source":
+            rotary.short_set = "source"
+            rotary.reset_buffers()
 
 
 def document_ids(tokenizer, text: str, length: int | None = None) -> torch.Tensor:

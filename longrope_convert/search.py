@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,41 +24,58 @@ import torch
 
 from .errors import LongRoPEError
 from .evolution import N_HAT_CHOICES, NLL, PRESETS, Candidate, Evolution, SearchResult, SearchSpace, perplexity_of
-from .factors import ANALYTIC_METHODS, FactorSet, analytic_factor_set, new_provenance
-from .modeling_longrope_llama import default_long_mscale
+from .factors import (
+    ANALYTIC_METHODS,
+    FactorSet,
+    ModelFingerprint,
+    analytic_factors,
+    baseline_factor_sets,
+    compose,
+    new_provenance,
+    source_factor_set,
+)
 from .perplexity import token_nll, use_factor_set
 from .search_log import LOG_VERSION, SearchLog, config_sha256, file_sha256, tokens_sha256
+from .source_rope import long_attention_scales
 from .workers import Workers
 
 
 @dataclass
 class SearchTask:
-    """What to search: the model's starting factor set and how candidates map onto it."""
+    """What to search: how a candidate becomes a factor set, the space and the starting candidates."""
 
-    base: FactorSet  # long mode: lambda_total = base.long_factor * lambda; short mode: short_factor = lambda
+    # long mode: the source's own RoPE at the target (factors.source_factor_set), which candidates compose on;
+    # short mode: the LongRoPE checkpoint's set, whose short factors candidates replace
+    base: FactorSet
     long_mode: bool
     space: SearchSpace
     initial: list[Candidate]
+    # long mode: the attention scales considered (rule -> long mscale); the evolution runs with the first
+    attention_scales: dict[str, float] = field(default_factory=dict)
 
     def factor_set(self, candidate: Candidate) -> FactorSet:
         if self.long_mode:
-            long_factor = [b * f for b, f in zip(self.base.long_factor, candidate.factors)]
-            return replace(self.base, long_factor=long_factor, n_hat=candidate.n_hat)
-        return replace(self.base, short_factor=candidate.factors)
+            return compose(self.base, candidate.factors, n_hat=candidate.n_hat)
+        return replace(self.base, short_factor=candidate.factors, short_set="factors")
 
 
-def long_search_task(base: FactorSet, stage_target: int, target: int, n_hat: bool,
-                     high: float | None = None) -> SearchTask:
-    """Search long factors for `target`, relative to `base` (identity for a plain model; the first
-    stage's long factors when extending a LongRoPE checkpoint that reached `stage_target`)."""
-    scale = target / stage_target
-    dims = len(base.long_factor)
-    space = SearchSpace.from_bounds(dims, 1.0, high or 1.25 * scale, N_HAT_CHOICES if n_hat else (0,))
-    stage = replace(base.model, original_max_position_embeddings=stage_target)
-    initial = [space.snap(analytic_factor_set(method, stage, target).long_factor) for method in ANALYTIC_METHODS]
-    total = replace(base, target_length=target, long_mscale=default_long_mscale(
-        target / base.model.original_max_position_embeddings, base.model.original_max_position_embeddings))
-    return SearchTask(base=total, long_mode=True, space=space, initial=initial)
+def long_search_task(model: ModelFingerprint, target: int, n_hat: bool, high: float | None = None) -> SearchTask:
+    """Search long factors for `target` relative to the source's own (factors.compose): lambda within
+    [1, high or 1.25 s] for the extension s = target / the length the source already serves, starting from the
+    analytic sets for that extension. Raises LongRoPEError for a target the source already reaches."""
+    base_set = source_factor_set(model, target)
+    base = model.base_factor_set()
+    reach = base.max_position_embeddings
+    scale = target / reach
+    # n_hat applies to both sets: when the short set is not exactly the source's angles (a LongRoPE source's own
+    # short factors), another n_hat would change the model inside its window, so the source's is kept.
+    searched_n_hat = n_hat and base.short_is_source_rope
+    space = SearchSpace.from_bounds(model.head_dim // 2, 1.0, high or 1.25 * scale,
+                                    N_HAT_CHOICES if searched_n_hat else (base.n_hat,))
+    initial = [space.snap(analytic_factors(method, scale, model.head_dim, model.rope_theta, reach)[0], base.n_hat)
+               for method in ANALYTIC_METHODS]
+    return SearchTask(base=base_set, long_mode=True, space=space, initial=initial,
+                      attention_scales=long_attention_scales(base, target))
 
 
 def short_search_task(checkpoint: FactorSet, high: float | None = None) -> SearchTask:
@@ -115,35 +132,76 @@ class ModelFitness:
 
 
 def baseline_sets(task: SearchTask) -> dict[str, FactorSet]:
-    """What the search is compared with: the classic sets at their own attention scale and no scaling
-    (long search), or the checkpoint's own short factors ("before", short search)."""
+    """What the search is compared with: in a long search the source's own RoPE carried past its window
+    ("none") and the classic sets composed on it at their own attention scales (factors.baseline_factor_sets);
+    in a short search the checkpoint's own short factors ("before")."""
     if not task.long_mode:
         return {"before": task.base}
-    stage = task.base.model
-    sets = {"none": replace(task.base, long_factor=[1.0] * task.space.dims, n_hat=0, long_mscale=1.0)}
-    for method in ANALYTIC_METHODS:
-        analytic = analytic_factor_set(method, stage, task.base.target_length)
-        sets[method] = replace(task.base, long_factor=analytic.long_factor, n_hat=0, long_mscale=analytic.long_mscale)
-    return sets
+    return baseline_factor_sets(task.base.model, task.base.target_length)
+
+
+def set_perplexities(sets: dict[str, FactorSet], fitness: ModelFitness, keep_going: Callable[[], bool],
+                     on_evaluation: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """Perplexity of each set ({log key: set}) on the search documents, in order, while keep_going()
+    allows; a set not finished in time is left out."""
+    results: dict[tuple[str, int], NLL] = {}
+
+    def record(key: str, doc: int, nll: NLL) -> None:
+        results[(key, doc)] = nll
+        on_evaluation()
+
+    fitness.evaluate([(key, key, factor_set, doc) for key, factor_set in sets.items()
+                      for doc in range(fitness.documents)], record, keep_going)
+    return {key: perplexity_of(results[(key, doc)] for doc in range(fitness.documents)) for key in sets
+            if all((key, doc) in results for doc in range(fitness.documents))}
 
 
 def baseline_perplexities(sets: dict[str, FactorSet], fitness: ModelFitness, keep_going: Callable[[], bool],
                           on_evaluation: Callable[[], None] = lambda: None) -> dict[str, float]:
-    """Perplexity of each set on the search documents, in order, while keep_going() allows; a set
-    not finished in time is left out."""
-    results: dict[tuple[str, int], NLL] = {}
-
-    def record(name: str, doc: int, nll: NLL) -> None:
-        results[(name, doc)] = nll
-        on_evaluation()
-
-    fitness.evaluate([(name, f"baseline:{name}", factor_set, doc) for name, factor_set in sets.items()
-                      for doc in range(fitness.documents)], record, keep_going)
-    return {name: perplexity_of(results[(name, doc)] for doc in range(fitness.documents)) for name in sets
-            if all((name, doc) in results for doc in range(fitness.documents))}
+    """Perplexity of each baseline set (baseline_sets), logged as "baseline:<name>"; those not finished in
+    time are left out."""
+    measured = set_perplexities({f"baseline:{name}": factor_set for name, factor_set in sets.items()}, fitness,
+                                keep_going, on_evaluation)
+    return {name: measured[f"baseline:{name}"] for name in sets if f"baseline:{name}" in measured}
 
 
-BASELINE_LABELS = {"none": "no scaling", "pi": "PI", "ntk": "NTK", "yarn": "YaRN", "llama3": "llama3",
+def measured_attention_scales(task: SearchTask, fitness: ModelFitness, result: SearchResult,
+                              keep_going: Callable[[], bool],
+                              on_evaluation: Callable[[], None] = lambda: None) -> dict[str, dict[str, float]]:
+    """The best candidate's perplexity at each attention scale the task considers ({rule: {"long_mscale",
+    "perplexity"}}): the evolution's own for the first, one more evaluation for each other (left out when
+    keep_going() stops it)."""
+    if result.best is None or not task.attention_scales:
+        return {}
+    (first, first_mscale), *others = task.attention_scales.items()
+    measured = {first: {"long_mscale": first_mscale, "perplexity": result.best_perplexity}}
+    best = task.factor_set(result.best)
+    sets = {f"attention:{rule}:{result.best.key}": replace(best, long_mscale=mscale) for rule, mscale in others}
+    perplexities = set_perplexities(sets, fitness, keep_going, on_evaluation)
+    for rule, mscale in others:
+        key = f"attention:{rule}:{result.best.key}"
+        if key in perplexities:
+            measured[rule] = {"long_mscale": mscale, "perplexity": perplexities[key]}
+    return measured
+
+
+def searched_factor_set(task: SearchTask, result: SearchResult,
+                        attention_scales: dict[str, dict[str, float]]) -> tuple[FactorSet, float]:
+    """The best candidate's factor set and perplexity; in long mode at the attention scale that measured best
+    among `attention_scales` (measured_attention_scales), recorded in its composition provenance."""
+    best = task.factor_set(result.best)
+    if not attention_scales or "composition" not in best.provenance:  # a source without RoPE scaling: one rule
+        return best, result.best_perplexity
+    rule = min(attention_scales, key=lambda name: attention_scales[name]["perplexity"])
+    measured = {name: {**scale, "perplexity": round(scale["perplexity"], 4)}
+                for name, scale in attention_scales.items()}
+    composition = {**best.provenance["composition"], "attention_scale": rule, "attention_scales": measured}
+    return (replace(best, long_mscale=attention_scales[rule]["long_mscale"],
+                    provenance={**best.provenance, "composition": composition}),
+            attention_scales[rule]["perplexity"])
+
+
+BASELINE_LABELS = {"none": "the source's own RoPE unchanged", "pi": "PI", "ntk": "NTK", "yarn": "YaRN", "llama3": "llama3",
                    "before": "the checkpoint's own short factors"}
 BUDGET_LABELS = {"max_evals": "evaluation budget (--max-evals)", "time_budget": "time budget (--time-budget)"}
 
@@ -270,16 +328,7 @@ class SearchRun:
             return short_search_task(stage, max_factor), stage.model.original_max_position_embeddings
         if target is None:
             raise LongRoPEError("--target is required (except with --short)")
-        if stage is None:
-            half = source.fingerprint.head_dim // 2
-            stage = FactorSet(model=source.fingerprint, target_length=source.original_window,
-                              long_factor=[1.0] * half, short_factor=[1.0] * half)
-            stage_target = source.original_window
-        else:
-            stage_target = stage.target_length
-        if target <= stage_target:
-            raise LongRoPEError(f"--target {target} must be larger than the source's context window {stage_target}")
-        return long_search_task(stage, stage_target, target, n_hat, max_factor), target
+        return long_search_task(source.fingerprint, target, n_hat, max_factor), target
 
     @property
     def planned_document_evaluations(self) -> int:
@@ -290,6 +339,7 @@ class SearchRun:
             evaluations = min(evaluations, math.ceil(self.max_evals))
         if self.baselines:
             evaluations += len(baseline_sets(self.task))
+        evaluations += max(len(self.task.attention_scales) - 1, 0)
         return evaluations * len(self.documents)
 
     def execute(self, on_evaluation: Callable[[], None] = lambda: None,
@@ -309,12 +359,16 @@ class SearchRun:
         result = Evolution(self.task.space, self.task.initial, self.preset, fitness, seed=self.seed,
                            max_evals=self.max_evals, keep_going=keep_going, on_evaluation=on_evaluation,
                            on_best=on_best).run()
+        attention_scales = measured_attention_scales(self.task, fitness, result, keep_going, on_evaluation)
+        if result.best is not None:
+            searched, searched_perplexity = searched_factor_set(self.task, result, attention_scales)
+            result = replace(result, best_perplexity=searched_perplexity)
         self.workers.close()
         seconds = time.perf_counter() - started
         outcome = verdict(result, baselines, self.task.long_mode)
         if outcome.warning:
             self.status(f"warning: {outcome.warning}")
-        written = sets[outcome.baseline] if outcome.baseline else self.task.factor_set(result.best)
+        written = sets[outcome.baseline] if outcome.baseline else searched
         best_perplexity = baselines[outcome.baseline] if outcome.baseline else result.best_perplexity
         provenance = {
             "source": self.source.name,
@@ -330,10 +384,8 @@ class SearchRun:
             "seed": self.seed,
             **({"warning": outcome.warning} if outcome.warning else {}),
         }
-        if self.task.long_mode and self.source.longrope is not None:
-            stage = self.source.longrope
-            provenance["base_factors"] = {"method": stage.method, "target_length": stage.target_length,
-                                          "long_factor": stage.long_factor}
+        if "composition" in written.provenance:  # what the set is composed on (factors.compose)
+            provenance["composition"] = written.provenance["composition"]
         factor_set = replace(written, provenance=new_provenance(outcome.method, **provenance))
         summary = {"method": outcome.method, "warning": outcome.warning, "best_perplexity": best_perplexity,
                    "search_best_perplexity": result.best_perplexity, "evaluations": result.evaluations,

@@ -12,12 +12,13 @@ import json
 import math
 import re
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import LongRoPEError, SourceError
-from .factors import FactorSet, ModelFingerprint, factor_set_from_json
+from .errors import LongRoPEError, RopeScalingError, SourceError
+from .factors import VERSION, FactorSet, ModelFingerprint, factor_set_from_json
+from .source_rope import BaseFactorSet, base_factor_set
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_PATTERNS = ("*.bin", "*.pth", "*.pt", "*.ckpt", "consolidated.*")
@@ -76,16 +77,36 @@ class SourceModel:
 
 
 def read_rope_settings(config: dict[str, Any]) -> RopeSettings:
-    """RoPE type, theta and parameters from a 5.x config (`rope_parameters`) or a 4.x one
-    (`rope_theta` plus `rope_scaling`, which may be null or use the old key `type`)."""
-    parameters = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    """RoPE type, theta and parameters as stock transformers 5.x reads them, from every config layout met on the
+    Hub: 5.x `rope_parameters`; 4.x top-level `rope_theta` with `rope_scaling` (null, or keyed `rope_type` or the
+    older `type`); Phi-3's top-level `original_max_position_embeddings`. The rules of transformers'
+    RotaryEmbeddingConfigMixin (convert_rope_params_to_dict, standardize_rope_params in modeling_rope_utils.py, 5.24):
+
+    - `rope_scaling` takes precedence over `rope_parameters`;
+    - rope_theta: the dict's own, else the top-level one, else 10000;
+    - rope_type: `rope_type`, else `type`, else "default";
+    - for llama3, yarn and longrope, original_max_position_embeddings: the top-level key when the config has
+      one (where Phi-3 keeps its pretraining window; transformers applies it over the dict's own each time it
+      computes the frequencies), else the dict's own, else max_position_embeddings.
+
+    `parameters` keeps the dict's other keys as they are, with rope_type and original_max_position_embeddings
+    resolved, without rope_theta. Raises LongRoPEError for a dict that is not one or a rope_theta <= 1.
+    """
+    parameters = config.get("rope_scaling") or config.get("rope_parameters") or {}
     if not isinstance(parameters, dict):
         raise LongRoPEError(f"config.json: 'rope_parameters'/'rope_scaling' must be an object, got {parameters!r}")
     rope_type = parameters.get("rope_type", parameters.get("type", "default"))
     theta = parameters.get("rope_theta", config.get("rope_theta", 10000.0))
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 1:
         raise LongRoPEError(f"config.json: rope_theta must be a number > 1, got {theta!r}")
-    return RopeSettings(rope_type=rope_type, rope_theta=float(theta), parameters=dict(parameters))
+    parameters = {key: value for key, value in parameters.items() if key not in ("type", "rope_theta")}
+    parameters["rope_type"] = rope_type
+    if rope_type in ("llama3", "yarn", "longrope"):
+        top_level = config.get("original_max_position_embeddings")
+        parameters["original_max_position_embeddings"] = (
+            top_level if top_level is not None
+            else parameters.get("original_max_position_embeddings", config.get("max_position_embeddings")))
+    return RopeSettings(rope_type=rope_type, rope_theta=float(theta), parameters=parameters)
 
 
 def read_source(folder: str | Path, name: str | None = None) -> SourceModel:
@@ -147,12 +168,6 @@ def describe_config(config: Any, name: str, folder: Path) -> SourceModel:
             "(model_type 'llama')"
         )
     rope = read_rope_settings(config)
-    if rope.rope_type not in ("default", "longrope"):
-        raise LongRoPEError(
-            f"source '{name}' already scales RoPE (rope_type '{rope.rope_type}', window "
-            f"{config.get('max_position_embeddings')}); composing LongRoPE with it is not supported: convert the "
-            "base model it was made from (e.g. meta-llama/Meta-Llama-3-8B rather than Llama-3.1)"
-        )
     partial = rope.parameters.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
         raise LongRoPEError(f"source '{name}' rotates only part of each head (partial_rotary_factor {partial})")
@@ -169,40 +184,51 @@ def describe_config(config: Any, name: str, folder: Path) -> SourceModel:
     if head_dim % 2:
         raise LongRoPEError(f"{config_path}: head_dim {head_dim} is odd; RoPE needs an even head dimension")
     architectures = config.get("architectures") or ["LlamaForCausalLM"]
-    window = positive_int("max_position_embeddings")
+    # vLLM's short_mscale / long_mscale are not what stock transformers applies (attention_factor, to both sets)
+    rope_scaling = {key: value for key, value in rope.parameters.items() if key not in ("short_mscale", "long_mscale")}
+    if rope.rope_type == "longrope" and isinstance(config.get("longrope"), dict):
+        # A checkpoint this tool wrote: n_hat, short set and short mscale as its modeling file applies them.
+        extras = config["longrope"]
+        rope_scaling.update({key: extras[key] for key in ("n_hat", "short_mscale", "short_set", "source_rope")
+                             if key in extras})
+        rope_scaling.setdefault("short_mscale", 1.0)  # the shipped file's default
+    try:
+        base = base_factor_set(rope_scaling, rope.rope_theta, head_dim, positive_int("max_position_embeddings"))
+    except RopeScalingError as error:
+        raise RopeScalingError(f"source '{name}' (rope_scaling): {error}") from None
     fingerprint = ModelFingerprint(
         architecture=architectures[0],
         name=name,
         head_dim=head_dim,
         rope_theta=rope.rope_theta,
-        # A LongRoPE source keeps the window its first stage started from: factors stay relative to it.
-        original_max_position_embeddings=rope.parameters.get("original_max_position_embeddings", window),
+        # where a converted checkpoint switches to its long set: the source's window (a LongRoPE source's own
+        # original window: beyond it the source already used its long set)
+        original_max_position_embeddings=base.original_max_position_embeddings,
         num_hidden_layers=positive_int("num_hidden_layers"),
         hidden_size=hidden_size,
+        rope_scaling=base.rope_scaling,
     )
-    longrope = checkpoint_factor_set(config, rope, fingerprint, config_path) if rope.rope_type == "longrope" else None
+    longrope = checkpoint_factor_set(base, fingerprint, config, config_path) if rope.rope_type == "longrope" else None
     return SourceModel(folder=folder, name=name, config=config, rope=rope, fingerprint=fingerprint,
                        weight_files=[], longrope=longrope)
 
 
-def checkpoint_factor_set(config: dict[str, Any], rope: RopeSettings, fingerprint: ModelFingerprint,
+def checkpoint_factor_set(base: BaseFactorSet, fingerprint: ModelFingerprint, config: dict[str, Any],
                           origin: Path) -> FactorSet:
-    """The factor set a LongRoPE checkpoint's config describes, checked like a factor file."""
-    from .modeling_longrope_llama import default_long_mscale  # imports torch: only for LongRoPE sources
-
+    """The factor set a LongRoPE checkpoint's config describes (its base factor set, read back as the set it was
+    made from: for the model underneath, whose RoPE is its source_rope), checked like a factor file."""
     extras = config.get("longrope") or {}
-    scale = config["max_position_embeddings"] / fingerprint.original_max_position_embeddings
-    attention_factor = rope.parameters.get("attention_factor")
+    made_for = replace(fingerprint, rope_scaling=base.source_rope)
     return factor_set_from_json({
-        "format": "longrope-factors", "version": 1,
-        "model": asdict(fingerprint),
-        "target_length": config["max_position_embeddings"],
-        "long_factor": rope.parameters.get("long_factor"),
-        "short_factor": rope.parameters.get("short_factor"),
-        "n_hat": extras.get("n_hat", 0),
-        "long_mscale": default_long_mscale(scale, fingerprint.original_max_position_embeddings)
-        if attention_factor is None else attention_factor,
-        "short_mscale": extras.get("short_mscale", 1.0),
+        "format": "longrope-factors", "version": VERSION,
+        "model": asdict(made_for),
+        "target_length": base.max_position_embeddings,
+        "long_factor": base.long_factor,
+        "short_factor": base.short_factor,
+        "n_hat": base.n_hat,
+        "long_mscale": base.long_mscale,
+        "short_mscale": base.short_mscale,
+        "short_set": base.short_set,
         "provenance": {"method": extras.get("method", "checkpoint")},
     }, origin=f"{origin} (rope_scaling)")
 

@@ -51,7 +51,8 @@ CASES = [
     ("convert", "corrupt files", "LongRoPE config not monotone", "(rope_scaling): field 'long_factor[1]': must be "
                                                                  "non-decreasing"),
     ("convert", "wrong types", "not a Llama", "is a 'mistral' model"),
-    ("convert", "wrong types", "already llama3-scaled", "already scales RoPE (rope_type 'llama3'"),
+    ("convert", "wrong types", "dynamic NTK scaling", "(rope_scaling): rope_type 'dynamic' (dynamic NTK) changes its "
+     "frequencies with the sequence length"),
     ("convert", "wrong types", "hidden_size a string", "'hidden_size' must be a positive integer, got '64'"),
     ("convert", "wrong types", "tie_word_embeddings a string", "'tie_word_embeddings' must be true or false"),
     ("convert", "wrong types", "vocab_size not the weights'", "'model.embed_tokens.weight' has shape [256, 64], "
@@ -169,10 +170,8 @@ def arrange(command: str, case: str, tmp_path: Path, tiny_llama_dir: Path, conve
                                            "short_factor": [1.0] * 8, "original_max_position_embeddings": 32})
     elif case == "not a Llama":
         edit_json(config, model_type="mistral")
-    elif case == "already llama3-scaled":
-        edit_json(config, rope_parameters=None, rope_theta=500000.0, rope_scaling={
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 8192})
+    elif case == "dynamic NTK scaling":
+        edit_json(config, rope_parameters=None, rope_theta=500000.0, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     elif case == "hidden_size a string":
         edit_json(config, hidden_size="64")
     elif case == "tie_word_embeddings a string":

@@ -137,24 +137,6 @@ def test_copy_weights_and_sharded_sources(tmp_path, capfd, monkeypatch):
     assert torch.equal(model.lm_head.weight, LlamaForCausalLM.from_pretrained(source).lm_head.weight)
 
 
-def test_a_longrope_source_keeps_its_first_window(tiny_source, tmp_path, capfd, monkeypatch):
-    """Converting a converted checkpoint again: factors stay relative to the first stage's window."""
-    stage_one = tmp_path / "stage1"
-    assert run_cli(capfd, monkeypatch, tiny_source, "--target", 256, "--factors", "yarn", "--output", stage_one)[0] == 0
-    source = read_source(stage_one)
-    assert source.fingerprint.original_max_position_embeddings == TINY_WINDOW
-    written = load_factor_set(stage_one / "longrope_factors.json")
-    # read back from config.json; the fingerprint names the folder it was read from
-    assert source.longrope == replace(written, provenance={"method": "init:yarn"},
-                                      model=replace(written.model, name="stage1"))
-    code, out, err = run_cli(capfd, monkeypatch, stage_one, "--target", 512, "--factors", "pi", "--output",
-                             tmp_path / "stage2", "--json")
-    assert code == 0, err
-    config = json.loads((tmp_path / "stage2" / "config.json").read_text())
-    assert config["rope_scaling"]["original_max_position_embeddings"] == TINY_WINDOW
-    assert config["rope_scaling"]["long_factor"] == [8.0] * 8 and config["max_position_embeddings"] == 512
-
-
 @pytest.mark.parametrize("style", ["4.x", "5.x"])
 def test_both_config_styles_are_read(tiny_source, style):
     if style == "4.x":  # what most Hub checkpoints carry, e.g. Meta-Llama-3-8B

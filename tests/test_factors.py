@@ -2,6 +2,8 @@
 
 import json
 import math
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +14,12 @@ from longrope_convert.factors import (
     FactorFileError,
     ModelFingerprint,
     analytic_factor_set,
+    analytic_factors,
+    compose,
+    factor_set_from_json,
     find_shipped_factor_set,
     load_factor_set,
+    source_factor_set,
 )
 from longrope_convert.modeling_longrope_llama import rope_inv_freq
 
@@ -92,7 +98,10 @@ BAD_FILES = [
     ("short_factor.0", 0.5, "short_factor[0]", ">= 1"),
     ("long_factor.40", 2.0, "long_factor[40]", "non-decreasing"),
     ("surprise", 1, "surprise", "unknown field"),
-    ("model.rope_scaling", 1, "model.rope_scaling", "unknown field"),
+    ("model.rope_scale", 1, "model.rope_scale", "unknown field"),
+    ("model.rope_scaling", 1, "model.rope_scaling", "wrong type"),
+    ("short_set", "mine", "short_set", "'source' or 'factors'"),
+    ("version", 3, "version", "this tool reads 1, 2"),
     ("provenance.mood", "happy", "provenance.mood", "unknown field"),
     ("n_hat", DELETE, "n_hat", "missing"),
     ("n_hat", -1, "n_hat", "non-negative"),
@@ -133,3 +142,53 @@ def test_shipped_lookup_matches_fingerprint_and_target(tmp_path):
     assert find_shipped_factor_set(renamed, 65536, tmp_path) is not None
     other_theta = ModelFingerprint(**{**LLAMA3_8B.__dict__, "rope_theta": 10000.0})
     assert find_shipped_factor_set(other_theta, 65536, tmp_path) is None
+
+
+LLAMA3_1 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192}
+LLAMA3_1_8B = replace(LLAMA3_8B, name="Llama-3.1-8B", original_max_position_embeddings=131072, rope_scaling=LLAMA3_1)
+
+
+def test_a_set_made_for_a_rope_scaled_source_matches_only_that_scaling(tmp_path):
+    (tmp_path / "llama3").mkdir()
+    analytic_factor_set("ntk", LLAMA3_1_8B, 524288).save(tmp_path / "llama3" / "524288.json")
+    assert find_shipped_factor_set(LLAMA3_1_8B, 524288, tmp_path) is not None
+    unscaled = replace(LLAMA3_1_8B, rope_scaling={"rope_type": "default"})
+    other_factor = replace(LLAMA3_1_8B, rope_scaling={**LLAMA3_1, "factor": 16.0})
+    assert find_shipped_factor_set(unscaled, 524288, tmp_path) is None
+    assert find_shipped_factor_set(other_factor, 524288, tmp_path) is None
+
+
+def test_version_1_files_are_read_as_made_for_an_unscaled_source():
+    shipped = Path(__file__).parent.parent / "factors" / "SmolLM2-135M-Instruct" / "16384.json"
+    assert json.loads(shipped.read_text())["version"] == 1
+    factor_set = load_factor_set(shipped)
+    assert factor_set.model.rope_scaling == {"rope_type": "default"} and factor_set.short_set == "factors"
+    assert factor_set.to_json()["version"] == 2 and factor_set_from_json(factor_set.to_json()) == factor_set
+
+
+def test_analytic_sets_compose_on_the_source_scaling():
+    """Llama 3.1 to 512k: each method's lambda for the 4x beyond 131,072 times Llama 3.1's own factors; its short
+    set, n_hat and attention factor kept."""
+    base = LLAMA3_1_8B.base_factor_set()
+    for method in ("pi", "ntk", "yarn", "llama3"):
+        composed = analytic_factor_set(method, LLAMA3_1_8B, 524288)
+        relative, mscale = analytic_factors(method, 4.0, 128, 500000.0, 131072)
+        assert composed.long_factor == [b * f for b, f in zip(base.long_factor, relative)]
+        assert composed.long_factor == sorted(composed.long_factor)
+        assert composed.short_factor == base.short_factor and composed.short_set == "source" and composed.n_hat == 0
+        assert composed.long_mscale == mscale and composed.keeps_source_inside_window
+        assert composed.provenance["composition"] == {"base": "llama3", "extends": [131072, 524288],
+                                                      "attention_scale": f"source x {method}"}
+    assert analytic_factors("pi", 4.0, 128, 500000.0, 131072) == ([4.0] * 64, 1.0)
+    pi = analytic_factor_set("pi", LLAMA3_1_8B, 524288)
+    assert pi.long_factor[:29] == [4.0] * 29 and pi.long_factor[-29:] == [32.0] * 29
+
+
+def test_new_factors_must_interpolate_further_than_the_source():
+    composed = analytic_factor_set("pi", LLAMA3_1_8B, 524288).to_json()
+    composed["long_factor"] = [1.0] * 64  # plain RoPE: below Llama 3.1's own factors from dimension 29 on
+    with pytest.raises(FactorFileError, match=r"field 'long_factor\[29\]': must be >= the source's own factor 1.207"):
+        factor_set_from_json(composed)
+    with pytest.raises(ValueError, match="non-decreasing numbers >= 1"):
+        compose(source_factor_set(LLAMA3_1_8B, 524288), [0.5] * 64)

@@ -21,7 +21,7 @@ from longrope_convert.cli import resume_command
 from longrope_convert.convert import longrope_config
 from longrope_convert.errors import LongRoPEError
 from longrope_convert.evolution import Candidate, SearchResult, SearchSpace
-from longrope_convert.factors import FactorSet, analytic_factor_set, load_factor_set
+from longrope_convert.factors import analytic_factor_set, load_factor_set
 from longrope_convert.perplexity import load_longrope_model, perplexity, token_nll, use_factor_set
 from longrope_convert.search import ModelFitness, SearchRun, Verdict, long_search_task, verdict
 from longrope_convert.search_log import LOG_VERSION, SearchLog
@@ -225,7 +225,8 @@ def test_progressive_and_short_searches_compose_with_the_first_stage(tmp_path):
                "--no-baselines", "--out", out, "--convert-to", tmp_path / "stage2")
     second = load_factor_set(out)
     assert second.model.original_max_position_embeddings == 256 and second.target_length == 2048
-    assert second.provenance["base_factors"]["long_factor"] == first.long_factor
+    assert second.model.rope_scaling["long_factor"] == first.long_factor
+    assert second.provenance["composition"]["extends"] == [1024, 2048]
     header = json.loads(out.with_name("stage2.json.log.jsonl").read_text().splitlines()[0])
     relative = [round(t / f, 6) for t, f in zip(second.long_factor, first.long_factor)]
     assert all(abs(r * 100 - round(r * 100)) < 1e-4 for r in relative)  # lambda_2 on the grid
@@ -284,8 +285,7 @@ def test_resume_is_refused_when_a_document_the_config_or_the_weights_changed(tmp
 def test_the_fitness_reports_each_evaluation_once_it_is_logged(tiny_llama_dir, tmp_path):
     """Per finished evaluation, not per batch: when on_result is called, that evaluation's line is in the log."""
     source = read_source(tiny_llama_dir)
-    task = long_search_task(FactorSet(model=source.fingerprint, target_length=TINY_WINDOW, long_factor=[1.0] * 8,
-                                      short_factor=[1.0] * 8), TINY_WINDOW, 256, n_hat=True)
+    task = long_search_task(source.fingerprint, 256, n_hat=True)
     token_ids = [torch.randint(3, 256, (1, 100), generator=torch.Generator().manual_seed(doc)) for doc in range(3)]
     workers = Workers()
     log = SearchLog(tmp_path / "log.jsonl", lambda: {"version": LOG_VERSION}, resume=False, workers=workers)
