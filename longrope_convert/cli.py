@@ -67,11 +67,16 @@ def cli() -> None:
 @click.option("--branch", default=None, help="Push to this branch (created if needed) instead of main.")
 @click.option("--commit-message", default=None, help="Commit message of the push.")
 @click.option("--dry-run", is_flag=True, help="Say what would be downloaded, written and pushed; do nothing.")
+@click.option("--gguf", "gguf_pattern", default=None, metavar="PATTERN",
+              help="Also extend SOURCE's GGUF files that match PATTERN (e.g. '*Q4_K_M.gguf') into the output "
+                   "folder, for llama.cpp.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def convert(source: str, target: int, factors: str | None, revision: str | None, output: Path | None,
             overwrite: bool, copy_weights: bool, push_to: str | None, private: bool, branch: str | None,
-            commit_message: str | None, dry_run: bool, as_json: bool) -> None:
+            commit_message: str | None, dry_run: bool, gguf_pattern: str | None, as_json: bool) -> None:
     """Convert SOURCE (a local checkpoint folder or a Hub repo id) into a LongRoPE checkpoint for --target tokens."""
+    if dry_run and gguf_pattern:
+        raise click.UsageError("--dry-run does not cover --gguf yet")
     if dry_run:
         plan = plan_conversion(source, revision, target, factors, output, overwrite, copy_weights, push_to, branch,
                                private, warn=status)
@@ -86,11 +91,21 @@ def convert(source: str, target: int, factors: str | None, revision: str | None,
            f"{model.fingerprint.head_dim}, window {model.original_window})")
     factor_set, origin = resolve_factors(model, target, factors, warn=status)
     status(f"factors: {origin} (n_hat {factor_set.n_hat}, long mscale {factor_set.long_mscale:.4f})")
+    ggufs = []
+    if gguf_pattern:  # found and checked before anything is written
+        from .gguf import extend_gguf, source_ggufs
+
+        ggufs = source_ggufs(source, revision, model.folder, gguf_pattern, factor_set, origin)
     result = write_checkpoint(model, factor_set, output or default_output(model.name, target), origin,
                               overwrite=overwrite, copy_weights=copy_weights, repo=push_to, log=status)
     status(f"wrote {result.output} in {result.seconds:.1f} s ({result.weight_mode} weights, "
            f"{result.weight_bytes / 1e9:.2f} GB)")
     summary = result.summary()
+    for gguf_model in ggufs:
+        written = extend_gguf(gguf_model, result.output / gguf_model.path.name, factor_set, factors_origin=origin,
+                              warn=status)
+        status(f"wrote {written.output} in {written.seconds:.1f} s")
+        summary.setdefault("gguf", []).append(written.summary())
     if push_to:
         pushed = push_folder(result.output, push_to, private=private, branch=branch, commit_message=commit_message)
         status(f"pushed to {pushed.repo_url} at commit {pushed.commit}"
@@ -173,6 +188,39 @@ def search(source: str, target: int | None, revision: str | None, data: tuple[st
         status(f"wrote {result.output}")
     if as_json:
         click.echo(json.dumps({"factors": str(out), **summary}, indent=2))
+
+
+@cli.command(name="gguf", epilog="""\b
+Examples:
+  longrope-convert gguf SmolLM2-135M-Instruct.Q4_1.gguf --target 16384      (shipped searched factors)
+  longrope-convert gguf Meta-Llama-3.1-8B-Instruct-Q4_K_M.gguf --factors yarn --target 262144
+  longrope-convert gguf model.Q8_0.gguf --factors ./model-longrope-64k --output model-64k.Q8_0.gguf
+""")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--factors", default=None, metavar="FILE|FOLDER|pi|ntk|yarn|llama3",
+              help="Factor file, folder converted by longrope-convert, or an analytic method (with --target; "
+                   "composed on the GGUF's own RoPE). Default: shipped searched factors for this model and target.")
+@click.option("--target", type=click.IntRange(min=1), default=None, help="New context length in tokens.")
+@click.option("--output", type=click.Path(path_type=Path), default=None,
+              help="Output GGUF. Default: ./<source stem>-longrope-<target>.gguf.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def gguf_command(source: Path, factors: str | None, target: int | None, output: Path | None, overwrite: bool,
+                 as_json: bool) -> None:
+    """Extend a Llama GGUF for llama.cpp: the long factor set as rope_freqs, the new context length."""
+    from .gguf import default_gguf_output, extend_gguf, inspect_gguf, resolve_gguf_factors
+
+    model = inspect_gguf(source)
+    status(f"source: {source} ({model.fingerprint.num_hidden_layers} layers, head_dim {model.fingerprint.head_dim}, "
+           f"context {model.context_length}" + (", own rope_freqs" if model.base_factors else "") + ")")
+    factor_set, origin = resolve_gguf_factors(model, factors, target, warn=status)
+    result = extend_gguf(model, output or default_gguf_output(source, factor_set.target_length), factor_set,
+                         factors_origin=origin, overwrite=overwrite, warn=status)
+    status(f"wrote {result.output} in {result.seconds:.1f} s (context {factor_set.target_length}, factors {origin}, "
+           f"attention factor {factor_set.long_mscale:.4f}, {result.tensors} tensors copied, "
+           f"{result.tensor_bytes / 1e9:.2f} GB)")
+    if as_json:
+        click.echo(json.dumps(result.summary(), indent=2))
 
 
 def _integers(ctx, param, value: str | None) -> list[int]:
