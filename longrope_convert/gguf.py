@@ -137,6 +137,9 @@ def inspect_gguf(path: str | Path) -> GGUFModel:
     if _value(reader, gguf.Keys.Split.LLM_KV_SPLIT_COUNT, 1) > 1:
         raise GGUFError(f"'{path}' is one part of a split GGUF; merge the parts first "
                         "(llama-gguf-split --merge FIRST-PART OUT.gguf)")
+    nested = next((entry.name for entry in reader.fields.values() if len(entry.types) > 2), None)
+    if nested is not None:  # gguf's reader flattens arrays of arrays: copying one would change it
+        raise GGUFError(f"'{path}': metadata '{nested}' is an array of arrays, which this tool cannot copy")
     architecture = _value(reader, gguf.Keys.General.ARCHITECTURE, None)
     if architecture != ARCHITECTURE:
         raise GGUFError(f"'{path}' is a '{architecture}' model; llama.cpp applies per-dimension RoPE factors "
@@ -341,12 +344,13 @@ def extend_gguf(source: GGUFModel, output: str | Path, factor_set: FactorSet, *,
 
 def differences_from_remote_code(factor_set: FactorSet) -> str:
     """What llama.cpp runs from this GGUF, against the LongRoPE remote code on the same factors."""
+    window = factor_set.model.original_max_position_embeddings
     return (
         f"llama.cpp applies one static factor set: the long set (rope_freqs) with attention factor "
         f"{factor_set.long_mscale:.6g}, at every position and for every context size. Unlike the LongRoPE remote code "
         f"there is no n_hat (this set's n_hat = {factor_set.n_hat}; the first positions are interpolated too) and no "
-        f"short-window identity (inputs that fit the original {factor_set.model.original_max_position_embeddings}-token "
-        "window also use the long set, so they differ slightly from the source model's)."
+        f"short-window identity (inputs that fit the original {window}-token window also use the long set, so they "
+        "differ slightly from the source model's)."
     )
 
 

@@ -3,12 +3,14 @@
 llama-cpp-python ships as an sdist that compiles llama.cpp (about 6 minutes on 2 cores). It is built
 once into a wheel kept in the test cache (`LONGROPE_TEST_CACHE`) and installed from it with
 `--target` into a folder there, which the tests put on sys.path: later runs, CI's fresh
-virtualenvs included, import it without compiling.
+virtualenvs included, import it without compiling. The build targets this machine's CPU
+(llama.cpp's default -march=native): the cache belongs to the machine that filled it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import subprocess
 import sys
@@ -58,13 +60,13 @@ def _errors_only(level, text, user_data):
         sys.stderr.write(text.decode(errors="replace"))
 
 
-def llama_cpp_forward(path: Path, ids: list[int], keep_logits_from: int, batch_size: int = 512,
-                      flash_attention: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Run llama.cpp over `ids` (one sequence, context = len(ids)) as llama-cli/llama-perplexity would.
+def llama_cpp_forward(path: Path, ids: list[int], logits_at: range = range(0), batch_size: int = 512,
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Run llama.cpp over `ids` (one sequence, context = len(ids)) with its default settings (F16 K/V
+    cache, flash attention as it picks on CPU), as llama-cli or llama-perplexity would.
 
-    Returns the NLL of tokens 1 .. n-1 [n-1] (float64) and the logits of positions keep_logits_from ..
-    n-1 [n - keep_logits_from, vocab] (float32). K/V cache in F16 (llama.cpp's default), flash
-    attention as its default picks on CPU.
+    Returns the NLL of tokens 1 .. n-1 [n-1] (float64) and the logits at positions `logits_at`
+    [len(logits_at), vocab] (float32).
     """
     lc = llama_cpp_module()
     lc.llama_log_set(ctypes.cast(_errors_only, lc.llama_log_callback), ctypes.c_void_p(0))
@@ -76,12 +78,11 @@ def llama_cpp_forward(path: Path, ids: list[int], keep_logits_from: int, batch_s
     params.n_ctx = len(ids)
     params.n_batch = params.n_ubatch = batch_size
     params.n_threads = params.n_threads_batch = os.cpu_count()
-    params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attention else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
     context = lc.llama_init_from_model(model, params)
     vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
     batch = lc.llama_batch_init(batch_size, 0, 1)
     nll = np.empty(len(ids) - 1)
-    kept = np.empty((max(len(ids) - keep_logits_from, 0), vocab), dtype=np.float32)
+    kept = np.empty((len(logits_at), vocab), dtype=np.float32)
     try:
         for start in range(0, len(ids), batch_size):
             chunk = ids[start:start + batch_size]
@@ -96,10 +97,10 @@ def llama_cpp_forward(path: Path, ids: list[int], keep_logits_from: int, batch_s
             top = logits.max(axis=1, keepdims=True).astype(np.float64)
             log_normaliser = (np.log(np.exp(logits - top).sum(axis=1, keepdims=True)) + top)[:, 0]
             scored = positions < len(ids) - 1
-            targets = np.asarray(ids)[positions[scored] + 1]
-            nll[positions[scored]] = log_normaliser[scored] - logits[scored, targets]
-            keep = positions >= keep_logits_from
-            kept[positions[keep] - keep_logits_from] = logits[keep]
+            nll[positions[scored]] = log_normaliser[scored] - logits[scored, np.asarray(ids)[positions[scored] + 1]]
+            first, last = max(start, logits_at.start), min(start + len(chunk), logits_at.stop)
+            if first < last:
+                kept[first - logits_at.start:last - logits_at.start] = logits[first - start:last - start]
     finally:
         lc.llama_batch_free(batch)
         lc.llama_free(context)
@@ -107,10 +108,32 @@ def llama_cpp_forward(path: Path, ids: list[int], keep_logits_from: int, batch_s
     return nll, kept
 
 
+def baseline_nll(path: Path, ids: list[int]) -> np.ndarray:
+    """llama.cpp's NLL of `ids` under a GGUF the tests never modify (a downloaded one), measured once
+    and kept in the test cache under the SHA-256 of the file and of the tokens and the llama-cpp-python
+    version: the baseline that the files the tests write are compared with, without paying a second
+    long llama.cpp run each time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    digest.update(np.asarray(ids, dtype=np.int64).tobytes())
+    digest.update(LLAMA_CPP_PYTHON.encode())
+    cached = cache_dir() / "llama-cpp-baselines" / f"{digest.hexdigest()[:32]}.npy"
+    if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        nll, _ = llama_cpp_forward(path, ids)
+        with tempfile.NamedTemporaryFile(dir=cached.parent, suffix=".npy", delete=False) as partial:
+            np.save(partial, nll)
+        os.replace(partial.name, cached)
+    return np.load(cached)
+
+
 def permute_for_llama_cpp(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Q/K rows reordered from transformers' rotate-half layout to llama.cpp's interleaved pairs, as
     llama.cpp's converter does (conversion/llama.py:176, LlamaModel.permute)."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    rows_per_half = weight.shape[0] // heads // 2
+    return weight.reshape(heads, 2, rows_per_half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def write_llama_gguf(folder: Path, path: Path, context_length: int, rope_freqs: list[float] | None = None) -> None:
