@@ -126,6 +126,16 @@ def test_analytic_factors_compose_with_the_rope_freqs_a_gguf_already_has(llama3_
     assert twice.long_factor == pytest.approx([2.0 * f for f in expected], rel=1e-6)
 
 
+def test_analytic_factors_for_a_plain_gguf_are_those_convert_writes_for_its_checkpoint(plain_gguf):
+    source = gguf_export.inspect_gguf(plain_gguf)
+    assert source.base_factors is None and source.attention_factor == 1.0
+    for method in ("pi", "ntk", "yarn", "llama3"):
+        factor_set, origin = gguf_export.resolve_gguf_factors(source, method, 1024, warn=pytest.fail)
+        checkpoint = analytic_factor_set(method, read_source(TESTBED).fingerprint, 1024)
+        assert (factor_set.long_factor, factor_set.long_mscale) == (checkpoint.long_factor, checkpoint.long_mscale)
+        assert origin == f"init:{method}" and factor_set.model.matches(checkpoint.model)
+
+
 def test_a_factor_file_made_without_the_gguf_rope_freqs_is_refused(llama3_style_gguf, tmp_path, capfd, monkeypatch):
     factors = tmp_path / "raw.json"
     source = gguf_export.inspect_gguf(llama3_style_gguf)
