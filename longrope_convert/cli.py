@@ -71,11 +71,16 @@ def cli() -> None:
 @click.option("--branch", default=None, help="Push to this branch (created if needed) instead of main.")
 @click.option("--commit-message", default=None, help="Commit message of the push.")
 @click.option("--dry-run", is_flag=True, help="Say what would be downloaded, written and pushed; do nothing.")
+@click.option("--gguf", "gguf_pattern", default=None, metavar="PATTERN",
+              help="Also extend SOURCE's GGUF files that match PATTERN (e.g. '*Q4_K_M.gguf') into the output "
+                   "folder, for llama.cpp.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def convert(source: str, target: int, factors: str | None, revision: str | None, output: Path | None,
             overwrite: bool, copy_weights: bool, push_to: str | None, private: bool, branch: str | None,
-            commit_message: str | None, dry_run: bool, as_json: bool) -> None:
+            commit_message: str | None, dry_run: bool, gguf_pattern: str | None, as_json: bool) -> None:
     """Convert SOURCE (a local checkpoint folder or a Hub repo id) into a LongRoPE checkpoint for --target tokens."""
+    if dry_run and gguf_pattern:
+        raise click.UsageError("--dry-run does not cover --gguf yet")
     if push_to:
         check_push(push_to)
     plan = plan_conversion(source, target=target, revision=revision, factors=factors, output=output,
@@ -95,10 +100,25 @@ def convert(source: str, target: int, factors: str | None, revision: str | None,
     status(f"source: {model.folder} ({model.fingerprint.num_hidden_layers} layers, head_dim "
            f"{model.fingerprint.head_dim}, window {model.original_window})")
     status(f"factors: {plan.factors_origin} (n_hat {factor_set.n_hat}, long mscale {factor_set.long_mscale:.4f})")
-    result = write_planned(plan, overwrite=overwrite, log=status)
+    ggufs, gguf_results = [], []
+    if gguf_pattern:  # found and checked before anything is written
+        from .gguf import extend_gguf, source_ggufs
+
+        ggufs = source_ggufs(source, revision, model.folder, gguf_pattern, factor_set, plan.factors_origin)
+
+    def write_ggufs(staging: Path) -> None:  # inside the staging folder: in place only when all are written
+        for gguf_model in ggufs:
+            written = extend_gguf(gguf_model, staging / gguf_model.path.name, factor_set,
+                                  factors_origin=plan.factors_origin, warn=status)
+            status(f"wrote {gguf_model.path.name} in {written.seconds:.1f} s")
+            gguf_results.append({**written.summary(), "output": str(plan.output / gguf_model.path.name)})
+
+    result = write_planned(plan, overwrite=overwrite, log=status, extra=write_ggufs if ggufs else None)
     status(f"wrote {result.output} in {result.seconds:.1f} s ({result.weight_mode} weights, "
            f"{result.weight_bytes / 1e9:.2f} GB)")
     summary = result.summary()
+    if gguf_results:
+        summary["gguf"] = gguf_results
     if push_to:
         summary["push"] = _push(result.output, push_to, private, branch, commit_message)
     if as_json:
@@ -223,6 +243,39 @@ def resume_command(arguments: list[str], log: Path) -> str:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         launcher = f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', '1')} -m longrope_convert"
     return f"{launcher} {shlex.join([*kept, '--resume', str(log)])}"
+
+
+@cli.command(name="gguf", epilog="""\b
+Examples:
+  longrope-convert gguf SmolLM2-135M-Instruct.Q4_1.gguf --target 16384      (shipped searched factors)
+  longrope-convert gguf Meta-Llama-3.1-8B-Instruct-Q4_K_M.gguf --factors yarn --target 262144
+  longrope-convert gguf model.Q8_0.gguf --factors ./model-longrope-64k --output model-64k.Q8_0.gguf
+""")
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--factors", default=None, metavar="FILE|FOLDER|pi|ntk|yarn|llama3",
+              help="Factor file, folder converted by longrope-convert, or an analytic method (with --target; "
+                   "composed on the GGUF's own RoPE). Default: shipped searched factors for this model and target.")
+@click.option("--target", type=click.IntRange(min=1), default=None, help="New context length in tokens.")
+@click.option("--output", type=click.Path(path_type=Path), default=None,
+              help="Output GGUF. Default: ./<source stem>-longrope-<target>.gguf.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def gguf_command(source: Path, factors: str | None, target: int | None, output: Path | None, overwrite: bool,
+                 as_json: bool) -> None:
+    """Extend a Llama GGUF for llama.cpp: the long factor set as rope_freqs, the new context length."""
+    from .gguf import default_gguf_output, extend_gguf, inspect_gguf, resolve_gguf_factors
+
+    model = inspect_gguf(source)
+    status(f"source: {source} ({model.fingerprint.num_hidden_layers} layers, head_dim {model.fingerprint.head_dim}, "
+           f"context {model.context_length}" + (", own rope_freqs" if model.base_factors else "") + ")")
+    factor_set, origin = resolve_gguf_factors(model, factors, target, warn=status)
+    result = extend_gguf(model, output or default_gguf_output(source, factor_set.target_length), factor_set,
+                         factors_origin=origin, overwrite=overwrite, warn=status)
+    status(f"wrote {result.output} in {result.seconds:.1f} s (context {factor_set.target_length}, factors {origin}, "
+           f"attention factor {factor_set.long_mscale:.4f}, {result.tensors} tensors copied, "
+           f"{result.tensor_bytes / 1e9:.2f} GB)")
+    if as_json:
+        click.echo(json.dumps(result.summary(), indent=2))
 
 
 def _integers(ctx, param, value: str | None) -> list[int]:

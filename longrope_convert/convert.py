@@ -332,9 +332,11 @@ def plan_conversion(source: str, *, target: int, revision: str | None = None, fa
 
 
 def write_planned(plan: ConversionPlan, *, overwrite: bool = False,
-                  log: Callable[[str], None] = lambda message: None) -> ConversionResult:
+                  log: Callable[[str], None] = lambda message: None,
+                  extra: Callable[[Path], None] | None = None) -> ConversionResult:
     """Carry out a plan: assemble the output in a staging folder, check every file against the plan,
-    then rename it into place (replacing an earlier output only with `overwrite`).
+    let `extra(staging)` add files of its own (convert --gguf), then rename it into place (replacing an
+    earlier output only with `overwrite`).
     Raises OutputError, LongRoPEError when a source file changed since planning, or the OSError met."""
     started = time.perf_counter()
     folder = plan.source.folder
@@ -356,6 +358,8 @@ def write_planned(plan: ConversionPlan, *, overwrite: bool = False,
             if written != item.bytes:
                 raise LongRoPEError(f"{folder / item.name} changed during the conversion ({item.bytes} bytes planned, "
                                     f"{written} found); nothing was written: run the command again")
+        if extra is not None:
+            extra(staging)
     return ConversionResult(
         output=plan.output,
         factor_set=plan.factor_set,
