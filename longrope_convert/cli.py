@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .convert import plan_conversion, write_checkpoint, write_planned
+from .convert import check_conversion_output, default_output, plan_conversion, write_checkpoint, write_planned
 from .errors import LongRoPEError
 from .evolution import PRESETS as SEARCH_PRESETS  # pure Python: `convert` still never imports torch
 from .hub import loading_snippet, push_folder
@@ -30,11 +30,20 @@ Examples:
   longrope-convert meta-llama/Meta-Llama-3-8B --target 65536 --dry-run
   longrope-convert ./SmolLM2-135M --target 16384 --factors yarn --output ./smollm2-16k
   longrope-convert ./SmolLM2-135M --target 16384 --factors my_factors.json --json
+  longrope-convert ./SmolLM2-135M --target 65536 --search --data ./books --time-budget 36000 \\
+      --eval-lengths 16384,65536 --eval-data ./other-books --push-to me/SmolLM2-135M-LongRoPE-64k
 """
 
 
 def status(message: str) -> None:
     click.echo(message, err=True)
+
+
+def _integers(ctx, param, value: str | None) -> list[int]:
+    try:
+        return [int(part) for part in value.split(",")] if value else []
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
 class ConvertByDefault(click.Group):
@@ -53,6 +62,81 @@ def cli() -> None:
 
     Without a subcommand, the arguments are those of `convert`.
     """
+
+
+def search_options(command):
+    """The options of a search, shared by `search` and `convert --search`."""
+    options = [
+        click.option("--documents", type=click.IntRange(min=1), default=4, show_default=True,
+                     help="Documents per evaluation (the first ones at least as long as the evaluation length)."),
+        click.option("--preset", type=click.Choice(list(SEARCH_PRESETS)), default="default", show_default=True,
+                     help="'paper': the official hyper-parameters; 'default': far fewer evaluations."),
+        click.option("--max-evals", type=click.FloatRange(min=1), default=None,
+                     help="Budget in evaluations (one candidate on all documents; baselines not counted), never "
+                          "exceeded."),
+        click.option("--time-budget", type=click.FloatRange(min=1), default=None,
+                     help="Budget in seconds from the first evaluation (baselines included), checked before every "
+                          "document evaluation; the best so far is written."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--n-hat/--no-n-hat", default=True, show_default=True, help="Search n_hat too."),
+        click.option("--max-factor", type=float, default=None, help="Upper bound for factors (default 1.25 x scale)."),
+        click.option("--log", "log_path", type=click.Path(path_type=Path), default=None,
+                     help="JSONL log of every evaluation. Default: <factor file>.log.jsonl."),
+        click.option("--resume", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+                     help="Continue the search recorded in this log."),
+        click.option("--baselines/--no-baselines", default=True, show_default=True,
+                     help="Also measure the source's RoPE unchanged and PI, NTK, YaRN, llama3 composed on it, on "
+                          "the same data."),
+        click.option("--device-map", type=click.Choice(DEVICE_MAPS), default=None,
+                     help="Spread the model over the GPUs (of each torchrun process's share of them) with "
+                          "accelerate, for models that do not fit one GPU."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+SEARCH_SETTINGS = ("documents", "preset", "max_evals", "time_budget", "seed", "n_hat", "max_factor", "baselines",
+                   "device_map")
+
+
+def run_search(model, *, data: list[str], target: int | None, out: Path, log_path: Path | None,
+               resume: Path | None, short: bool = False, **settings) -> tuple:
+    """Run a search (search.SearchRun) with a progress bar and write its factor file `out`; on Ctrl-C or
+    SIGTERM, say how to resume. Returns (factor set, summary), or None on the torchrun ranks that do not
+    write."""
+    from .search import SearchRun
+
+    log = resume or log_path or out.with_name(out.name + ".log.jsonl")
+    run = SearchRun(source=model, data=data, target=target, log_path=log, short=short, resume=resume is not None,
+                    status=status, **settings)
+    best = [math.inf]
+    with click.progressbar(length=run.planned_document_evaluations, label="search (document evaluations)",
+                           file=sys.stderr, show_pos=True,
+                           item_show_func=lambda _: f"best ppl {best[0]:.4f}" if math.isfinite(best[0]) else "",
+                           show_eta=True) as bar:
+        def evaluated() -> None:
+            if not run.is_main:
+                return
+            bar.update(1)
+            if not sys.stderr.isatty():  # no live bar in a log file: a line per finished evaluation
+                status(f"search: {bar.pos}/{bar.length} document evaluations done"
+                       + (f", best perplexity {best[0]:.4f}" if math.isfinite(best[0]) else ""))
+
+        try:
+            factor_set, summary = run.execute(on_evaluation=evaluated, on_best=lambda ppl: best.__setitem__(0, ppl))
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (main() turns it into SystemExit)
+            if run.is_main:
+                status(f"search interrupted; every finished evaluation is in {log}. Continue it with:\n"
+                       f"  {resume_command(sys.argv[1:], log)}")
+            raise
+    if not run.is_main:
+        return None
+    factor_set.save(out)
+    status(f"wrote {out}: method {summary['method']}, perplexity {summary['best_perplexity']:.4f} (n_hat "
+           f"{summary['n_hat']}) after {summary['evaluations']:.1f} evaluations; baselines: "
+           + (", ".join(f"{k} {v:.4f}" for k, v in summary["baselines"].items()) or "none measured"))
+    return factor_set, summary
 
 
 @cli.command(epilog=EXAMPLES)
@@ -74,15 +158,55 @@ def cli() -> None:
 @click.option("--gguf", "gguf_pattern", default=None, metavar="PATTERN",
               help="Also extend SOURCE's GGUF files that match PATTERN (e.g. '*Q4_K_M.gguf') into the output "
                    "folder, for llama.cpp.")
+@click.option("--search", "search_first", is_flag=True,
+              help="Search the factors on --data first (as the `search` command does, with its options below; the "
+                   "factor file and its log are written next to the output folder), then convert with them.")
+@click.option("--data", multiple=True,
+              help="With --search: text files, folders of .txt/.jsonl, JSONL files, or a `datasets` id. Repeatable.")
+@search_options
+@click.option("--eval-lengths", callback=_integers, default=None,
+              help="After converting: perplexity at these lengths on --eval-data (with the baselines), written to "
+                   "OUTPUT/eval and the model card, before any push.")
+@click.option("--eval-data", multiple=True, help="Documents for --eval-lengths (other than the search's). Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def convert(source: str, target: int, factors: str | None, revision: str | None, output: Path | None,
-            overwrite: bool, copy_weights: bool, push_to: str | None, private: bool, branch: str | None,
-            commit_message: str | None, dry_run: bool, gguf_pattern: str | None, as_json: bool) -> None:
+@click.pass_context
+def convert(ctx: click.Context, source: str, target: int, factors: str | None, revision: str | None,
+            output: Path | None, overwrite: bool, copy_weights: bool, push_to: str | None, private: bool,
+            branch: str | None, commit_message: str | None, dry_run: bool, gguf_pattern: str | None,
+            search_first: bool, data: tuple[str, ...], log_path: Path | None, resume: Path | None,
+            eval_lengths: list[int], eval_data: tuple[str, ...], as_json: bool, **search_settings) -> None:
     """Convert SOURCE (a local checkpoint folder or a Hub repo id) into a LongRoPE checkpoint for --target tokens."""
-    if dry_run and gguf_pattern:
-        raise click.UsageError("--dry-run does not cover --gguf yet")
+    from .preflight import check_data
+
+    given = [name for name in ("data", "log_path", "resume", *SEARCH_SETTINGS)
+             if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+    if given and not search_first:
+        raise click.UsageError(f"--{given[0].replace('_', '-').removesuffix('-path')} applies to --search")
+    if search_first and (factors or not data or dry_run):
+        raise click.UsageError("--search finds the factors: drop --factors" if factors else
+                               "--search needs --data" if not data else "--dry-run does not cover --search")
+    if bool(eval_lengths) != bool(eval_data):
+        raise click.UsageError("--eval-lengths and --eval-data go together")
+    if eval_lengths and not all(2 <= length <= target for length in eval_lengths):  # evaluate.check_lengths's bounds
+        raise click.UsageError(f"--eval-lengths must lie between 2 and --target {target} tokens")
+    if dry_run and (gguf_pattern or eval_lengths):
+        raise click.UsageError(f"--dry-run does not cover {'--gguf' if gguf_pattern else '--eval-lengths'} yet")
     if push_to:
         check_push(push_to)
+    if eval_data:
+        check_data(eval_data)
+    search_summary = None
+    if search_first:
+        model = open_source(source, revision)
+        output = Path(output or default_output(model.name, target))
+        factors_file = output.with_name(output.name + ".factors.json")
+        check_conversion_output(model, output, overwrite)
+        check_search_outputs(model, factors_file, None)
+        searched = run_search(model, data=list(data), target=target, out=factors_file, log_path=log_path,
+                              resume=resume, **search_settings)
+        if searched is None:  # a torchrun rank that does not write
+            return
+        factors, search_summary = str(factors_file), {"factors": str(factors_file), **searched[1]}
     plan = plan_conversion(source, target=target, revision=revision, factors=factors, output=output,
                            overwrite=overwrite, copy_weights=copy_weights, repo=push_to, download=not dry_run,
                            warn=status)
@@ -119,6 +243,11 @@ def convert(source: str, target: int, factors: str | None, revision: str | None,
     summary = result.summary()
     if gguf_results:
         summary["gguf"] = gguf_results
+    if search_summary:
+        summary["search"] = search_summary
+    if eval_lengths:
+        summary["eval"] = evaluate_and_refresh_card(result.output, lengths=eval_lengths, data=list(eval_data),
+                                                    device_map=search_settings["device_map"])
     if push_to:
         summary["push"] = _push(result.output, push_to, private, branch, commit_message)
     if as_json:
@@ -140,78 +269,46 @@ Examples:
               help="Text files, folders of .txt/.jsonl, JSONL files, or a `datasets` id. Repeatable.")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Factor file to write. Default: ./<source>-<target>.factors.json.")
-@click.option("--documents", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Documents per evaluation (the first ones at least as long as the evaluation length).")
-@click.option("--preset", type=click.Choice(list(SEARCH_PRESETS)), default="default", show_default=True,
-              help="'paper': the official hyper-parameters; 'default': far fewer evaluations.")
-@click.option("--max-evals", type=click.FloatRange(min=1), default=None,
-              help="Budget in evaluations (one candidate on all documents; baselines not counted), never exceeded.")
-@click.option("--time-budget", type=click.FloatRange(min=1), default=None,
-              help="Budget in seconds from the first evaluation (baselines included), checked before every document "
-                   "evaluation; the best so far is written.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--n-hat/--no-n-hat", default=True, show_default=True, help="Search n_hat too.")
+@search_options
 @click.option("--short", is_flag=True, help="Search the short factors of a LongRoPE checkpoint instead.")
-@click.option("--max-factor", type=float, default=None, help="Upper bound for factors (default 1.25 x scale).")
-@click.option("--log", "log_path", type=click.Path(path_type=Path), default=None,
-              help="JSONL log of every evaluation. Default: <out>.log.jsonl.")
-@click.option("--resume", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
-              help="Continue the search recorded in this log.")
-@click.option("--baselines/--no-baselines", default=True, show_default=True,
-              help="Also measure the source's RoPE unchanged and PI, NTK, YaRN, llama3 composed on it, on the same "
-                   "data.")
 @click.option("--convert-to", type=click.Path(path_type=Path), default=None,
               help="Then write a converted checkpoint with the searched factors here.")
-@click.option("--device-map", type=click.Choice(DEVICE_MAPS), default=None,
-              help="Spread the model over the GPUs (of each torchrun process's share of them) with accelerate, "
-                   "for models that do not fit one GPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def search(source: str, target: int | None, revision: str | None, data: tuple[str, ...], out: Path | None, documents: int, preset: str,
-           max_evals: float | None, time_budget: float | None, seed: int, n_hat: bool, short: bool,
-           max_factor: float | None, log_path: Path | None, resume: Path | None, baselines: bool,
-           convert_to: Path | None, device_map: str | None, as_json: bool) -> None:
+def search(source: str, target: int | None, revision: str | None, data: tuple[str, ...], out: Path | None,
+           short: bool, log_path: Path | None, resume: Path | None, convert_to: Path | None, as_json: bool,
+           **settings) -> None:
     """Search LongRoPE factors for SOURCE by evolution on long-document perplexity."""
-    from .search import SearchRun
-
     model = open_source(source, revision)
     out = out or Path(f"{Path(model.name).name}-{target or 'short'}.factors.json")
     check_search_outputs(model, out, convert_to)
-    log = resume or log_path or out.with_name(out.name + ".log.jsonl")
-    run = SearchRun(source=model, data=list(data), target=target, log_path=log, documents=documents, preset=preset,
-                    max_evals=max_evals, time_budget=time_budget, seed=seed, n_hat=n_hat, short=short,
-                    max_factor=max_factor, resume=resume is not None, baselines=baselines, device_map=device_map,
-                    status=status)
-    best = [math.inf]
-    with click.progressbar(length=run.planned_document_evaluations, label="search (document evaluations)",
-                           file=sys.stderr, show_pos=True,
-                           item_show_func=lambda _: f"best ppl {best[0]:.4f}" if math.isfinite(best[0]) else "",
-                           show_eta=True) as bar:
-        def evaluated() -> None:
-            if not run.is_main:
-                return
-            bar.update(1)
-            if not sys.stderr.isatty():  # no live bar in a log file: a line per finished evaluation
-                status(f"search: {bar.pos}/{bar.length} document evaluations done"
-                       + (f", best perplexity {best[0]:.4f}" if math.isfinite(best[0]) else ""))
-
-        try:
-            factor_set, summary = run.execute(on_evaluation=evaluated, on_best=lambda ppl: best.__setitem__(0, ppl))
-        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (main() turns it into SystemExit)
-            if run.is_main:
-                status(f"search interrupted; every finished evaluation is in {log}. Continue it with:\n"
-                       f"  {resume_command(sys.argv[1:], log)}")
-            raise
-    if not run.is_main:
+    searched = run_search(model, data=list(data), target=target, out=out, log_path=log_path, resume=resume,
+                          short=short, **settings)
+    if searched is None:  # a torchrun rank that does not write
         return
-    factor_set.save(out)
-    status(f"wrote {out}: method {summary['method']}, perplexity {summary['best_perplexity']:.4f} (n_hat "
-           f"{summary['n_hat']}) after {summary['evaluations']:.1f} evaluations; baselines: "
-           + (", ".join(f"{k} {v:.4f}" for k, v in summary["baselines"].items()) or "none measured"))
+    factor_set, summary = searched
     if convert_to is not None:
         result = write_checkpoint(model, factor_set, convert_to, str(out), log=status)
         status(f"wrote {result.output}")
     if as_json:
         click.echo(json.dumps({"factors": str(out), **summary}, indent=2))
+
+
+def evaluate_and_refresh_card(checkpoint: Path, *, lengths: list[int], data: list[str],
+                              device_map: str | None = None) -> dict:
+    """`eval CHECKPOINT --lengths ... --data ... --baselines --card`: perplexity of the checkpoint and the
+    baselines, results in CHECKPOINT/eval, the card's sections refreshed. Returns the results."""
+    from .card import refresh_card
+    from .evaluate import plan_evaluation, run_evaluation
+
+    plan = plan_evaluation(checkpoint, data=data, lengths=lengths, baselines=True, out=None, status=status)
+    command = f"longrope-convert eval {shlex.quote(str(checkpoint))} --lengths {','.join(map(str, lengths))} " + \
+        " ".join(f"--data {shlex.quote(entry)}" for entry in data) + " --baselines --card"
+    with click.progressbar(length=plan.steps, label="eval", file=sys.stderr, show_eta=True) as bar:
+        results = run_evaluation(plan, out=None, command=command, device_map=device_map, status=status,
+                                 on_step=lambda: bar.update(1))
+    refresh_card(checkpoint)
+    status(f"wrote {checkpoint / 'eval'} and {checkpoint / 'README.md'}")
+    return results
 
 
 def _push(folder: Path, repo: str, private: bool, branch: str | None, commit_message: str | None) -> dict:
@@ -276,13 +373,6 @@ def gguf_command(source: Path, factors: str | None, target: int | None, output: 
            f"{result.tensor_bytes / 1e9:.2f} GB)")
     if as_json:
         click.echo(json.dumps(result.summary(), indent=2))
-
-
-def _integers(ctx, param, value: str | None) -> list[int]:
-    try:
-        return [int(part) for part in value.split(",")] if value else []
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
 
 
 def _fractions(ctx, param, value: str) -> list[float]:

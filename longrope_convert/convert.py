@@ -250,6 +250,13 @@ def source_guards(source: SourceModel) -> tuple[dict[Path, str], dict[Path, str]
     return protected, {source.folder: "the source"}
 
 
+def check_conversion_output(source: SourceModel, output: Path, overwrite: bool) -> None:
+    """The output folder a conversion of `source` may write (outputs.check_output_folder): not the source,
+    none of its files, not inside it; an existing one only with `overwrite`. Raises OutputError."""
+    protected, read_only = source_guards(source)
+    check_output_folder(output, overwrite=overwrite, protected=protected, read_only=read_only)
+
+
 def plan_checkpoint(source: SourceModel, factor_set: FactorSet, output: Path, factors_origin: str, *,
                     copy_weights: bool = False, repo: str | None = None) -> ConversionPlan:
     """Plan the conversion of `source` with `factor_set` into `output`, reading only small files.

@@ -151,6 +151,50 @@ def test_push_mirrors_the_folder_after_eval_card(hub, env, tmp_path):
     assert branch_head(hub, "me/mirror") == (summary["commit"], commits + 1)
 
 
+def test_one_command_searches_converts_evaluates_and_pushes(hub, env, tmp_path):
+    """`longrope-convert SOURCE --target N --search --data D --eval-lengths ... --push-to R`: a Hub source is
+    searched (log and factor file next to the output), converted with the searched set, evaluated on other
+    text and pushed; the card and the pushed config carry the searched factors and their provenance."""
+    publish(hub, "org/tiny-search", TESTBED)
+    data = Path(__file__).parent / "data"
+    output = tmp_path / "tiny-1k"
+    done = run(env, "org/tiny-search", "--target", 1024, "--search", "--data", data / "tom_sawyer_chapters.jsonl",
+               "--documents", 1, "--max-evals", 3, "--eval-lengths", "512,1024", "--eval-data",
+               data / "sherlock_adventures.jsonl", "--output", output, "--push-to", "me/tiny-searched", "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    factors_file = tmp_path / "tiny-1k.factors.json"
+    searched = json.loads(factors_file.read_text())
+    assert summary["search"]["factors"] == str(factors_file) and (tmp_path / "tiny-1k.factors.json.log.jsonl").exists()
+    method = searched["provenance"]["method"]
+    assert method == summary["search"]["method"] and method.startswith(("search", "baseline:"))
+    assert json.loads((output / "longrope_factors.json").read_text()) == searched
+    config = json.loads(remote_text(hub, "me/tiny-searched", "config.json"))
+    assert config["rope_scaling"]["long_factor"] == searched["long_factor"] and config["max_position_embeddings"] == 1024
+    card = remote_text(hub, "me/tiny-searched", "README.md")
+    assert card == (output / "README.md").read_text() and "## Evaluation" in card and f"`{method}`" in card
+    assert "tom_sawyer_chapters.jsonl" in card  # the search data, from the provenance
+    assert set(summary["eval"]["perplexity"]["perplexity"]) >= {"LongRoPE" if method == "search" else
+                                                               f"LongRoPE ({method})", "none", "pi", "ntk", "yarn"}
+    assert "eval/results.json" in remote_files(hub, "me/tiny-searched")
+    assert summary["push"]["repo"] == "me/tiny-searched"
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--data", "books"], "--data applies to --search"),
+    (["--max-evals", "3"], "--max-evals applies to --search"),
+    (["--search", "--factors", "yarn", "--data", "books"], "--search finds the factors: drop --factors"),
+    (["--search"], "--search needs --data"),
+    (["--search", "--data", "books", "--dry-run"], "--dry-run does not cover --search"),
+    (["--eval-lengths", "512"], "--eval-lengths and --eval-data go together"),
+    (["--eval-lengths", "4096", "--eval-data", "books"], "--eval-lengths must lie between 2 and --target 1024"),
+])
+def test_one_command_refuses_options_that_do_not_go_together(env, tmp_path, arguments, message):
+    done = run(env, TESTBED, "--target", 1024, "--output", tmp_path / "out", *arguments)
+    assert done.returncode == 2 and message in done.stderr.strip().splitlines()[-1], done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_card_the_hub_refuses_is_one_line_and_creates_nothing(hub, env, tmp_path):
     source = read_source(TESTBED)
     folder = write_checkpoint(source, analytic_factor_set("pi", source.fingerprint, 1024), tmp_path / "out",
