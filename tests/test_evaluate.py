@@ -5,36 +5,30 @@ import math
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from conftest import DATA
 from longrope_convert import cli
-from longrope_convert.card import front_matter, model_card
+from longrope_convert.card import front_matter
 from longrope_convert.convert import longrope_config
 from longrope_convert.errors import EvaluationError
 from longrope_convert.evaluate import (
     PASSKEY_ANSWER_TOKENS,
     check_lengths,
-    comparison_sets,
     passkey_prompt,
     passkey_trials,
     perplexity_by_length,
-    plan_evaluation,
     read_passkey,
-    run_evaluation,
     sliding_window_nll,
     sliding_windows,
 )
-from longrope_convert.factors import analytic_factor_set, load_factor_set
-from longrope_convert.documents import Document
-from longrope_convert.perplexity import document_ids, load_longrope_model, token_nll, tokenized_documents
+from longrope_convert.factors import analytic_factor_set
+from longrope_convert.perplexity import document_ids, load_longrope_model, token_nll
 from longrope_convert.plots import factors_plot, passkey_heatmap, perplexity_plot, read_series
 from longrope_convert.source import read_source
 
