@@ -63,6 +63,7 @@ from .factors import (
     find_shipped_factor_set,
     load_factor_set,
 )
+from .source_rope import DEFAULT_ROPE
 
 ARCHITECTURE = "llama"  # the only architecture whose graph applies rope_freqs as LongRoPE needs
 ROPE_FREQS = "rope_freqs.weight"
@@ -272,27 +273,41 @@ def resolve_gguf_factors(source: GGUFModel, factors: str | None, target: int | N
 def check_fits(source: GGUFModel, factor_set: FactorSet, origin: str) -> None:
     """Raise GGUFError unless `factor_set` (absolute factors) was made for this model and its RoPE.
 
-    The model must match (head_dim, rope_theta, original window, layers, hidden size); a source that
-    already applies per-dimension factors (a Llama 3.1 GGUF's llama3 rope_freqs) needs factors made on
-    top of them, recorded under provenance `base_factors`: writing others would drop its scaling.
+    The model must match (head_dim, rope_theta, original window, layers, hidden size), and the RoPE the
+    set composes on (`made_on`) must be the one the GGUF already applies (`base_factors`, e.g. a Llama
+    3.1 GGUF's llama3 rope_freqs): writing a set made on other frequencies would drop or double that
+    scaling.
     """
     theirs, mine = asdict(factor_set.model), asdict(source.fingerprint)
     differences = [f"{key} {theirs[key]} (this GGUF: {mine[key]})" for key in mine
-                   if key not in ("name", "architecture") and theirs[key] != mine[key]]
+                   if key not in ("name", "architecture", "rope_scaling") and theirs[key] != mine[key]]
     if differences:
         raise GGUFError(f"{origin}: factors were made for another model ({factor_set.model.name}): "
                         + ", ".join(differences))
     if factor_set.target_length <= source.context_length:
         raise GGUFError(f"{origin}: factors are for {factor_set.target_length} tokens; '{source.path.name}' already "
                         f"runs at {source.context_length}")
-    declared = (factor_set.provenance.get("base_factors") or {}).get("long_factor")
-    if source.base_factors is not None and not _same_factors(declared, source.base_factors):
-        made_on = "the model's raw frequencies" if declared is None else "another base scaling"
-        raise GGUFError(
-            f"{origin}: '{source.path.name}' already scales RoPE per dimension (rope_freqs from "
-            f"{min(source.base_factors):g} to {max(source.base_factors):g}) and these factors were made on "
-            f"{made_on}; writing them would drop that scaling. Use an analytic --factors name (composed on top "
-            "of it) or factors searched on this model")
+    base = made_on(factor_set)
+    if base is None and source.base_factors is None:
+        return
+    if base is None or source.base_factors is None or not _same_factors(base, source.base_factors):
+        gguf_side = ("applies no per-dimension scaling" if source.base_factors is None else
+                     f"already scales RoPE per dimension (rope_freqs from {min(source.base_factors):g} to "
+                     f"{max(source.base_factors):g})")
+        set_side = "the model's raw frequencies" if base is None else f"another scaling (from {min(base):g} to " \
+            f"{max(base):g})"
+        raise GGUFError(f"{origin}: '{source.path.name}' {gguf_side} and these factors were made on {set_side}; "
+                        "writing them would drop or double a scaling. Use an analytic --factors name (composed on "
+                        "the GGUF's own RoPE) or factors made for the checkpoint this GGUF was converted from")
+
+
+def made_on(factor_set: FactorSet) -> list[float] | None:
+    """The per-dimension factors of the RoPE a set composes on [head_dim/2], None for the raw frequencies:
+    its source's own scaling (factor files of format 2: model.rope_scaling, as source_rope reads it), else
+    a base recorded under provenance `base_factors` (compose_on_source_rope, format-1 files)."""
+    if factor_set.model.rope_scaling != DEFAULT_ROPE:
+        return factor_set.model.base_factor_set().long_factor
+    return (factor_set.provenance.get("base_factors") or {}).get("long_factor")
 
 
 def _same_factors(declared: list[float] | None, actual: list[float]) -> bool:

@@ -26,6 +26,7 @@ from longrope_convert.factors import (
 from longrope_convert.perplexity import document_ids, load_longrope_model, perplexity
 from longrope_convert.source import read_source
 from longrope_convert.testing import smollm2_gguf
+from conftest import edit_json
 from test_convert import leftovers, run_cli
 from test_hub import env, hub, publish, run  # noqa: F401 (fixtures)
 
@@ -187,6 +188,33 @@ def test_convert_with_gguf_extends_the_source_ggufs_into_the_output(plain_gguf, 
     code, _, err = run_cli(capfd, monkeypatch, source, "--target", 2048, "--gguf", "*.Q4_0.gguf", "--output",
                            tmp_path / "none")
     assert code == 1 and "no GGUF file" in error_line(err) and not (tmp_path / "none").exists()
+
+
+def test_convert_with_gguf_on_a_llama3_source_writes_what_the_gguf_command_writes(llama3_style_gguf, tmp_path,
+                                                                                  capfd, monkeypatch):
+    """A Llama 3.1-style checkpoint (llama3 scaling in config.json) and its GGUF (the same factors in
+    rope_freqs): `convert --gguf` and `gguf` on the GGUF alone compose the same long set on the same base."""
+    source = tmp_path / "tiny-llama3"
+    shutil.copytree(TESTBED, source)
+    edit_json(source / "config.json", max_position_embeddings=512, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 256})
+    shutil.copyfile(llama3_style_gguf, source / "tiny-llama3.F32.gguf")
+    code, out, err = run_cli(capfd, monkeypatch, source, "--target", 2048, "--factors", "yarn", "--gguf", "*.gguf",
+                             "--output", tmp_path / "out", "--json")
+    assert code == 0, err
+    checkpoint = load_factor_set(tmp_path / "out" / "longrope_factors.json")
+    written = tmp_path / "out" / "tiny-llama3.F32.gguf"
+    assert tensors(written)["rope_freqs.weight"].data.tolist() == np.float32(checkpoint.long_factor).tolist()
+    assert fields(written)["llama.rope.scaling.attn_factor"] == pytest.approx(checkpoint.long_mscale, rel=1e-6)
+
+    code, _, err = run_cli(capfd, monkeypatch, "gguf", llama3_style_gguf, "--factors", "yarn", "--target", 2048,
+                           "--output", tmp_path / "alone.gguf")
+    assert code == 0, err
+    assert tensors(tmp_path / "alone.gguf")["rope_freqs.weight"].data.tolist() == \
+        pytest.approx(tensors(written)["rope_freqs.weight"].data.tolist(), rel=1e-6)
+    assert fields(tmp_path / "alone.gguf")["llama.rope.scaling.attn_factor"] == \
+        pytest.approx(fields(written)["llama.rope.scaling.attn_factor"], rel=1e-6)
 
 
 def test_convert_with_gguf_downloads_only_the_matching_ggufs_from_the_hub(hub, env, plain_gguf, tmp_path):
