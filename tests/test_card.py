@@ -24,7 +24,8 @@ from longrope_convert.source import read_source
 ROOT = Path(__file__).parents[1]
 TESTBED = Path(__file__).parent / "testbed" / "tiny-llama-256"
 SEARCHED = ROOT / "factors" / "tiny-llama-256" / "2048.json"
-LEGACY_EXAMPLE = ROOT / "examples" / "SmolLM2-135M-LongRoPE-16k"  # written before cards had markers
+EXAMPLE = ROOT / "examples" / "SmolLM2-135M-LongRoPE-16k"
+LEGACY_CARD = Path(__file__).parent / "data" / "legacy-card"  # the example's files before cards had markers
 
 
 def test_card_metadata_and_honest_provenance():
@@ -119,7 +120,9 @@ def test_refreshing_rewrites_only_the_tools_sections(tmp_path):
 
 def test_a_card_written_before_markers_is_refreshed_by_its_headings(tmp_path):
     folder = tmp_path / "legacy"
-    shutil.copytree(LEGACY_EXAMPLE, folder)
+    shutil.copytree(EXAMPLE, folder)
+    for legacy_file in LEGACY_CARD.iterdir():
+        shutil.copyfile(legacy_file, folder / legacy_file.name)
     legacy = (folder / CARD_FILE).read_text()
     head = legacy[:legacy.index("\n---\n") + 5]
     user = legacy.replace(head, head.replace("---\n", "---\nlanguage: en\n", 1)) + "\n## Notes\n\nMy own notes.\n"
