@@ -405,6 +405,15 @@ class LongRoPELlamaModel(LlamaModel):
         generated = kwargs.pop("longrope_generated", None)
         step = input_ids if input_ids is not None else inputs_embeds
         past_length = int(cache.get_seq_length()) if cache is not None else 0
+        total_length = past_length + step.shape[1]
+        if (position_ids is None and attention_mask is not None and attention_mask.dim() == 2
+                and attention_mask.shape[-1] == total_length
+                and total_length > self.rotary_emb.original_max_position_embeddings
+                and not bool(attention_mask.all())):
+            # A padded batch longer than the window, without positions: count each row's own tokens (as
+            # generate() does), so each row picks its factor set, and n_hat, from its own length. Within the
+            # window stock's positions are kept: there every row is short either way, bit for bit stock.
+            position_ids = _positions_from_mask(attention_mask)[:, past_length:]
         step_positions = position_ids
         if step_positions is None:  # as the parent makes them
             step_positions = torch.arange(step.shape[1], device=step.device)[None] + past_length
