@@ -64,6 +64,18 @@ def cli() -> None:
     """
 
 
+def _given(ctx: click.Context, *names: str) -> list[str]:
+    """The options among `names` (parameter names) given on the command line, as flags."""
+    return [next(p.opts[0] for p in ctx.command.params if p.name == name) for name in names
+            if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+
+
+def _finite(ctx, param, value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):  # FloatRange lets inf and nan through
+        raise click.BadParameter(f"must be a finite number, got {value}")
+    return value
+
+
 def search_options(command):
     """The options of a search, shared by `search` and `convert --search`."""
     options = [
@@ -71,10 +83,10 @@ def search_options(command):
                      help="Documents per evaluation (the first ones at least as long as the evaluation length)."),
         click.option("--preset", type=click.Choice(list(SEARCH_PRESETS)), default="default", show_default=True,
                      help="'paper': the official hyper-parameters; 'default': far fewer evaluations."),
-        click.option("--max-evals", type=click.FloatRange(min=1), default=None,
+        click.option("--max-evals", type=click.FloatRange(min=1), default=None, callback=_finite,
                      help="Budget in evaluations (one candidate on all documents; baselines not counted), never "
                           "exceeded."),
-        click.option("--time-budget", type=click.FloatRange(min=1), default=None,
+        click.option("--time-budget", type=click.FloatRange(min=1), default=None, callback=_finite,
                      help="Budget in seconds from the first evaluation (baselines included), checked before every "
                           "document evaluation; the best so far is written."),
         click.option("--seed", type=int, default=0, show_default=True),
@@ -147,7 +159,7 @@ def run_search(model, *, data: list[str], target: int | None, out: Path, log_pat
                    "target, else the YaRN-derived init (with a warning).")
 @click.option("--revision", default=None, help="Branch, tag or commit of a Hub SOURCE.")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
-              help="Output folder. Default: ./<source name>-longrope-<target>.")
+              help="Output folder. Default: ./<source name>-longrope-<target> (16k for 16384).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder.")
 @click.option("--copy-weights", is_flag=True, help="Copy weight files instead of hard-linking them.")
 @click.option("--push-to", default=None, metavar="REPO", help="Push the output folder to this Hub repo (one commit).")
@@ -178,10 +190,12 @@ def convert(ctx: click.Context, source: str, target: int, factors: str | None, r
     """Convert SOURCE (a local checkpoint folder or a Hub repo id) into a LongRoPE checkpoint for --target tokens."""
     from .preflight import check_data
 
-    given = [name for name in ("data", "log_path", "resume", *SEARCH_SETTINGS)
-             if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+    given = _given(ctx, "data", "log_path", "resume", *SEARCH_SETTINGS)
     if given and not search_first:
-        raise click.UsageError(f"--{given[0].replace('_', '-').removesuffix('-path')} applies to --search")
+        raise click.UsageError(f"{given[0]} applies to --search")
+    given = _given(ctx, "private", "branch", "commit_message")
+    if given and not push_to:
+        raise click.UsageError(f"{given[0]} applies to --push-to")
     if search_first and (factors or not data or dry_run):
         raise click.UsageError("--search finds the factors: drop --factors" if factors else
                                "--search needs --data" if not data else "--dry-run does not cover --search")
@@ -354,7 +368,7 @@ Examples:
                    "composed on the GGUF's own RoPE). Default: shipped searched factors for this model and target.")
 @click.option("--target", type=click.IntRange(min=1), default=None, help="New context length in tokens.")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
-              help="Output GGUF. Default: ./<source stem>-longrope-<target>.gguf.")
+              help="Output GGUF. Default: ./<source stem>-longrope-<target>.gguf (16k for 16384).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def gguf_command(source: Path, factors: str | None, target: int | None, output: Path | None, overwrite: bool,
@@ -417,13 +431,16 @@ Examples:
 @click.option("--device-map", type=click.Choice(DEVICE_MAPS), default=None,
               help="Spread the model over the GPUs with accelerate, for models that do not fit one GPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout instead of tables.")
-def evaluate(checkpoint: Path, lengths: list[int], data: tuple[str, ...], baselines: bool, protocol: str, stride: int,
-             documents: int, passkey_lengths: list[int], depths: list[float], trials: int, seed: int,
-             beyond_target: bool, out: Path | None, card: bool, device_map: str | None, as_json: bool) -> None:
+@click.pass_context
+def evaluate(ctx: click.Context, checkpoint: Path, lengths: list[int], data: tuple[str, ...], baselines: bool,
+             protocol: str, stride: int, documents: int, passkey_lengths: list[int], depths: list[float], trials: int,
+             seed: int, beyond_target: bool, out: Path | None, card: bool, device_map: str | None, as_json: bool) -> None:
     """Perplexity against length and passkey retrieval for a converted CHECKPOINT; plots and model card."""
     from .card import EVAL_DIR, refresh_card
     from .evaluate import plan_evaluation, run_evaluation
 
+    if _given(ctx, "stride") and protocol != "sliding":
+        raise click.UsageError("--stride applies to --protocol sliding")
     if card and out is not None and Path(out).resolve() != (checkpoint / EVAL_DIR).resolve():
         raise click.UsageError(f"--card reads the results in {checkpoint / EVAL_DIR}: drop --out")
     plan = plan_evaluation(checkpoint, data=list(data), lengths=lengths, baselines=baselines, protocol=protocol,

@@ -66,6 +66,9 @@ FORMAT = "longrope-factors"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
 ANALYTIC_METHODS = ("pi", "ntk", "yarn", "llama3")
+# Rotary angles are computed from float32 positions (as in stock transformers), which hold integers exactly
+# only up to 2**24: beyond it neighbouring positions share an angle.
+MAX_TARGET_LENGTH = 2**24
 PROVENANCE_FIELDS = {
     "method": "how the factors were made: 'search', 'search:short', 'search:no-evolution', 'baseline:<name>', "
               "'init:<pi|ntk|yarn|llama3>', ...",
@@ -244,6 +247,9 @@ def factor_set_from_json(data: Any, origin: str = "<factors>") -> FactorSet:
         fail("target_length", "must be an integer")
     if target <= base.max_position_embeddings:
         fail("target_length", f"{target} must exceed the source's window {base.max_position_embeddings}")
+    if target > MAX_TARGET_LENGTH:
+        fail("target_length", f"{target} is beyond {MAX_TARGET_LENGTH:,} tokens, where float32 positions stop being "
+                              "exact")
 
     half = fingerprint.head_dim // 2
     factors = {}
@@ -328,6 +334,9 @@ def source_factor_set(model: ModelFingerprint, target_length: int) -> FactorSet:
     if target_length <= base.max_position_embeddings:
         raise LongRoPEError(f"--target {target_length} must be larger than the source's context window "
                             f"{base.max_position_embeddings}")
+    if target_length > MAX_TARGET_LENGTH:
+        raise LongRoPEError(f"--target {target_length} is beyond {MAX_TARGET_LENGTH:,} tokens, where float32 "
+                            "positions (which rotary angles are computed from) stop being exact")
     rule, long_mscale = next(iter(long_attention_scales(base, target_length).items()))
     provenance = {}
     if base.rope_type != "default":

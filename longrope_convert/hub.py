@@ -213,6 +213,9 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, branch: st
     api = HfApi()
     with hub_errors(repo_id, branch, pushing=True):
         _validate_card(card, folder)
+        if _base_model(card) == repo_id:  # would overwrite the source's config.json and card
+            raise HubError(f"'{repo_id}' is the base model {folder} was converted from (its card's base_model); "
+                           "push the converted checkpoint to a repo of its own")
         if not (folder / CARD_FILE).is_file() or card != (folder / CARD_FILE).read_text(encoding="utf-8"):
             write_text_atomically(folder / CARD_FILE, card)
         local = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")  # no hidden files
@@ -247,10 +250,14 @@ def _check_converted(folder: Path) -> None:
 
 def _validate_card(card: str, folder: Path) -> None:
     """The Hub's own check of the card metadata (what a commit of README.md would be refused for)."""
+    import yaml
     from huggingface_hub import ModelCard
 
     try:
         ModelCard(card, ignore_metadata_errors=True).validate()
+    except yaml.YAMLError as error:  # the front matter cannot be read at all
+        raise HubError(f"{folder / CARD_FILE}: its front matter is not valid YAML ({_first_line(error)}); fix it "
+                       "and push again (nothing was created)") from None
     except ValueError as error:  # the Hub's answer, a JSON list of errors as text
         try:
             reasons = "; ".join(item["message"].rstrip(".") for item in json.loads(str(error))["errors"])
@@ -258,6 +265,14 @@ def _validate_card(card: str, folder: Path) -> None:
             reasons = _first_line(error)
         raise HubError(f"the Hub refuses the metadata of {folder / CARD_FILE}: {reasons}; fix its front matter "
                        "and push again (nothing was created)") from None
+
+
+def _base_model(card: str) -> str | None:
+    """The card's `base_model` (the first, when it lists several)."""
+    from huggingface_hub import ModelCard
+
+    base = ModelCard(card, ignore_metadata_errors=True).data.base_model
+    return base[0] if isinstance(base, list) and base else base
 
 
 def _undo(api, repo_id: str, branch: str | None, created_repo: bool, created_branch: bool,

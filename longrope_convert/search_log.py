@@ -104,6 +104,9 @@ class SearchLog:
 def header_difference(logged: dict[str, Any], header: dict[str, Any]) -> str:
     """What differs between a logged header and the resumed search's, in words ("" when nothing does);
     the budget may change between runs."""
+    for field in ("mode", "target_length", "eval_length"):  # these change the documents' tokens too: name them first
+        if logged.get(field) != header.get(field):
+            return f"the setting '{field}' changed (the log has {logged.get(field)!r})"
     logged_documents, documents = logged.get("documents") or [], header["documents"]
     if [d.get("name") for d in logged_documents] != [d["name"] for d in documents]:
         return f"the documents changed (the log has {[d.get('name') for d in logged_documents]})"

@@ -63,6 +63,8 @@ CASES = [
     ("convert", "impossible lengths", "target within the window", "--target 64 must be larger than the source's "
                                                                   "context window 64"),
     ("convert", "impossible lengths", "target zero", "Invalid value for '--target': 0 is not in the range x>=1"),
+    ("convert", "impossible lengths", "target beyond float32 positions", "--target 16777217 is beyond 16,777,216 "
+                                                                         "tokens, where float32 positions"),
     ("convert", "impossible lengths", "no target", "Missing option '--target'"),
     ("convert", "impossible lengths", "window zero", "'max_position_embeddings' must be a positive integer, got 0"),
     ("convert", "impossible lengths", "factors for another target", "factors are for target 512, not --target 256"),
@@ -87,6 +89,7 @@ CASES = [
     ("search", "corrupt files", "weights truncated", "do not fit its size"),
     ("search", "wrong types", "--short on a plain model", "--short searches the short factors of a LongRoPE"),
     ("search", "impossible lengths", "target within the window", "--target 256 must be larger"),
+    ("search", "wrong types", "--max-evals infinite", "Invalid value for '--max-evals': must be a finite number"),
     ("search", "impossible lengths", "documents shorter than the target", "--data has no document of at least "
                                                                           "65536 tokens"),
     ("search", "unwritable places", "--out is a folder", "--out '"),
@@ -101,6 +104,7 @@ CASES = [
     ("eval", "corrupt files", "config.json not JSON", "config.json: not a readable JSON file"),
     ("eval", "corrupt files", "weights truncated", "do not fit its size"),
     ("eval", "impossible lengths", "documents shorter than the length", "--data has no document of at least"),
+    ("eval", "wrong types", "--stride without the sliding protocol", "--stride applies to --protocol sliding"),
     ("eval", "unwritable places", "--out is the checkpoint", "is the checkpoint"),
     ("eval", "unwritable places", "--out not written by this tool", "was not written by longrope-convert"),
     ("eval", "unwritable places", "--out in a read-only folder", "permission denied"),
@@ -193,6 +197,12 @@ def arrange(command: str, case: str, tmp_path: Path, tiny_llama_dir: Path, conve
         args[args.index("--target") + 1] = TINY_WINDOW if command == "convert" else 256
     elif case == "target zero":
         args[args.index("--target") + 1] = 0
+    elif case == "--stride without the sliding protocol":
+        args += ["--stride", 128]
+    elif case == "--max-evals infinite":
+        args[args.index("--max-evals") + 1] = "inf"
+    elif case == "target beyond float32 positions":
+        args[args.index("--target") + 1] = 2**24 + 1
     elif case == "no target":
         del args[1:3]
     elif case == "window zero":

@@ -187,6 +187,9 @@ def test_one_command_searches_converts_evaluates_and_pushes(hub, env, tmp_path):
     (["--search"], "--search needs --data"),
     (["--search", "--data", "books", "--dry-run"], "--dry-run does not cover --search"),
     (["--eval-lengths", "512"], "--eval-lengths and --eval-data go together"),
+    (["--factors", "pi", "--private"], "--private applies to --push-to"),
+    (["--factors", "pi", "--branch", "b"], "--branch applies to --push-to"),
+    (["--no-n-hat"], "--n-hat applies to --search"),
     (["--eval-lengths", "4096", "--eval-data", "books"], "--eval-lengths must lie between 2 and --target 1024"),
 ])
 def test_one_command_refuses_options_that_do_not_go_together(env, tmp_path, arguments, message):
@@ -208,6 +211,27 @@ def test_a_card_the_hub_refuses_is_one_line_and_creates_nothing(hub, env, tmp_pa
         "(nothing was created)"]
     assert hub.store.load("me/refused") is None
     assert not any(r["path"] == "/api/repos/create" and "refused" in json.dumps(r) for r in hub.requests)
+
+
+def test_a_card_that_is_not_yaml_and_a_push_onto_the_base_model_are_one_line_and_create_nothing(hub, env, tmp_path):
+    source = read_source(TESTBED)
+    folder = write_checkpoint(source, analytic_factor_set("pi", source.fingerprint, 1024), tmp_path / "out",
+                              "init:pi").output
+    card = (folder / "README.md").read_text()
+    (folder / "README.md").write_text(card.replace("library_name:", "license: [x\nlibrary_name:", 1))
+    done = run(env, "push", folder, "--to", "me/not-yaml")
+    assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert "front matter is not valid YAML" in done.stderr and hub.store.load("me/not-yaml") is None
+
+    publish(hub, "org/base", TESTBED)
+    converted = run(env, "org/base", "--target", 1024, "--factors", "pi", "--output", tmp_path / "converted")
+    assert converted.returncode == 0, converted.stderr
+    before = branch_head(hub, "org/base")
+    done = run(env, "push", tmp_path / "converted", "--to", "org/base")
+    assert done.returncode == 1 and done.stderr.splitlines() == [
+        f"error: 'org/base' is the base model {tmp_path / 'converted'} was converted from (its card's base_model); "
+        "push the converted checkpoint to a repo of its own"]
+    assert branch_head(hub, "org/base") == before
 
 
 def test_a_failed_push_removes_the_repo_or_branch_it_created(hub, env, tmp_path):

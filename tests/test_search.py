@@ -253,14 +253,16 @@ def test_resume_is_refused_when_a_document_the_config_or_the_weights_changed(tmp
     shutil.copytree(TESTBED, model)
     shutil.copy(SEARCH_DATA, data)
 
-    def open_search(resume: bool) -> SearchRun:
-        return SearchRun(source=read_source(model), data=[str(data)], target=1024, documents=2, log_path=log,
+    def open_search(resume: bool, target: int = 1024) -> SearchRun:
+        return SearchRun(source=read_source(model), data=[str(data)], target=target, documents=2, log_path=log,
                          resume=resume)
 
     open_search(resume=False)
     with pytest.raises(LongRoPEError, match="exists; pass --resume"):
         open_search(resume=False)
     open_search(resume=True)  # unchanged: accepted
+    with pytest.raises(LongRoPEError, match="the setting 'target_length' changed"):  # not "document ... changed"
+        open_search(resume=True, target=2048)
 
     books = data.read_text()
     data.write_text(books.replace("Tom", "Sid", 1))
