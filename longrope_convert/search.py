@@ -304,6 +304,9 @@ class SearchRun:
         if not self.documents:
             raise LongRoPEError(f"--data has no document of at least {self.eval_length} tokens "
                                 f"({skipped} shorter ones skipped)")
+        if len(self.documents) < documents:
+            self.status(f"warning: --documents {documents}, but --data has only {len(self.documents)} of at least "
+                        f"{self.eval_length} tokens; the search uses those")
         budget = {"max_evals": max_evals, "time_budget": time_budget}
         self.log = SearchLog(log_path, lambda: search_log_header(
             source, self.task, self.document_names, self.documents, skipped, self.eval_length, seed, preset, budget),
