@@ -314,12 +314,17 @@ def evaluate_and_refresh_card(checkpoint: Path, *, lengths: list[int], data: lis
     from .card import refresh_card
     from .evaluate import plan_evaluation, run_evaluation
 
-    plan = plan_evaluation(checkpoint, data=data, lengths=lengths, baselines=True, out=None, status=status)
     command = f"longrope-convert eval {shlex.quote(str(checkpoint))} --lengths {','.join(map(str, lengths))} " + \
         " ".join(f"--data {shlex.quote(entry)}" for entry in data) + " --baselines --card"
-    with click.progressbar(length=plan.steps, label="eval", file=sys.stderr, show_eta=True) as bar:
-        results = run_evaluation(plan, out=None, command=command, device_map=device_map, status=status,
-                                 on_step=lambda: bar.update(1))
+    try:
+        plan = plan_evaluation(checkpoint, data=data, lengths=lengths, baselines=True, out=None, status=status)
+        with click.progressbar(length=plan.steps, label="eval", file=sys.stderr, show_eta=True) as bar:
+            results = run_evaluation(plan, out=None, command=command, device_map=device_map, status=status,
+                                     on_step=lambda: bar.update(1))
+    except (KeyboardInterrupt, SystemExit, LongRoPEError, OSError):
+        status(f"{checkpoint} is converted, but its evaluation did not finish (nothing was pushed); finish with:\n"
+               f"  {command}")
+        raise
     refresh_card(checkpoint)
     status(f"wrote {checkpoint / 'eval'} and {checkpoint / 'README.md'}")
     return results
@@ -457,7 +462,17 @@ def evaluate(ctx: click.Context, checkpoint: Path, lengths: list[int], data: tup
     if card:
         refresh_card(checkpoint)
         status(f"wrote {checkpoint / 'README.md'}")
+    elif out is None and "<!-- longrope-convert:begin evaluation" in _card_text(checkpoint):
+        status(f"warning: {checkpoint / 'README.md'} still shows the earlier evaluation, not these results in "
+               f"{checkpoint / EVAL_DIR}; run again with --card to update it")
     click.echo(json.dumps(results, indent=2, allow_nan=False) if as_json else "\n".join(_result_tables(results)))
+
+
+def _card_text(folder: Path) -> str:
+    try:
+        return (folder / "README.md").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def _result_tables(results: dict) -> list[str]:
@@ -491,6 +506,7 @@ def push(folder: Path, repo: str, branch: str | None, private: bool, commit_mess
     The card's loading snippet is set to REPO and --branch; files of an earlier conversion that FOLDER
     does not have are deleted in the same commit; other files in the repo are kept.
     """
+    check_push(repo)
     summary = _push(folder, repo, private, branch, commit_message)
     if as_json:
         click.echo(json.dumps(summary, indent=2))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .card import CARD_FILE, hub_model_id, model_card, source_license
-from .errors import LongRoPEError
+from .errors import LongRoPEError, OutputError
 from .factors import (
     ANALYTIC_METHODS,
     FACTORS_FILE,
@@ -219,6 +219,7 @@ def link_or_copy(source: Path, target: Path, copy: bool) -> str:
         except OSError:  # other file system, or links not permitted
             pass
     shutil.copyfile(real, target)  # kernel-side copy on Linux: constant memory
+    shutil.copymode(real, target)  # no wider permissions than the source's (a link shares them)
     return "copy"
 
 
@@ -252,9 +253,28 @@ def source_guards(source: SourceModel) -> tuple[dict[Path, str], dict[Path, str]
 
 def check_conversion_output(source: SourceModel, output: Path, overwrite: bool) -> None:
     """The output folder a conversion of `source` may write (outputs.check_output_folder): not the source,
-    none of its files, not inside it; an existing one only with `overwrite`. Raises OutputError."""
+    none of its files, not inside it; an existing one only with `overwrite`, and only when it holds nothing
+    but what conversions and evaluations write (check_no_foreign_files). Raises OutputError."""
     protected, read_only = source_guards(source)
     check_output_folder(output, overwrite=overwrite, protected=protected, read_only=read_only)
+    check_no_foreign_files(output)
+
+
+def check_no_foreign_files(output: Path) -> None:
+    """--overwrite replaces the whole output folder: refuse one that holds files no conversion or evaluation
+    writes (a user's notes, another folder), naming them. Raises OutputError."""
+    from .hub import is_conversion_output
+
+    output = Path(output)
+    if not output.is_dir():
+        return
+    foreign = sorted(path.relative_to(output).as_posix() for path in output.rglob("*")
+                     if not path.is_dir() and path.name != MARKER and not path.name.endswith(".gguf")
+                     and not is_conversion_output(path.relative_to(output).as_posix()))
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputError(f"--output '{output}' holds files longrope-convert did not write ({listed}); --overwrite "
+                          "replaces the whole folder: move them out first, or choose another --output")
 
 
 def plan_checkpoint(source: SourceModel, factor_set: FactorSet, output: Path, factors_origin: str, *,
@@ -264,7 +284,8 @@ def plan_checkpoint(source: SourceModel, factor_set: FactorSet, output: Path, fa
     Written: config.json (longrope_config), the modeling file, the factor file, the model card (naming
     `repo`, default: the output folder) and the MARKER. Copied: the tokenizer, generation config and
     licence files, except those with a window field (WINDOW_FIELDS) equal to the source's window, which
-    are rewritten with the new one. Weights: hard-linked, or copied with `copy_weights`.
+    are rewritten with the new one. Weights: hard-linked, or copied with `copy_weights` or when the output
+    is on another file system.
     Raises SourceError when a file that must be rewritten cannot be parsed.
     """
     files = source.files
@@ -272,7 +293,8 @@ def plan_checkpoint(source: SourceModel, factor_set: FactorSet, output: Path, fa
     config = longrope_config(source.config, factor_set)
     changes = [{"file": "config.json", "field": "max_position_embeddings", "from": old, "to": new}]
     changes += extend_window_fields(config, "config.json", old, new)
-    planned = [PlannedFile(path.name, files.sizes[path.name], "copy" if copy_weights else "hard link")
+    link = not copy_weights and _same_file_system(source, output)
+    planned = [PlannedFile(path.name, files.sizes[path.name], "hard link" if link else "copy")
                for path in source.weight_files]
     copied = copied_file_names(sorted(files.sizes))
     for name in copied:
@@ -301,6 +323,21 @@ def plan_checkpoint(source: SourceModel, factor_set: FactorSet, output: Path, fa
                           files=planned, changes=changes, protected=protected, read_only=read_only,
                           source_files=read,
                           download={name: files.sizes[name] for name in read if name in files.not_cached})
+
+
+def _same_file_system(source: SourceModel, output: Path) -> bool:
+    """Whether the source's weights (a Hub source's: in the Hugging Face cache) and the output's nearest existing
+    folder are on one file system, so that the weights can be hard-linked."""
+    from .hub import hub_cache
+
+    where = source.folder if isinstance(source.files, FolderFiles) else hub_cache()
+    existing = Path(output).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        return os.stat(os.path.realpath(where)).st_dev == os.stat(existing).st_dev
+    except OSError:  # the cache not created yet: nothing to compare, try to link
+        return True
 
 
 def _written(name: str, text: str) -> PlannedFile:
@@ -335,6 +372,7 @@ def plan_conversion(source: str, *, target: int, revision: str | None = None, fa
         plan = plan_checkpoint(model, factor_set, output, origin, copy_weights=copy_weights, repo=repo)
     check_output_folder(output, overwrite=overwrite, protected={**guard, **plan.protected},
                         read_only={**guard, **plan.read_only})
+    check_no_foreign_files(output)
     return plan
 
 

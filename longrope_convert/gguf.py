@@ -332,6 +332,8 @@ def extend_gguf(source: GGUFModel, output: str | Path, factor_set: FactorSet, *,
     started = time.perf_counter()
     check_fits(source, factor_set, factors_origin)
     output = Path(output)
+    if output.is_dir():
+        raise GGUFError(f"output '{output}' is a folder; give a file name (e.g. {output / source.path.name})")
     if output.exists() and not overwrite:
         raise GGUFError(f"output '{output}' already exists; pass --overwrite to replace it")
     if output.exists() and output.resolve() == source.path.resolve():

@@ -68,11 +68,7 @@ def check_output_folder(output: Path, *, overwrite: bool, protected: Mapping[Pat
             verb = "is" if real == kept else "contains"
             raise OutputError(f"{option} '{output}' {verb} {what} ('{path}'), which must not be replaced; "
                               f"choose another {option}")
-    for folder, what in (read_only or {}).items():
-        kept = Path(os.path.realpath(folder))
-        if real == kept or kept in real.parents:
-            raise OutputError(f"{option} '{output}' lies inside {what} ('{folder}'), which is never written to; "
-                              f"choose a {option} outside it")
+    check_outside(output, read_only or {}, option)
     # os.path's tests, unlike Path's, answer False for names the file system cannot even look up
     if os.path.islink(output):
         raise OutputError(f"{option} '{output}' is a symbolic link; give the folder it points to")
@@ -86,6 +82,17 @@ def check_output_folder(output: Path, *, overwrite: bool, protected: Mapping[Pat
                               f"{MARKER} file); only such a folder, or an empty one, is replaced: remove it "
                               f"yourself or choose another {option}")
     check_writable_place(output)
+
+
+def check_outside(path: Path, read_only: Mapping[Path, str], option: str) -> None:
+    """`path` (given with `option`) is none of the `read_only` folders ({folder: what it is}) and lies inside none,
+    symlinks resolved. Raises OutputError."""
+    real = Path(os.path.realpath(path))
+    for folder, what in read_only.items():
+        kept = Path(os.path.realpath(folder))
+        if real == kept or kept in real.parents:
+            raise OutputError(f"{option} '{path}' lies inside {what} ('{folder}'), which is never written to; "
+                              f"choose a {option} outside it")
 
 
 def check_writable_place(path: Path) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .errors import LongRoPEError, OutputError, SourceError
-from .outputs import check_output_folder, check_writable_place
+from .outputs import check_output_folder, check_outside, check_writable_place
 
 # What AutoTokenizer can build a tokenizer from: the fast tokenizer file, a sentencepiece model, or a
 # byte-level BPE vocabulary with its merges.
@@ -52,12 +52,24 @@ def check_writable_file(path: Path, option: str) -> None:
     check_writable_place(path)
 
 
+def source_read_only(source) -> dict[Path, str]:
+    """The folders nothing may be written into while working on `source` (a source.SourceModel): the source
+    and, for any source, the Hugging Face cache (a Hub source's files live there)."""
+    from .convert import source_guards
+    from .hub import hub_cache
+
+    return {**source_guards(source)[1], hub_cache(): "the Hugging Face cache"}
+
+
 def check_search_inputs(source, data: Sequence[str], log_path: Path | None, resume: bool) -> None:
-    """What a search needs before its model is loaded: the tokenizer, the data, a log it may write."""
+    """What a search needs before its model is loaded: the tokenizer, the data, a log it may write (outside
+    the source and the Hugging Face cache)."""
     check_tokenizer(source.folder)
     check_data(data)
-    if log_path is not None and not resume:
-        check_writable_file(log_path, "--log")
+    if log_path is not None:
+        check_outside(log_path, source_read_only(source), "--resume" if resume else "--log")
+        if not resume:
+            check_writable_file(log_path, "--log")
 
 
 def check_search_outputs(source, out: Path, convert_to: Path | None) -> None:
@@ -65,6 +77,7 @@ def check_search_outputs(source, out: Path, convert_to: Path | None) -> None:
     checkpoint of --convert-to (a new folder, outside the source)."""
     from .convert import source_guards
 
+    check_outside(out, source_read_only(source), "--out")
     check_writable_file(out, "--out")
     if convert_to is not None:
         if Path(convert_to).exists():

@@ -368,6 +368,10 @@ class SearchRun:
             result = replace(result, best_perplexity=searched_perplexity)
         self.workers.close()
         seconds = time.perf_counter() - started
+        scored = [nll for nll, _ in self.log.known.values()]
+        if result.best is None and scored and not any(math.isfinite(nll) for nll in scored):
+            raise LongRoPEError(f"every evaluation ({len(scored)} documents) gave a NaN or infinite perplexity: the "
+                                "model's logits are not finite (check its weights and dtype); nothing to write")
         outcome = verdict(result, baselines, self.task.long_mode)
         if outcome.warning:
             self.status(f"warning: {outcome.warning}")

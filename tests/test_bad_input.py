@@ -74,6 +74,8 @@ CASES = [
     ("convert", "unwritable places", "output holds a linked weight file", "contains a file of the source"),
     ("convert", "unwritable places", "output not written by this tool", "was not written by longrope-convert"),
     ("convert", "unwritable places", "output exists", "already exists; pass --overwrite"),
+    ("convert", "unwritable places", "a conversion holding the user's files, --overwrite",
+     "holds files longrope-convert did not write (notes.txt, sub/config.json); --overwrite replaces the whole"),
     ("convert", "unwritable places", "output is a file", "exists and is not a folder"),
     ("convert", "unwritable places", "output under a file", "is a file, not a folder"),
     ("convert", "unwritable places", "output name too long", "the name is longer than the file system's"),
@@ -95,6 +97,8 @@ CASES = [
     ("search", "unwritable places", "--out is a folder", "--out '"),
     ("search", "unwritable places", "--convert-to exists", "already exists; give a new folder"),
     ("search", "unwritable places", "--convert-to inside the source", "lies inside the source"),
+    ("search", "unwritable places", "--out inside the source", "factors.json' lies inside the source"),
+    ("search", "unwritable places", "--log inside the source", "search.log.jsonl' lies inside the source"),
     ("search", "unwritable places", "log exists", "exists; pass --resume"),
     ("search", "unwritable places", "--out in a read-only folder", "permission denied"),
     # eval, on the testbed converted to 1024
@@ -229,6 +233,13 @@ def arrange(command: str, case: str, tmp_path: Path, tiny_llama_dir: Path, conve
     elif case == "output exists":
         out.mkdir()
         (out / MARKER).write_text(marker_text())
+    elif case == "a conversion holding the user's files, --overwrite":
+        (out / "sub").mkdir(parents=True)
+        for folder in (out, out / "sub"):
+            (folder / MARKER).write_text(marker_text())
+            (folder / "config.json").write_text("{}")
+        (out / "notes.txt").write_text("mine")
+        args.append("--overwrite")
     elif case == "output is a file":
         out.write_text("a file")
     elif case == "output under a file":
@@ -281,6 +292,10 @@ def arrange(command: str, case: str, tmp_path: Path, tiny_llama_dir: Path, conve
         args += ["--convert-to", out]
     elif case == "--convert-to inside the source":
         args += ["--convert-to", tmp_path / "testbed" / "converted"]
+    elif case == "--out inside the source":
+        args[args.index("--out") + 1] = tmp_path / "testbed" / "factors.json"
+    elif case == "--log inside the source":
+        args += ["--log", tmp_path / "testbed" / "search.log.jsonl"]
     elif case == "log exists":
         (tmp_path / "factors.json.log.jsonl").write_text("{}\n")
     elif case == "not a LongRoPE checkpoint":

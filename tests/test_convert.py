@@ -125,6 +125,7 @@ def test_copy_weights_and_sharded_sources(tmp_path, capfd, monkeypatch):
     LlamaForCausalLM(tiny_llama_config()).save_pretrained(source, max_shard_size="100KB")
     shards = sorted(p.name for p in source.glob("*.safetensors"))
     assert len(shards) > 1 and (source / "model.safetensors.index.json").is_file()
+    (source / shards[0]).chmod(0o600)  # private: the copy must not be readable by others either
     output = tmp_path / "out"
     code, out, err = run_cli(capfd, monkeypatch, source, "--target", 128, "--factors", "pi", "--output", output,
                              "--copy-weights", "--json")
@@ -133,6 +134,7 @@ def test_copy_weights_and_sharded_sources(tmp_path, capfd, monkeypatch):
     for name in [*shards, "model.safetensors.index.json"]:
         assert (output / name).read_bytes() == (source / name).read_bytes()
         assert os.stat(output / name).st_ino != os.stat(source / name).st_ino
+        assert os.stat(output / name).st_mode == os.stat(source / name).st_mode
     model = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True)
     assert torch.equal(model.lm_head.weight, LlamaForCausalLM.from_pretrained(source).lm_head.weight)
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,16 @@ def test_a_hub_dry_run_lists_what_the_real_run_downloads_and_writes(layout, hub,
         p.name: p.stat().st_size for p in snapshot.iterdir()}
     downloaded = {item["file"] for item in plan["download"]}
     assert ("model.safetensors" in downloaded) == (layout == "single") and "pytorch_model.bin" not in downloaded
+
+
+@pytest.mark.skipif(not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat("/tmp").st_dev,
+                    reason="needs /dev/shm on another file system than /tmp")
+def test_the_dry_run_says_copy_where_the_real_run_cannot_link(tmp_path):
+    source = make_source(tmp_path / "tiny", "single")
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as elsewhere:
+        args = [source, "--target", 256, "--factors", "yarn", "--output", Path(elsewhere) / "out", "--json"]
+        dry = cli(*args, "--dry-run")
+        assert dry.returncode == 0, dry.stderr
+        assert {item["file"]: item["how"] for item in json.loads(dry.stdout)["write"]}["model.safetensors"] == "copy"
+        real = cli(*args)
+        assert real.returncode == 0 and json.loads(real.stdout)["weights"]["mode"] == "copy", real.stderr

@@ -302,6 +302,9 @@ def test_an_existing_output_is_kept_unless_overwrite(plain_gguf, tmp_path, capfd
     assert code == 1 and "already exists" in error_line(err) and output.read_text() == "mine"
     assert run_cli(capfd, monkeypatch, *arguments, "--overwrite")[0] == 0
     assert fields(output)["llama.context_length"] == 1024 and leftovers(tmp_path) == []
+    (tmp_path / "folder").mkdir()
+    code, _, err = run_cli(capfd, monkeypatch, *arguments[:-1], tmp_path / "folder", "--overwrite")
+    assert code == 1 and "is a folder; give a file name" in error_line(err) and leftovers(tmp_path) == []
 
 
 # llama.cpp itself -----------------------------------------------------------------------------------

@@ -222,6 +222,8 @@ def test_a_card_that_is_not_yaml_and_a_push_onto_the_base_model_are_one_line_and
     done = run(env, "push", folder, "--to", "me/not-yaml")
     assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done.stderr
     assert "front matter is not valid YAML" in done.stderr and hub.store.load("me/not-yaml") is None
+    done = run(env, "push", folder, "--to", "bad id!!")
+    assert done.returncode == 1 and len(done.stderr.splitlines()) == 1 and "is not a valid repo id" in done.stderr
 
     publish(hub, "org/base", TESTBED)
     converted = run(env, "org/base", "--target", 1024, "--factors", "pi", "--output", tmp_path / "converted")

@@ -342,3 +342,15 @@ def test_the_resume_command_repeats_the_arguments_with_the_log(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert resume_command(["search", "./m", "--resume", "old.jsonl"], log).startswith(
         "torchrun --nproc-per-node 8 -m longrope_convert search ./m --resume")
+
+
+def test_a_model_with_nan_logits_is_named_as_such_not_blamed_on_the_budget(tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(TESTBED, model)
+    tensors = load_file(model / "model.safetensors")
+    tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], float("nan"))
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    run = SearchRun(source=read_source(model), data=[str(SEARCH_DATA)], target=1024, documents=1, max_evals=2,
+                    log_path=tmp_path / "search.log.jsonl")
+    with pytest.raises(LongRoPEError, match=r"gave a NaN or infinite perplexity: the model's logits are not finite"):
+        run.execute()
