@@ -154,9 +154,10 @@ def run_search(model, *, data: list[str], target: int | None, out: Path, log_pat
 @cli.command(epilog=EXAMPLES)
 @click.argument("source")
 @click.option("--target", type=click.IntRange(min=1), required=True, help="New context window in tokens.")
-@click.option("--factors", "factors", default=None, metavar="FILE|pi|ntk|yarn|llama3",
-              help="Factor file, or an analytic method. Default: shipped searched factors for this model and "
-                   "target, else the YaRN-derived init (with a warning).")
+@click.option("--factors", "factors", default=None, metavar="FILE|FOLDER|pi|ntk|yarn|llama3",
+              help="Factor file (or a folder converted by longrope-convert: its factor file), or an analytic method. "
+                   "Default: shipped searched factors for this model and target, else the YaRN-derived init (with a "
+                   "warning).")
 @click.option("--revision", default=None, help="Branch, tag or commit of a Hub SOURCE.")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="Output folder. Default: ./<source name>-longrope-<target> (16k for 16384).")

@@ -123,6 +123,8 @@ def resolve_factors(source: SourceModel, target: int, factors: str | None,
     if factors in ANALYTIC_METHODS:
         return analytic_factor_set(factors, source.fingerprint, target), f"init:{factors}"
     if factors is not None:
+        if Path(factors).is_dir() and (Path(factors) / FACTORS_FILE).is_file():  # a converted checkpoint
+            factors = str(Path(factors) / FACTORS_FILE)
         factor_set = load_factor_set(factors)
         if not factor_set.model.matches(source.fingerprint):
             raise LongRoPEError(

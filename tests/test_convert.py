@@ -67,6 +67,11 @@ def test_conversion_writes_a_complete_checkpoint(tiny_source, tmp_path, capfd, m
                                   "AutoModelForCausalLM": "modeling_longrope_llama.LongRoPELlamaForCausalLM"}
     assert oct(output.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
     assert leftovers(tmp_path) == []
+    # a converted folder gives its factor file
+    code, _, err = run_cli(capfd, monkeypatch, tiny_source, "--target", 256, "--factors", output, "--output",
+                           tmp_path / "again")
+    assert code == 0, err
+    assert load_factor_set(tmp_path / "again" / "longrope_factors.json").long_factor == factor_set.long_factor
 
 
 def _umask() -> int:
