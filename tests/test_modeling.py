@@ -79,6 +79,9 @@ def test_each_row_uses_its_own_factor_set(tiny_llama_dir):
         logits = model(batch, attention_mask=mask, position_ids=given_positions).logits
         assert relative_error(logits[0], model(long_row).logits[0]) <= 1e-5
         assert relative_error(logits[1, 40:], model(short_row).logits[0]) <= 1e-5
+    right_padded = torch.cat([long_row, torch.cat([short_row, torch.zeros(1, 40, dtype=torch.long)], 1)])
+    logits = model(right_padded, attention_mask=mask.flip(-1)).logits
+    assert relative_error(logits[1, :50], model(short_row).logits[0]) <= 1e-5
 
 
 def greedy_logits_vs_recompute(model, ids, mask, new_tokens, **generate_kwargs):
