@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from longrope_convert.testing import smollm2_folder
+from timed_command import time_command
 
 SYNTHETIC = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=20, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096)
@@ -80,12 +81,9 @@ NAIVE = ("import sys, torch; from transformers import AutoModelForCausalLM; "
 def measure(command: list[str], output: Path) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of one run of a command, with `output` removed before and after."""
     shutil.rmtree(output, ignore_errors=True)
-    done = subprocess.run(["/usr/bin/time", "-f", "%e %M", *command], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{command} failed:\n{done.stderr}")
+    measured = time_command(command)
     shutil.rmtree(output, ignore_errors=True)
-    wall, peak_kb = done.stderr.strip().splitlines()[-1].split()
-    return float(wall), int(peak_kb) / 1024
+    return measured
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ import gguf
 import numpy as np
 
 from longrope_convert.testing import smollm2_gguf
+from timed_command import time_command
 
 HIDDEN, FEED_FORWARD, HEADS, KV_HEADS, VOCAB = 4096, 14336, 32, 8, 128256
 READ_ONLY = "import sys, gguf; gguf.GGUFReader(sys.argv[1])"
@@ -90,12 +91,9 @@ def measure(command: list[str], output: Path, repeats: int) -> tuple[float, floa
     times, peaks = [], []
     for _ in range(repeats):
         output.unlink(missing_ok=True)
-        done = subprocess.run(["/usr/bin/time", "-f", "%e %M", *command], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{command} failed:\n{done.stderr}")
-        wall, peak_kb = done.stderr.strip().splitlines()[-1].split()
-        times.append(float(wall))
-        peaks.append(int(peak_kb) / 1024)
+        wall, peak = time_command(command)
+        times.append(wall)
+        peaks.append(peak)
     output.unlink(missing_ok=True)
     return statistics.median(times), max(peaks)
 

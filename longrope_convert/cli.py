@@ -308,20 +308,31 @@ def search(source: str, target: int | None, revision: str | None, data: tuple[st
         click.echo(json.dumps({"factors": str(out), **summary}, indent=2))
 
 
+def evaluate_with_progress(plan, *, out: Path | None, command: str, device_map: str | None) -> dict:
+    """evaluate.run_evaluation with a progress bar (a status line per measurement when stderr is not a terminal)."""
+    from .evaluate import run_evaluation
+
+    with click.progressbar(length=plan.steps, label="eval", file=sys.stderr, show_eta=True) as bar:
+        def on_step() -> None:
+            bar.update(1)
+            if not sys.stderr.isatty():  # no live bar in a log file: a line per measurement
+                status(f"eval: {bar.pos}/{plan.steps} measurements done")
+
+        return run_evaluation(plan, out=out, command=command, device_map=device_map, status=status, on_step=on_step)
+
+
 def evaluate_and_refresh_card(checkpoint: Path, *, lengths: list[int], data: list[str],
                               device_map: str | None = None) -> dict:
     """`eval CHECKPOINT --lengths ... --data ... --baselines --card`: perplexity of the checkpoint and the
     baselines, results in CHECKPOINT/eval, the card's sections refreshed. Returns the results."""
     from .card import refresh_card
-    from .evaluate import plan_evaluation, run_evaluation
+    from .evaluate import plan_evaluation
 
     command = f"longrope-convert eval {shlex.quote(str(checkpoint))} --lengths {','.join(map(str, lengths))} " + \
         " ".join(f"--data {shlex.quote(entry)}" for entry in data) + " --baselines --card"
     try:
         plan = plan_evaluation(checkpoint, data=data, lengths=lengths, baselines=True, out=None, status=status)
-        with click.progressbar(length=plan.steps, label="eval", file=sys.stderr, show_eta=True) as bar:
-            results = run_evaluation(plan, out=None, command=command, device_map=device_map, status=status,
-                                     on_step=lambda: bar.update(1))
+        results = evaluate_with_progress(plan, out=None, command=command, device_map=device_map)
     except (KeyboardInterrupt, SystemExit, LongRoPEError, OSError):
         status(f"{checkpoint} is converted, but its evaluation did not finish (nothing was pushed); finish with:\n"
                f"  {command}")
@@ -443,7 +454,7 @@ def evaluate(ctx: click.Context, checkpoint: Path, lengths: list[int], data: tup
              seed: int, beyond_target: bool, out: Path | None, card: bool, device_map: str | None, as_json: bool) -> None:
     """Perplexity against length and passkey retrieval for a converted CHECKPOINT; plots and model card."""
     from .card import EVAL_DIR, refresh_card
-    from .evaluate import plan_evaluation, run_evaluation
+    from .evaluate import plan_evaluation
 
     if _given(ctx, "stride") and protocol != "sliding":
         raise click.UsageError("--stride applies to --protocol sliding")
@@ -452,14 +463,8 @@ def evaluate(ctx: click.Context, checkpoint: Path, lengths: list[int], data: tup
     plan = plan_evaluation(checkpoint, data=list(data), lengths=lengths, baselines=baselines, protocol=protocol,
                            stride=stride, documents=documents, passkey_lengths=passkey_lengths, depths=depths,
                            trials=trials, seed=seed, beyond_target=beyond_target, out=out, status=status)
-    with click.progressbar(length=plan.steps, label="eval", file=sys.stderr, show_eta=True) as bar:
-        def on_step() -> None:
-            bar.update(1)
-            if not sys.stderr.isatty():  # no live bar in a log file: a line per measurement
-                status(f"eval: {bar.pos}/{plan.steps} measurements done")
-
-        results = run_evaluation(plan, out=out, command="longrope-convert eval " + " ".join(sys.argv[2:]),
-                                 device_map=device_map, status=status, on_step=on_step)
+    results = evaluate_with_progress(plan, out=out, command="longrope-convert eval " + " ".join(sys.argv[2:]),
+                                     device_map=device_map)
     if card:
         refresh_card(checkpoint)
         status(f"wrote {checkpoint / 'README.md'}")

@@ -25,6 +25,7 @@ TESTBED = Path(__file__).parent / "testbed" / "tiny-llama-256"
 
 
 def run_cli(capfd, monkeypatch, *args) -> tuple[int, str, str]:
+    """The command line in this process (its imports are paid once): exit code, stdout, stderr."""
     monkeypatch.setattr(sys, "argv", ["longrope-convert", *map(str, args)])
     with pytest.raises(SystemExit) as exited:
         cli.main()

@@ -13,7 +13,6 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from conftest import DATA
-from longrope_convert import cli
 from longrope_convert.card import front_matter
 from longrope_convert.convert import longrope_config
 from longrope_convert.errors import EvaluationError
@@ -31,18 +30,10 @@ from longrope_convert.factors import analytic_factor_set
 from longrope_convert.perplexity import document_ids, load_longrope_model, token_nll
 from longrope_convert.plots import factors_plot, passkey_heatmap, perplexity_plot, read_series
 from longrope_convert.source import read_source
+from test_convert import run_cli
 
 TESTBED = Path(__file__).parent / "testbed" / "tiny-llama-256"
 CLI = [sys.executable, "-m", "longrope_convert"]
-
-
-def run_cli(capfd, monkeypatch, *args) -> tuple[int, str, str]:
-    """The command line in this process (its imports are paid once): exit code, stdout, stderr."""
-    monkeypatch.setattr(sys, "argv", ["longrope-convert", *map(str, args)])
-    with pytest.raises(SystemExit) as exited:
-        cli.main()
-    out, err = capfd.readouterr()
-    return exited.value.code, out, err
 
 
 def strict_json(text: str):

@@ -198,12 +198,17 @@ def test_one_command_refuses_options_that_do_not_go_together(env, tmp_path, argu
     assert not (tmp_path / "out").exists()
 
 
-def test_a_card_the_hub_refuses_is_one_line_and_creates_nothing(hub, env, tmp_path):
+def pi_checkpoint(output: Path, front_matter: str = "") -> Path:
+    """The testbed converted to 1024 with PI, its card's front matter starting with `front_matter` lines."""
     source = read_source(TESTBED)
-    folder = write_checkpoint(source, analytic_factor_set("pi", source.fingerprint, 1024), tmp_path / "out",
-                              "init:pi").output
+    folder = write_checkpoint(source, analytic_factor_set("pi", source.fingerprint, 1024), output, "init:pi").output
     card = (folder / "README.md").read_text()
-    (folder / "README.md").write_text(card.replace("library_name:", "datasets:\n- ./books\nlibrary_name:", 1))
+    (folder / "README.md").write_text(card.replace("library_name:", f"{front_matter}library_name:", 1))
+    return folder
+
+
+def test_a_card_the_hub_refuses_is_one_line_and_creates_nothing(hub, env, tmp_path):
+    folder = pi_checkpoint(tmp_path / "out", front_matter="datasets:\n- ./books\n")
     done = run(env, "push", folder, "--to", "me/refused")
     assert done.returncode == 1 and done.stderr.splitlines() == [
         f'error: the Hub refuses the metadata of {folder / "README.md"}: "datasets[0]" with value "./books" is not '
@@ -214,11 +219,7 @@ def test_a_card_the_hub_refuses_is_one_line_and_creates_nothing(hub, env, tmp_pa
 
 
 def test_a_card_that_is_not_yaml_and_a_push_onto_the_base_model_are_one_line_and_create_nothing(hub, env, tmp_path):
-    source = read_source(TESTBED)
-    folder = write_checkpoint(source, analytic_factor_set("pi", source.fingerprint, 1024), tmp_path / "out",
-                              "init:pi").output
-    card = (folder / "README.md").read_text()
-    (folder / "README.md").write_text(card.replace("library_name:", "license: [x\nlibrary_name:", 1))
+    folder = pi_checkpoint(tmp_path / "out", front_matter="license: [x\n")
     done = run(env, "push", folder, "--to", "me/not-yaml")
     assert done.returncode == 1 and len(done.stderr.splitlines()) == 1, done.stderr
     assert "front matter is not valid YAML" in done.stderr and hub.store.load("me/not-yaml") is None
@@ -237,9 +238,7 @@ def test_a_card_that_is_not_yaml_and_a_push_onto_the_base_model_are_one_line_and
 
 
 def test_a_failed_push_removes_the_repo_or_branch_it_created(hub, env, tmp_path):
-    source = read_source(TESTBED)
-    folder = write_checkpoint(source, analytic_factor_set("pi", source.fingerprint, 1024), tmp_path / "out",
-                              "init:pi").output
+    folder = pi_checkpoint(tmp_path / "out")
     hub.store.create("me/kept")
     before = hub.store.load("me/kept")
     hub.refuse_commits = "storage quota exceeded"
