@@ -107,7 +107,7 @@ def rope_inv_freq(base: float, dim: int, factors: torch.Tensor | list[float] | N
 # --- The source model's own RoPE -------------------------------------------------------------------
 # One function per `rope_type` a source may carry, each computing inv_freq [d/2] in float32 with the
 # same float32 operations as the function transformers registers for that type in ROPE_INIT_FUNCTIONS
-# (modeling_rope_utils.py; their bodies are the same from 5.3 to 5.24), so that a converted checkpoint
+# (modeling_rope_utils.py; their bodies are the same from 5.3 to 5.25), so that a converted checkpoint
 # of such a source is that source, bit for bit, inside the source's window.
 
 
