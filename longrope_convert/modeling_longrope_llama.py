@@ -351,6 +351,7 @@ class LongRoPEScaledRotaryEmbedding(nn.Module):
         long_tokens = self._long_tokens
         if long_tokens is None:
             long_tokens = self.tokens_are_long(position_ids)
+        long_tokens = long_tokens.to(position_ids.device)  # a model spread over devices moves only the arguments
         angles, mscale = self.angles_and_mscale(position_ids, long_tokens)
         emb = torch.cat((angles, angles), dim=-1)
         cos = emb.cos() * mscale[..., None]
@@ -472,10 +473,10 @@ class LongRoPELlamaModel(LlamaModel):
         seen_before = _recorded_prefix(cache, past_length, step_positions) if seen is None else seen.prefix(past_length)
         new_long = self.rotary_emb.rows_are_long(step_positions)
         packed = False  # whether a row holds several documents (a 0-dim tensor: no device sync until needed)
-        if attention_mask is None:
+        if attention_mask is None and step.shape[1] > 1:
             # Positions may restart inside a row (packed documents), which transformers then keeps apart (its mask
             # when no cache is used, flash attention's varlen path), so each picks its own factor set, as alone.
-            # With a mask transformers attends across restarts: each row is one sequence.
+            # With a mask transformers attends across restarts, and one token is one document: a row is one.
             documents = document_index(step_positions)
             long_tokens = self.rotary_emb.tokens_are_long(step_positions, documents)
             packed = (documents[:, -1] > 0).any()
