@@ -40,10 +40,10 @@ def rerotate_instead_of_rebuild(model) -> None:
         positions = seen.position_ids[rows, :past_length]
         old_set, new_set = [], []
         for long_rows, angles_out in ((~new_long[rows], old_set), (new_long[rows], new_set)):
-            angles, mscale = rotary.angles_and_mscale(positions, long_rows)
+            angles, mscale = rotary.angles_and_mscale(positions, long_rows[:, None])
             angles_out += [angles.double(), mscale.double()]
         delta = torch.cat([new_set[0] - old_set[0]] * 2, dim=-1)
-        ratio = (new_set[1] / old_set[1])[:, None, None]
+        ratio = (new_set[1] / old_set[1])[..., None]  # [rows, 1, 1]
         cos, sin = (delta.cos() * ratio).float()[:, None], (delta.sin() * ratio).float()[:, None]
         for layer in cache.layers:
             keys = layer.keys[rows, :, :past_length]
