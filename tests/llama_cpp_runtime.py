@@ -61,9 +61,10 @@ def _errors_only(level, text, user_data):
 
 
 def llama_cpp_forward(path: Path, ids: list[int], logits_at: range = range(0), batch_size: int = 512,
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Run llama.cpp over `ids` (one sequence, context = len(ids)) with its default settings (F16 K/V
-    cache, flash attention as it picks on CPU), as llama-cli or llama-perplexity would.
+                      n_ctx: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Run llama.cpp over `ids` (one sequence) in a context of `n_ctx` tokens (`-c`; default len(ids)) with
+    its default settings (F16 K/V cache, flash attention as it picks on CPU), as llama-cli or
+    llama-perplexity would.
 
     Returns the NLL of tokens 1 .. n-1 [n-1] (float64) and the logits at positions `logits_at`
     [len(logits_at), vocab] (float32).
@@ -75,7 +76,7 @@ def llama_cpp_forward(path: Path, ids: list[int], logits_at: range = range(0), b
     if not model:
         raise RuntimeError(f"llama.cpp could not load {path}")
     params = lc.llama_context_default_params()
-    params.n_ctx = len(ids)
+    params.n_ctx = n_ctx or len(ids)
     params.n_batch = params.n_ubatch = batch_size
     params.n_threads = params.n_threads_batch = os.cpu_count()
     context = lc.llama_init_from_model(model, params)

@@ -341,6 +341,39 @@ def test_llama_cpp_runs_a_llama3_style_gguf_extended_with_yarn_as_the_composed_l
     assert np.abs(logits - without_attention_factor.numpy()).max() > 1.0
 
 
+@pytest.mark.llama_cpp
+@torch.inference_mode()
+def test_llama_cpp_picks_the_by_context_sets_by_the_allocated_context(plain_gguf, sherlock_text, tmp_path, capfd,
+                                                                     monkeypatch):
+    """`gguf --by-context`: llama.cpp's `longrope` type for a Llama, read as src/llama-model.cpp:2337-2350 says
+    (llama.cpp 0c1e57098): the short set when the context (`-c`, padded to 256) is at most the original window,
+    else the long set, for every position; the attention factor for both. Measured: max |logit diff| 0.004 and
+    0.008 against the set expected, 3.2 against the other one."""
+    factors = SHIPPED / "tiny-llama-256" / "2048.json"
+    factor_set = load_factor_set(factors)
+    assert factor_set.n_hat == 0  # llama.cpp has none
+    output = tmp_path / "by-context.gguf"
+    code, _, err = run_cli(capfd, monkeypatch, "gguf", plain_gguf, "--factors", factors, "--by-context", "--output",
+                           output)
+    assert code == 0 and "WARNING" not in err, err
+    written = tensors(output)
+    assert "rope_freqs.weight" not in written
+    assert written["rope_factors_long.weight"].data.tolist() == np.float32(factor_set.long_factor).tolist()
+    assert written["rope_factors_short.weight"].data.tolist() == np.float32(factor_set.short_factor).tolist()
+    assert fields(output)["llama.rope.scaling.type"] == "longrope"
+    assert "the short set (rope_factors_short) while the context size" in fields(output)["longrope.differences"]
+
+    ids = document_ids(AutoTokenizer.from_pretrained(TESTBED), sherlock_text, 256)
+    # our model with the long set at every position (a window below the input), the attention factor for both
+    expected = {"short": longrope_reference(TESTBED, replace(factor_set, long_factor=factor_set.short_factor), 16),
+                "long": longrope_reference(TESTBED, factor_set, 16)}
+    expected = {name: model(ids).logits[0].numpy() for name, model in expected.items()}
+    for n_ctx, used, other in ((256, "short", "long"), (512, "long", "short"), (2048, "long", "short")):
+        _, logits = llama_cpp_forward(output, ids[0].tolist(), logits_at=range(256), n_ctx=n_ctx)
+        assert np.abs(logits - expected[used]).max() <= 0.05, n_ctx
+        assert np.abs(logits - expected[other]).max() > 1.0, n_ctx
+
+
 def kl_divergence(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
     """KL(reference || other) per row of logits, in nats."""
     def log_softmax(x):
