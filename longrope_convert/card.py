@@ -119,7 +119,7 @@ def _sections(factor_set: FactorSet, base_model: str | None, repo: str, revision
                f"[LongRoPE](https://arxiv.org/abs/2402.13753), without fine-tuning. Made with longrope-convert "
                f"{__version__}; the weights are the source's, unchanged.\n")
     sections = {"summary": summary, "factors": _factors_section(factor_set, plotted=evaluation is not None),
-                "usage": _usage_section(factor_set, repo, revision, vllm_window_limits(config or {}))}
+                "usage": _usage_section(factor_set, repo, revision, config or {})}
     if changes:
         sections["changes"] = _changes_section(changes)
     if evaluation:
@@ -143,7 +143,7 @@ def vllm_window_limits(config: dict[str, Any]) -> dict[str, int]:
             if type(config.get(key)) is int and type(window) is int and config[key] < window}
 
 
-def _usage_section(factor_set: FactorSet, repo: str, revision: str | None, window_limits: dict[str, int]) -> str:
+def _usage_section(factor_set: FactorSet, repo: str, revision: str | None, config: dict[str, Any]) -> str:
     revision_argument = f', revision="{revision}"' if revision else ""
     return (
         "## How to load\n\n"
@@ -168,11 +168,12 @@ def _usage_section(factor_set: FactorSet, repo: str, revision: str | None, windo
         f"factor ({factor_set.long_mscale:.4f}). What differs: no n̂; the attention factor is applied to short inputs "
         "too, so they are not exactly the source model; cached generation keeps short-factor keys and values after "
         "crossing the window; transformers 4.45 uses the long factors at every length.\n\n"
-        + _vllm_text(factor_set, repo, window_limits))
+        + _vllm_text(factor_set, repo, config))
 
 
-def _vllm_text(factor_set: FactorSet, repo: str, window_limits: dict[str, int]) -> str:
-    """What `vllm serve` gives by default and with --max-model-len (see README's reader table)."""
+def _vllm_text(factor_set: FactorSet, repo: str, config: dict[str, Any]) -> str:
+    """What `vllm serve` gives by default and with --max-model-len (see README's reader table), and why loading
+    logs a line about `short_mscale` / `long_mscale` when the config carries them."""
     original, target = factor_set.model.original_max_position_embeddings, factor_set.target_length
     text = (f"**vLLM** picks one factor set per server. `vllm serve {repo}` serves {original:,} tokens, the original "
             "window: vLLM's default `max_model_len` for a `longrope` model is the top-level "
@@ -180,11 +181,17 @@ def _vllm_text(factor_set: FactorSet, repo: str, window_limits: dict[str, int]) 
             "the long factors only with it), and within it requests use the short factors. "
             f"`vllm serve {repo} --max-model-len {target}` serves the whole window, with the long factors for every "
             "request, short ones included.")
+    window_limits = vllm_window_limits(config)
     if window_limits:
         listed = ", ".join(f"`{key}` ({value:,})" for key, value in window_limits.items())
         text += (f" `config.json` also states a shorter window under {listed}, kept as the source had it (it was not "
                  f"the source's window); vLLM serves at most the smallest of these, so `--max-model-len {target}` needs "
                  "it raised first.")
+    if "long_mscale" in (config.get("rope_scaling") or {}):
+        text += ("\n\nLoading this checkpoint logs `Unrecognized keys in rope_parameters for 'rope_type'='longrope': "
+                 "{'long_mscale', 'short_mscale'}`: the two keys are for vLLM, which reads the attention factor only "
+                 "from them (this set's is not vLLM's default); transformers does not use them and loads the model as "
+                 "described.")
     return text + "\n"
 
 

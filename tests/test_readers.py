@@ -88,6 +88,7 @@ def test_a_default_conversion_loads_without_a_warning(target, method, tmp_path):
     assert reading["remote_code"] == "loaded"
     assert_warnings(reading["warnings"], plan.factor_set)
     assert_warnings(reading["remote_code_warnings"], plan.factor_set)
+    assert ("the two keys are for vLLM" in (tmp_path / "out" / "README.md").read_text()) == (method == "init:yarn")
 
 
 @pytest.mark.parametrize("version", ["4.45.2", "4.57.6"])
@@ -200,6 +201,7 @@ def test_a_source_with_extra_window_keys_converts_to_a_config_vllm_serves_at_the
         {(key, TARGET) for key in ["max_position_embeddings", *extra_keys]}
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"--max-model-len {TARGET}` serves the whole window" in card and "shorter window" not in card
+    assert "the two keys are for vLLM" in card  # the YaRN init: the one line loading logs, explained
 
     # not the window: kept, and named (model_max_length, when a config has it, is the one vLLM reads)
     edit_json(tiny_source / "config.json", seq_length=TINY_WINDOW // 2, model_max_length=None)
