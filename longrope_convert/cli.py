@@ -387,13 +387,9 @@ Examples:
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="Output GGUF. Default: ./<source stem>-longrope-<target>.gguf (16k for 16384).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
-@click.option("--by-context", is_flag=True,
-              help="Write the short and the long factor set (llama.cpp's 'longrope' type), which llama.cpp picks by "
-                   "the context size: the short set while -c is at most the original window, the long set beyond. "
-                   "Default: the long set alone (rope_freqs), applied whatever -c.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def gguf_command(source: Path, factors: str | None, target: int | None, output: Path | None, overwrite: bool,
-                 by_context: bool, as_json: bool) -> None:
+                 as_json: bool) -> None:
     """Extend a Llama GGUF for llama.cpp: the long factor set as rope_freqs, the new context length."""
     from .gguf import default_gguf_output, extend_gguf, inspect_gguf, resolve_gguf_factors
 
@@ -402,7 +398,7 @@ def gguf_command(source: Path, factors: str | None, target: int | None, output: 
            f"context {model.context_length}" + (", own rope_freqs" if model.base_factors else "") + ")")
     factor_set, origin = resolve_gguf_factors(model, factors, target, warn=status)
     result = extend_gguf(model, output or default_gguf_output(source, factor_set.target_length), factor_set,
-                         factors_origin=origin, overwrite=overwrite, by_context=by_context, warn=status)
+                         factors_origin=origin, overwrite=overwrite, warn=status)
     status(f"wrote {result.output} in {result.seconds:.1f} s (context {factor_set.target_length}, factors {origin}, "
            f"attention factor {factor_set.long_mscale:.4f}, {result.tensors} tensors copied, "
            f"{result.tensor_bytes / 1e9:.2f} GB)")

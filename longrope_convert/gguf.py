@@ -24,19 +24,20 @@ The metadata keys that make llama.cpp apply exactly that and nothing more (src/l
     llama.rope.scaling.attn_factor              multiplies cos and sin: the long mscale
     llama.rope.scaling.original_context_length  the original window (read only by YaRN and longrope)
 
-By default one static long set: what every llama.cpp since PR #8676 reads the same way. It differs
-from the remote code: no n_hat and no short-window identity (inputs inside the original window use
-the long set too); the output's metadata says so under `longrope.differences`.
+One static long set is what every llama.cpp since PR #8676 reads the same way. It differs from the
+remote code: no n_hat and no short-window identity (inputs inside the original window use the long
+set too); the output's metadata says so under `longrope.differences`.
 
-On request (`by_context`), llama.cpp's own `longrope` type instead: scaling type "longrope" and
-`rope_factors_long` / `rope_factors_short` [n_rot/2] (src/models/llama.cpp:61-67 create them for a
-Llama of that type, instead of rope_freqs). src/llama-model.cpp:2337-2350 `get_rope_factors` picks
-the long set when the context's n_ctx_seq (`-c`, padded to a multiple of 256: src/llama-context.cpp:290)
-exceeds `rope.scaling.original_context_length`, else the short set, for every position of every
-sequence: by the allocated context, not by the sequence (llama.cpp issue #24823). The attention
-factor is the one key above, for both sets. llama.cpp's converter writes no factors for a longrope
-Llama (conversion/base.py), and runtimes that read only rope_freqs for a Llama would run such a file
-unscaled, so it is not the default.
+Not written: llama.cpp's own `longrope` type. For a Llama of that type src/models/llama.cpp:61-67
+creates `rope_factors_long` / `rope_factors_short` instead of rope_freqs, and
+src/llama-model.cpp:2337-2350 picks the long set when the context's n_ctx_seq (`-c`, padded to a
+multiple of 256: src/llama-context.cpp:290) exceeds the original context length, else the short set,
+for every sequence: by the allocated context, not by the sequence (llama.cpp issue #24823). llama.cpp
+reads it so (tests/test_gguf.py), but with one attention factor for both sets the short set does not
+give back the source either, and measured it loses to the long set on short inputs (SmolLM2 16k,
+8,192 tokens at -c 8192: perplexity 22.16 against 21.99; BENCHMARKS.md). llama.cpp's converter
+writes no factors for a longrope Llama (conversion/base.py) and dropped longrope factors given under
+`rope_parameters` (issue #24820).
 
 Tensors are copied byte for byte (quantized ones stay as they are), by the kernel where it can
 (copy_file_range) or through one bounded buffer, so memory stays flat for any file size. The output
@@ -74,7 +75,6 @@ from .source_rope import DEFAULT_ROPE
 
 ARCHITECTURE = "llama"  # the only architecture whose graph applies rope_freqs as LongRoPE needs
 ROPE_FREQS = "rope_freqs.weight"
-ROPE_FACTORS_LONG, ROPE_FACTORS_SHORT = "rope_factors_long.weight", "rope_factors_short.weight"
 COPY_BLOCK_BYTES = 16 * 1024 * 1024  # buffer of the fallback copy, where copy_file_range is unavailable
 FACTOR_TOLERANCE = 1e-6  # rope_freqs is float32; factor files hold float64
 
@@ -329,10 +329,8 @@ def default_gguf_output(source: str | Path, target: int) -> Path:
 
 
 def extend_gguf(source: GGUFModel, output: str | Path, factor_set: FactorSet, *, factors_origin: str,
-                overwrite: bool = False, by_context: bool = False,
-                warn: Callable[[str], None] = lambda message: None) -> GGUFResult:
-    """Write `output`: the source GGUF with the long set of `factor_set` as rope_freqs and the keys above (with
-    `by_context`, both sets as llama.cpp's `longrope` type instead).
+                overwrite: bool = False, warn: Callable[[str], None] = lambda message: None) -> GGUFResult:
+    """Write `output`: the source GGUF with the long set of `factor_set` as rope_freqs and the keys above.
 
     Every tensor of the source is copied byte for byte (rope_freqs, if the source has one, is replaced);
     its metadata is kept except the RoPE keys this sets and `longrope.*` provenance it adds. The file is
@@ -349,17 +347,14 @@ def extend_gguf(source: GGUFModel, output: str | Path, factor_set: FactorSet, *,
     if output.exists() and output.resolve() == source.path.resolve():
         raise GGUFError("output file must differ from the source file")
     own_short = source.base_factors or [1.0] * (source.fingerprint.head_dim // 2)
-    if by_context and factor_set.n_hat:
-        warn(f"WARNING: llama.cpp has no n_hat; this set's n_hat ({factor_set.n_hat}) is not in the GGUF (see its "
-             "metadata 'longrope.differences')")
-    elif not by_context and (factor_set.n_hat or not _same_factors(factor_set.short_factor, own_short)):
+    if factor_set.n_hat or not _same_factors(factor_set.short_factor, own_short):
         warn(f"WARNING: llama.cpp applies only the long factor set; this set's n_hat ({factor_set.n_hat}) and short "
              "factors are not in the GGUF (see its metadata 'longrope.differences')")
     output.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(prefix=f".{output.name}.partial-", dir=output.parent)
     os.close(handle)
     try:
-        _write_extended(source, factor_set, factors_origin, Path(partial), by_context)
+        _write_extended(source, factor_set, factors_origin, Path(partial))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(partial, 0o666 & ~umask)  # mkstemp makes it private; the output is an ordinary file
@@ -372,29 +367,19 @@ def extend_gguf(source: GGUFModel, output: str | Path, factor_set: FactorSet, *,
                       seconds=time.perf_counter() - started)
 
 
-def differences_from_remote_code(factor_set: FactorSet, by_context: bool = False) -> str:
+def differences_from_remote_code(factor_set: FactorSet) -> str:
     """What llama.cpp runs from this GGUF, against the LongRoPE remote code on the same factors."""
     window = factor_set.model.original_max_position_embeddings
-    no_n_hat = (f"there is no n_hat (this set's n_hat = {factor_set.n_hat}; the first positions are interpolated "
-                "too)")
-    if by_context:
-        return (
-            f"llama.cpp picks one factor set per context: the short set (rope_factors_short) while the context size "
-            f"(-c) is at most the original {window} tokens, the long set (rope_factors_long) beyond, for every input; "
-            f"attention factor {factor_set.long_mscale:.6g} with both. Unlike the LongRoPE remote code {no_n_hat}, "
-            "inputs that fit the original window use the long set whenever -c exceeds it, and with the short set the "
-            "attention factor still applies (the remote code uses the source's own there)."
-        )
     return (
         f"llama.cpp applies one static factor set: the long set (rope_freqs) with attention factor "
         f"{factor_set.long_mscale:.6g}, at every position and for every context size. Unlike the LongRoPE remote code "
-        f"{no_n_hat} and no short-window identity (inputs that fit the original {window}-token window also use the "
-        "long set, so they differ slightly from the source model's)."
+        f"there is no n_hat (this set's n_hat = {factor_set.n_hat}; the first positions are interpolated too) and no "
+        f"short-window identity (inputs that fit the original {window}-token window also use the long set, so they "
+        "differ slightly from the source model's)."
     )
 
 
-def _write_extended(source: GGUFModel, factor_set: FactorSet, factors_origin: str, path: Path,
-                    by_context: bool = False) -> None:
+def _write_extended(source: GGUFModel, factor_set: FactorSet, factors_origin: str, path: Path) -> None:
     reader = source.reader
     writer = gguf.GGUFWriter(path, ARCHITECTURE)
     writer.data_alignment = reader.alignment
@@ -411,24 +396,19 @@ def _write_extended(source: GGUFModel, factor_set: FactorSet, factors_origin: st
         writer.add_key_value(entry.name, entry.contents(), value_type, sub_type=sub_type)
     # The types llama.cpp expects for these keys (gguf's own writers use them).
     writer.add_context_length(factor_set.target_length)
-    writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE if by_context else gguf.RopeScalingType.NONE)
+    writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
     writer.add_rope_scaling_attn_factors(factor_set.long_mscale)
     writer.add_rope_scaling_orig_ctx_len(factor_set.model.original_max_position_embeddings)
     writer.add_string("longrope.tool", f"longrope-convert {__version__}")
     writer.add_string("longrope.source", source.path.name)
     writer.add_string("longrope.factors", factors_origin)
     writer.add_string("longrope.factor_set", json.dumps(factor_set.to_json(), separators=(",", ":")))
-    writer.add_string("longrope.differences", differences_from_remote_code(factor_set, by_context))
+    writer.add_string("longrope.differences", differences_from_remote_code(factor_set))
 
-    if by_context:
-        factors = {ROPE_FACTORS_LONG: factor_set.long_factor, ROPE_FACTORS_SHORT: factor_set.short_factor}
-    else:
-        factors = {ROPE_FREQS: factor_set.long_factor}
-    factors = {name: np.asarray(values, dtype="<f4") for name, values in factors.items()}  # [head_dim/2] each
+    rope_freqs = np.asarray(factor_set.long_factor, dtype="<f4")  # [head_dim/2]
     copied = [t for t in reader.tensors if t.name != ROPE_FREQS]
-    # The factors first, as llama.cpp's converter writes them (conversion/base.py: extra tensors come first).
-    for name, values in factors.items():
-        writer.add_tensor_info(name, values.shape, values.dtype, values.nbytes)
+    # rope_freqs first, as llama.cpp's converter writes it (conversion/base.py: extra tensors come first).
+    writer.add_tensor_info(ROPE_FREQS, rope_freqs.shape, rope_freqs.dtype, rope_freqs.nbytes)
     for tensor in copied:
         writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype, tensor.n_bytes,
                                raw_dtype=tensor.tensor_type)
@@ -440,9 +420,8 @@ def _write_extended(source: GGUFModel, factor_set: FactorSet, factors_origin: st
     offset = writer.ggml_pad(writer.fout[0].tell(), writer.data_alignment)
     writer.close()
     with open(source.path, "rb") as source_file, open(path, "r+b") as output_file:
-        for values in factors.values():
-            os.pwrite(output_file.fileno(), values.tobytes(), offset)
-            offset += writer.ggml_pad(values.nbytes, writer.data_alignment)
+        os.pwrite(output_file.fileno(), rope_freqs.tobytes(), offset)
+        offset += writer.ggml_pad(rope_freqs.nbytes, writer.data_alignment)
         for tensor in copied:
             _copy_range(source_file.fileno(), tensor.data_offset, output_file.fileno(), offset, tensor.n_bytes)
             offset += writer.ggml_pad(tensor.n_bytes, writer.data_alignment)

@@ -173,3 +173,26 @@ def write_llama_gguf(folder: Path, path: Path, context_length: int, rope_freqs: 
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def by_context_gguf(export: Path, long_factor: list[float], short_factor: list[float], output: Path) -> None:
+    """An extended GGUF (`longrope-convert gguf`: the long set as rope_freqs) rewritten as llama.cpp's own
+    `longrope` type: scaling type "longrope" and `rope_factors_long` / `rope_factors_short`, which llama.cpp's Llama
+    loader creates instead of rope_freqs and picks by the allocated context (longrope_convert/gguf.py says where).
+    Not something the tool writes: it loses on short inputs (BENCHMARKS.md, llama.cpp by context size)."""
+    reader = gguf.GGUFReader(export)
+    writer = gguf.GGUFWriter(output, "llama")
+    for name, entry in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        value = "longrope" if name == "llama.rope.scaling.type" else entry.contents()
+        writer.add_key_value(name, value, entry.types[0], sub_type=entry.types[-1] if len(entry.types) > 1 else None)
+    writer.add_tensor("rope_factors_long.weight", np.asarray(long_factor, dtype=np.float32))
+    writer.add_tensor("rope_factors_short.weight", np.asarray(short_factor, dtype=np.float32))
+    for tensor in reader.tensors:
+        if tensor.name != "rope_freqs.weight":
+            writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from llama_cpp_runtime import baseline_nll, llama_cpp_forward, write_llama_gguf
+from llama_cpp_runtime import baseline_nll, by_context_gguf, llama_cpp_forward, write_llama_gguf
 from longrope_convert import gguf as gguf_export
 from longrope_convert.convert import write_checkpoint
 from longrope_convert.factors import (
@@ -343,28 +343,22 @@ def test_llama_cpp_runs_a_llama3_style_gguf_extended_with_yarn_as_the_composed_l
 
 @pytest.mark.llama_cpp
 @torch.inference_mode()
-def test_llama_cpp_picks_the_by_context_sets_by_the_allocated_context(plain_gguf, sherlock_text, tmp_path, capfd,
-                                                                     monkeypatch):
-    """`gguf --by-context`: llama.cpp's `longrope` type for a Llama, read as src/llama-model.cpp:2337-2350 says
-    (llama.cpp 0c1e57098): the short set when the context (`-c`, padded to 256) is at most the original window,
-    else the long set, for every position; the attention factor for both. Measured: max |logit diff| 0.004 and
-    0.008 against the set expected, 3.2 against the other one."""
-    factors = SHIPPED / "tiny-llama-256" / "2048.json"
-    factor_set = load_factor_set(factors)
+def test_llama_cpp_picks_longrope_factor_sets_for_a_llama_by_the_allocated_context(plain_gguf, sherlock_text, tmp_path):
+    """Why `gguf` writes rope_freqs and not llama.cpp's `longrope` type (longrope_convert/gguf.py): llama.cpp reads
+    that type for a Llama correctly, as src/llama-model.cpp:2337-2350 says (llama.cpp 0c1e57098): the short set when
+    the context (`-c`, padded to 256) is at most the original window, else the long set, for every position; the
+    attention factor for both. Measured: max |logit diff| 0.004 and 0.008 against the set expected, 3.2 against the
+    other one. What it gives a real model is in BENCHMARKS.md (llama.cpp by context size)."""
+    factor_set = load_factor_set(SHIPPED / "tiny-llama-256" / "2048.json")
     assert factor_set.n_hat == 0  # llama.cpp has none
-    output = tmp_path / "by-context.gguf"
-    code, _, err = run_cli(capfd, monkeypatch, "gguf", plain_gguf, "--factors", factors, "--by-context", "--output",
-                           output)
-    assert code == 0 and "WARNING" not in err, err
-    written = tensors(output)
-    assert "rope_freqs.weight" not in written
-    assert written["rope_factors_long.weight"].data.tolist() == np.float32(factor_set.long_factor).tolist()
-    assert written["rope_factors_short.weight"].data.tolist() == np.float32(factor_set.short_factor).tolist()
-    assert fields(output)["llama.rope.scaling.type"] == "longrope"
-    assert "the short set (rope_factors_short) while the context size" in fields(output)["longrope.differences"]
+    source = gguf_export.inspect_gguf(plain_gguf)
+    export = gguf_export.extend_gguf(source, tmp_path / "export.gguf", factor_set, factors_origin="shipped").output
+    output = tmp_path / "longrope-type.gguf"
+    by_context_gguf(export, factor_set.long_factor, factor_set.short_factor, output)
+    assert fields(output)["llama.rope.scaling.type"] == "longrope" and "rope_freqs.weight" not in tensors(output)
 
     ids = document_ids(AutoTokenizer.from_pretrained(TESTBED), sherlock_text, 256)
-    # our model with the long set at every position (a window below the input), the attention factor for both
+    # our model with one set at every position (a window below the input), the attention factor for both
     expected = {"short": longrope_reference(TESTBED, replace(factor_set, long_factor=factor_set.short_factor), 16),
                 "long": longrope_reference(TESTBED, factor_set, 16)}
     expected = {name: model(ids).logits[0].numpy() for name, model in expected.items()}
