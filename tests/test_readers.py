@@ -120,7 +120,7 @@ def vllm_max_model_len(config, max_model_len: int | None = None) -> int:
 
     - vllm/transformers_utils/model_arch_config_convertor.py:375-408, derive_max_model_len_and_key: the smallest
       of VLLM_WINDOW_KEYS the config has; model_max_length instead when it has that key;
-    - vllm/config/model.py:2649-2678, _get_and_verify_max_len: no `factor` applied for `longrope`;
+    - vllm/config/model.py:2643-2678, _get_and_verify_max_len: no `factor` applied for `longrope`;
     - vllm/config/model.py:2686-2697: without --max-model-len, for `longrope` the config's top-level
       original_max_position_embeddings when it has one (vLLM PR #27431), else the derived length;
     - vllm/config/model.py:2701-2727: a --max-model-len above the derived length is refused (ValueError) unless
@@ -141,7 +141,7 @@ def vllm_max_model_len(config, max_model_len: int | None = None) -> int:
 def vllm_longrope(rope_parameters: dict, max_position_embeddings: int, max_model_len: int) -> dict:
     """The factor set and attention scale vLLM serves for a `longrope` config, encoded from vLLM 0.34.0:
 
-    - vllm/model_executor/models/llama.py:243-246, LlamaAttention: get_rope(max_position=
+    - vllm/model_executor/models/llama.py:243-246 and 266, LlamaAttention: get_rope(max_position=
       config.max_position_embeddings, rope_parameters=config.rope_parameters), the parameters as transformers 5
       standardises them (vllm/transformers_utils/config.py:701-720, patch_rope_parameters);
     - vllm/model_executor/layers/rotary_embedding/__init__.py:313-333, get_rope, `scaling_type == "longrope"`:
