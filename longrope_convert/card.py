@@ -28,6 +28,7 @@ import yaml
 from . import __version__
 from .factors import FACTORS_FILE, FactorSet, load_factor_set
 from .outputs import read_marker, write_text_atomically
+from .source import VLLM_WINDOW_KEYS
 
 CARD_FILE = "README.md"
 EVAL_DIR = "eval"
@@ -87,15 +88,16 @@ def searched_by_evolution(factor_set: FactorSet) -> bool:
 
 def model_card(factor_set: FactorSet, base_model: str | None, license_fields: dict[str, Any], repo: str,
                revision: str | None = None, evaluation: dict[str, Any] | None = None,
-               changes: Sequence[dict[str, Any]] = ()) -> str:
+               changes: Sequence[dict[str, Any]] = (), config: dict[str, Any] | None = None) -> str:
     """The model card of a converted checkpoint.
 
     base_model: the source's Hub repo id, or None for a source that has none (then omitted from the
     metadata, which the Hub would refuse). repo and revision: what the loading snippet loads (a Hub id
     or a folder; a branch, tag or commit, or None for main). evaluation: results.json, or None.
     changes: the source's fields conversion set to the new window ({"file", "field", "from", "to"}).
+    config: the checkpoint's config.json, whose other window keys the card names (vllm_window_limits).
     """
-    sections = _sections(factor_set, base_model, repo, revision, evaluation, changes)
+    sections = _sections(factor_set, base_model, repo, revision, evaluation, changes, config)
     return _metadata_block(base_model, license_fields) + "\n" + "\n".join(sections.values())
 
 
@@ -107,7 +109,8 @@ def _metadata_block(base_model: str | None, license_fields: dict[str, Any]) -> s
 
 
 def _sections(factor_set: FactorSet, base_model: str | None, repo: str, revision: str | None,
-              evaluation: dict[str, Any] | None, changes: Sequence[dict[str, Any]] = ()) -> dict[str, str]:
+              evaluation: dict[str, Any] | None, changes: Sequence[dict[str, Any]] = (),
+              config: dict[str, Any] | None = None) -> dict[str, str]:
     """The tool's sections, each wrapped in its markers, in card order."""
     original = factor_set.model.original_max_position_embeddings
     summary = (f"# {Path(repo).name}\n\n"
@@ -116,7 +119,7 @@ def _sections(factor_set: FactorSet, base_model: str | None, repo: str, revision
                f"[LongRoPE](https://arxiv.org/abs/2402.13753), without fine-tuning. Made with longrope-convert "
                f"{__version__}; the weights are the source's, unchanged.\n")
     sections = {"summary": summary, "factors": _factors_section(factor_set, plotted=evaluation is not None),
-                "usage": _usage_section(factor_set, repo, revision)}
+                "usage": _usage_section(factor_set, repo, revision, config or {})}
     if changes:
         sections["changes"] = _changes_section(changes)
     if evaluation:
@@ -130,7 +133,17 @@ def _marked(name: str, text: str, attributes: dict[str, Any] | None = None) -> s
     return f"<!-- longrope-convert:begin {name}{extra} -->\n{text}<!-- longrope-convert:end {name} -->\n"
 
 
-def _usage_section(factor_set: FactorSet, repo: str, revision: str | None) -> str:
+def vllm_window_limits(config: dict[str, Any]) -> dict[str, int]:
+    """The keys of a converted config.json, besides max_position_embeddings, that make vLLM serve less than it:
+    vLLM takes the smallest of VLLM_WINDOW_KEYS as the model's window, or model_max_length when the config has it;
+    conversion raises only those that stated the source's window."""
+    window = config.get("max_position_embeddings")
+    keys = ["model_max_length"] if config.get("model_max_length") else VLLM_WINDOW_KEYS[1:]
+    return {key: config[key] for key in keys
+            if type(config.get(key)) is int and type(window) is int and config[key] < window}
+
+
+def _usage_section(factor_set: FactorSet, repo: str, revision: str | None, config: dict[str, Any]) -> str:
     revision_argument = f', revision="{revision}"' if revision else ""
     return (
         "## How to load\n\n"
@@ -154,8 +167,32 @@ def _usage_section(factor_set: FactorSet, repo: str, revision: str | None) -> st
         "`config.json` and run the model as a plain Llama with LongRoPE scaling, with the same factors and attention "
         f"factor ({factor_set.long_mscale:.4f}). What differs: no n̂; the attention factor is applied to short inputs "
         "too, so they are not exactly the source model; cached generation keeps short-factor keys and values after "
-        "crossing the window; vLLM uses the long factors for every request once `max_model_len` exceeds the original "
-        "window; transformers 4.45 uses them at every length.\n")
+        "crossing the window; transformers 4.45 uses the long factors at every length.\n\n"
+        + _vllm_text(factor_set, repo, config))
+
+
+def _vllm_text(factor_set: FactorSet, repo: str, config: dict[str, Any]) -> str:
+    """What `vllm serve` gives by default and with --max-model-len (see README's reader table), and why loading
+    logs a line about `short_mscale` / `long_mscale` when the config carries them."""
+    original, target = factor_set.model.original_max_position_embeddings, factor_set.target_length
+    text = (f"**vLLM** picks one factor set per server. `vllm serve {repo}` serves {original:,} tokens, the original "
+            "window: vLLM's default `max_model_len` for a `longrope` model is the top-level "
+            "`original_max_position_embeddings` (kept in `config.json` because stock transformers 4.48-4.57 switch to "
+            "the long factors only with it), and within it requests use the short factors. "
+            f"`vllm serve {repo} --max-model-len {target}` serves the whole window, with the long factors for every "
+            "request, short ones included.")
+    window_limits = vllm_window_limits(config)
+    if window_limits:
+        listed = ", ".join(f"`{key}` ({value:,})" for key, value in window_limits.items())
+        text += (f" `config.json` also states a shorter window under {listed}, kept as the source had it (it was not "
+                 f"the source's window); vLLM serves at most the smallest of these, so `--max-model-len {target}` needs "
+                 "it raised first.")
+    if "long_mscale" in (config.get("rope_scaling") or {}):
+        text += ("\n\nLoading this checkpoint logs `Unrecognized keys in rope_parameters for 'rope_type'='longrope': "
+                 "{'long_mscale', 'short_mscale'}`: the two keys are for vLLM, which reads the attention factor only "
+                 "from them (this set's is not vLLM's default); transformers does not use them and loads the model as "
+                 "described.")
+    return text + "\n"
 
 
 def _changes_section(changes: Sequence[dict[str, Any]]) -> str:
@@ -335,9 +372,11 @@ def updated_card(folder: Path, repo: str | None = None, revision: str | None = N
         usage = next((attributes for name, _, _, attributes in found if name == "usage" and attributes), {})
         repo, revision = usage.get("repo", str(folder)), usage.get("revision")
     base_model = front_matter(existing).get("base_model")
+    config_file = Path(folder) / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None
     sections = _sections(load_factor_set(Path(folder) / FACTORS_FILE), base_model if isinstance(base_model, str)
                          else None, repo, revision, read_evaluation(Path(folder)),
-                         (read_marker(folder) or {}).get("changes", []))
+                         (read_marker(folder) or {}).get("changes", []), config)
     return (head or _metadata_block(None, {})) + _merge(body, found, sections)
 
 
