@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from longrope_convert.card import needle_table, needle_verdict
-from longrope_convert.evaluate import SOURCE, plan_evaluation, run_evaluation
+from longrope_convert.card import SOURCE, needle_table, needle_verdict
+from longrope_convert.evaluate import plan_evaluation, run_evaluation
 from longrope_convert.needles import RULER_TASKS
 from longrope_convert.testing import smollm2_folder
 

@@ -45,6 +45,7 @@ LEGACY_SNIPPET = re.compile(r'AutoModelForCausalLM\.from_pretrained\("(?P<repo>[
                             r'(?:, revision="(?P<revision>[^"]+)")?\)')
 # The transformers releases the shipped modeling code runs on (its MIN_TRANSFORMERS; setup.cfg says the same).
 LOADING_REQUIREMENT = "transformers>=5.3,<6"
+SOURCE = "source"  # the needle tasks' row of the source model at its own window (results.json)
 
 
 def front_matter(card_text: str) -> dict[str, Any]:
@@ -260,14 +261,20 @@ def perplexity_table(perplexity: dict[str, dict[str, float | str]], corner: str 
 
 def _needles_lines(needles: dict[str, Any]) -> list[str]:
     tasks = needles["tasks"]
+    ruler = [task for task in tasks if task != "passkey"]
     template = {True: "in the tokenizer's chat template", False: "without a chat template"}.get(
         needles.get("chat_template"))
-    lines = [f"Needle retrieval ({', '.join(tasks)}; the RULER tasks as [RULER](https://arxiv.org/abs/2404.06654) "
-             f"defines them): accuracy over {needles['trials']} trial(s) per length and depth (depths "
-             f"{', '.join(f'{d:.0%}' for d in needles['depths'])}), greedy decoding, RULER's exact-match scoring"
-             + (f"; prompts {template}" if template else "")
-             + (f"; haystack from {needles['haystack']}" if needles.get("haystack") else "")
-             + ". Mean over the tasks and depths measured at each length:\n"]
+    details = [f"{needles['trials']} trial(s) per length and depth (depths "
+               f"{', '.join(f'{d:.0%}' for d in needles['depths'])})", "greedy decoding",
+               "scored as RULER scores them (the share of the expected values found in the answer)" if ruler else "",
+               "the passkey as the first number answered" if "passkey" in tasks else "",
+               f"prompts {template}" if template else "",
+               f"haystack from {needles['haystack']}" if needles.get("haystack") else ""]
+    lines = [f"Needle retrieval: {', '.join(tasks)}"
+             + (" (the tasks of [RULER](https://arxiv.org/abs/2404.06654))" if ruler else "") + "; "
+             + ", ".join(part for part in details if part) + ". Accuracy, the mean over the tasks and depths measured "
+             "at each length"
+             + (f"; {SOURCE}: the source model at its own window" if needles.get("source_window") else "") + ":\n"]
     lines += needle_table(tasks)
     verdict = needle_verdict(needles)
     if verdict:
@@ -297,7 +304,7 @@ def needle_verdict(needles: dict[str, Any]) -> list[str]:
     tasks = needles["tasks"]
     if not window:
         return []
-    own = {task: _mean(measured["accuracy"]["source"][str(window)]) for task, measured in tasks.items()}
+    own = {task: _mean(measured["accuracy"][SOURCE][str(window)]) for task, measured in tasks.items()}
     weak = [task for task, score in own.items() if score < 0.5]
     usable = [task for task in tasks if task not in weak]
     sentences = []

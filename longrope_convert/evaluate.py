@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .card import json_number, searched_by_evolution
+from .card import SOURCE, json_number, searched_by_evolution
 from .errors import DataError, EvaluationError, LongRoPEError
 from .factors import FactorSet, baseline_factor_sets
 from .needles import (NEEDLE_TASKS, RULER_TASKS, Haystack, ItemTooShort, NeedleItem, build_items, chat_frame,
@@ -43,7 +43,6 @@ from .perplexity import perplexity, token_nll, use_factor_set
 from .source import SourceModel
 
 MIN_LENGTH = 2  # one token of context and one to predict
-SOURCE = "source"  # the needle tasks' row of the source model at its own window
 NEEDLE_ANSWERS = "needle_answers.jsonl"
 
 

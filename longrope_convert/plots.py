@@ -70,6 +70,9 @@ def accuracy_heatmap(accuracy: dict[str, dict[int, dict[float, float]]], path: P
         depths = sorted(accuracy[method][lengths[0]], key=float)
         grid = [[accuracy[method][n][d] for n in lengths] for d in depths]
         image = axis.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        for row, values in enumerate(grid):
+            for column, value in enumerate(values):
+                axis.text(column, row, f"{value:.0%}", ha="center", va="center", fontsize=7)
         axis.set_xticks(range(len(lengths)), [f"{int(n) // 1024}k" if int(n) % 1024 == 0 else str(n) for n in lengths])
         axis.set_yticks(range(len(depths)), [f"{float(d):.0%}" for d in depths])
         axis.set_title(method, fontsize=9)

@@ -251,3 +251,44 @@ def test_eval_command_writes_results_plots_and_card(tmp_path):
     assert front_matter(card) == front_matter(before)
     row = next(line for line in card.splitlines() if line.startswith("| none |"))
     assert f"{table['none']['1024']:.3f}" in row
+
+
+def test_eval_command_measures_the_needle_tasks(tiny_checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    done = subprocess.run([*CLI, "eval", str(tiny_checkpoint), "--needle-lengths", "1024", "--needles",
+                           "niah_single,niah_multivalue", "--data", str(DATA / "sherlock_adventures.jsonl"),
+                           "--depths", "0,0.5", "--trials", "1", "--out", str(out), "--json"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    needles = json.loads(done.stdout)["needles"]
+    assert needles["chat_template"] is False and needles["source_window"] is None  # no baselines: no source row
+    assert needles["haystack"].endswith("sherlock_adventures.jsonl:1")
+    assert list(needles["tasks"]) == ["niah_single", "niah_multivalue"]
+    for task, measured in needles["tasks"].items():
+        assert measured["answer_tokens"] == 128
+        assert measured["accuracy"] == {"LongRoPE (init:yarn)": {"1024": {"0.0": 0.0, "0.5": 0.0}}}  # 2.2M parameters
+        assert read_series(out / f"{task}.png") == measured["accuracy"]
+    answers = [json.loads(line) for line in (out / "needle_answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 2 * 2 and {a["score"] for a in answers} == {0.0}
+    assert all(len(a["answers"]) == (1 if a["task"] == "niah_single" else 4) for a in answers)
+
+
+def needle_results(source: float, checkpoint: dict[int, float], yarn: dict[int, float]) -> dict:
+    """results.json's needles with one task: the source's accuracy at its window of 256 tokens, the two methods'."""
+    accuracy = {"LongRoPE": {str(n): {"0.5": a} for n, a in checkpoint.items()},
+                "yarn": {str(n): {"0.5": a} for n, a in yarn.items()}, "source": {"256": {"0.5": source}}}
+    return {"depths": [0.5], "trials": 1, "seed": 0, "chat_template": True, "haystack": "books", "source_window": 256,
+            "tasks": {"niah_single": {"accuracy": accuracy}}}
+
+
+def test_the_verdict_ranks_methods_only_on_tasks_the_source_can_do():
+    assert needle_verdict(needle_results(0.25, {1024: 0.5}, {1024: 0.0})) == [
+        "At its own window (256 tokens) the source model scores under 50% on niah_single (25%): reported, not used "
+        "to rank the methods.", "No task is left to rank the methods with."]
+    assert needle_verdict(needle_results(1.0, {512: 0.75, 1024: 0.5}, {512: 0.5, 1024: 0.5})) == [
+        "At 512 tokens, on niah_single (the source scores at least 50% on it at its own window, 100%), LongRoPE "
+        "retrieves better than YaRN on the same prompts: 75% against 50%.",
+        "At 1,024 tokens, on niah_single (the source scores at least 50% on it at its own window, 100%), LongRoPE "
+        "retrieves as well as YaRN on the same prompts: 50% against 50%."]
+    no_baselines = {**needle_results(1.0, {1024: 1.0}, {}), "source_window": None}
+    assert needle_verdict(no_baselines) == []
