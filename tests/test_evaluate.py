@@ -162,6 +162,8 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     (["--needle-lengths", "1024", "--needles", "vt", "--baselines", "--data", DATA / "sherlock_adventures.jsonl"],
      "the source's own window, 256 tokens (measured with --baselines), is below the smallest vt prompt, 48"),
     (["--needle-lengths", "1024"], "--needle-lengths needs --data: the needle tasks hide their needles in its text"),
+    (["--needle-lengths", "600", "--needles", "niah_single,foo", "--data", DATA / "sherlock_adventures.jsonl"],
+     "--needles foo: no such task (tasks: niah_single, niah_multikey, niah_multivalue, niah_multiquery, vt, passkey)"),
     (["--data", DATA / "sherlock_adventures.jsonl"], "--data needs --lengths (perplexity) or --needle-lengths"),
     (["--lengths", "256,1024", "--protocol", "sliding", "--stride", "256"], "--stride 256 must be smaller than"),
     (["--lengths", "256", "--data", "missing-folder/book.txt"], "data 'missing-folder/book.txt': no such file or folder"),
