@@ -46,6 +46,7 @@ LEGACY_SNIPPET = re.compile(r'AutoModelForCausalLM\.from_pretrained\("(?P<repo>[
                             r'(?:, revision="(?P<revision>[^"]+)")?\)')
 # The transformers releases the shipped modeling code runs on (its MIN_TRANSFORMERS; setup.cfg says the same).
 LOADING_REQUIREMENT = "transformers>=5.3,<6"
+SOURCE = "source"  # the needle tasks' row of the source model at its own window (results.json)
 
 
 def front_matter(card_text: str) -> dict[str, Any]:
@@ -280,12 +281,9 @@ def _evaluation_section(evaluation: dict[str, Any], original: int) -> str:
             lines.append("\ninf: the perplexity overflows a double (mean NLL above 709.78 nats); nan: the model's "
                          "outputs were not numbers.")
         lines.append("\n![perplexity](eval/perplexity.png)\n")
-    passkey = evaluation.get("passkey")
-    if passkey:
-        lines.append(f"Passkey retrieval: accuracy over {passkey['trials']} trial(s) per length and depth "
-                     f"(depths {', '.join(f'{d:.0%}' for d in passkey['depths'])}), greedy decoding.\n")
-        lines += passkey_table(passkey["accuracy"])
-        lines.append("\n![passkey](eval/passkey.png)\n")
+    needles = evaluation.get("needles")
+    if needles:
+        lines += _needles_lines(needles)
     settings = evaluation.get("settings")
     if settings:
         lines.append(f"Measured with `{settings['command']}` ({settings['device']}, {settings['created']}).\n")
@@ -298,11 +296,79 @@ def perplexity_table(perplexity: dict[str, dict[str, float | str]], corner: str 
     return _by_length_table(perplexity, corner, lambda value: f"{float(value):.3f}")
 
 
-def passkey_table(accuracy: dict[str, dict[str, dict[str, float]]], corner: str = "method") -> list[str]:
-    """Markdown rows of {method: {length: {depth: accuracy}}}, averaged over the depths."""
-    means = {method: {n: sum(by_depth.values()) / len(by_depth) for n, by_depth in by_length.items()}
-             for method, by_length in accuracy.items()}
+def _needles_lines(needles: dict[str, Any]) -> list[str]:
+    tasks = needles["tasks"]
+    ruler = [task for task in tasks if task != "passkey"]
+    template = {True: "in the tokenizer's chat template", False: "without a chat template"}.get(
+        needles.get("chat_template"))
+    details = [f"{needles['trials']} trial(s) per length and depth (depths "
+               f"{', '.join(f'{d:.0%}' for d in needles['depths'])})", "greedy decoding",
+               "scored as RULER scores them (the share of the expected values found in the answer)" if ruler else "",
+               "the passkey as the first number answered" if "passkey" in tasks else "",
+               f"prompts {template}" if template else "",
+               f"haystack from {needles['haystack']}" if needles.get("haystack") else ""]
+    lines = [f"Needle retrieval: {', '.join(tasks)}"
+             + (" (the tasks of [RULER](https://arxiv.org/abs/2404.06654))" if ruler else "") + "; "
+             + ", ".join(part for part in details if part) + ". Accuracy, the mean over the tasks and depths measured "
+             "at each length"
+             + (f"; {SOURCE}: the source model at its own window" if needles.get("source_window") else "") + ":\n"]
+    lines += needle_table(tasks)
+    verdict = needle_verdict(needles)
+    if verdict:
+        lines.append("\n" + " ".join(verdict))
+    lines.append("\n" + " ".join(f"![{task}](eval/{task}.png)" for task in tasks) + "\n")
+    return lines
+
+
+def needle_table(tasks: dict[str, dict[str, Any]], corner: str = "method") -> list[str]:
+    """Markdown rows of the needle tasks of results.json ({task: {"accuracy": {method: {length: {depth:
+    accuracy}}}}}): each method's accuracy at each length, the mean over the tasks and depths measured there."""
+    scores: dict[str, dict[str, list[float]]] = {}
+    for measured in tasks.values():
+        for method, by_length in measured["accuracy"].items():
+            for n, by_depth in by_length.items():
+                scores.setdefault(method, {}).setdefault(str(n), []).extend(by_depth.values())
+    means = {method: {n: sum(values) / len(values) for n, values in by_length.items()}
+             for method, by_length in scores.items()}
     return _by_length_table(means, corner, "{:.0%}".format)
+
+
+def needle_verdict(needles: dict[str, Any]) -> list[str]:
+    """What the needle tasks say, in sentences: at its own window, the tasks the source model scores under
+    50% on (too hard for this model: they rank no method); on the others, the checkpoint against YaRN at
+    each length beyond the window, on the same prompts. [] without the source's row (no baselines)."""
+    window = needles.get("source_window")
+    tasks = needles["tasks"]
+    if not window:
+        return []
+    own = {task: _mean(measured["accuracy"][SOURCE][str(window)]) for task, measured in tasks.items()}
+    weak = [task for task, score in own.items() if score < 0.5]
+    usable = [task for task in tasks if task not in weak]
+    sentences = []
+    if weak:
+        sentences.append(f"At its own window ({window:,} tokens) the source model scores under 50% on "
+                         + ", ".join(f"{task} ({own[task]:.0%})" for task in weak)
+                         + ": reported, not used to rank the methods.")
+    if not usable:
+        sentences.append("No task is left to rank the methods with.")
+        return sentences
+    checkpoint = next(iter(next(iter(tasks.values()))["accuracy"]))
+    lengths = sorted({int(n) for task in usable for n in tasks[task]["accuracy"][checkpoint]
+                      if int(n) > window and "yarn" in tasks[task]["accuracy"]})
+    for n in lengths:
+        ours, yarn = (_mean([value for task in usable for value in tasks[task]["accuracy"][method].get(str(n), {})
+                             .values()]) for method in (checkpoint, "yarn"))
+        verb = "retrieves better than" if ours > yarn else "retrieves worse than" if ours < yarn else "retrieves as well as"
+        sentences.append(f"At {n:,} tokens, on {', '.join(usable)} (the source scores at least 50% on "
+                         f"{'it' if len(usable) == 1 else 'them'} at its own window, "
+                         f"{_mean([own[task] for task in usable]):.0%}), {checkpoint} {verb} YaRN on the same "
+                         f"prompts: {ours:.0%} against {yarn:.0%}.")
+    return sentences
+
+
+def _mean(values) -> float:
+    values = list(values.values()) if isinstance(values, dict) else list(values)
+    return sum(values) / len(values) if values else float("nan")
 
 
 def _by_length_table(values: dict[str, dict[str, Any]], corner: str, cell: Callable[[Any], str]) -> list[str]:
@@ -321,8 +387,17 @@ def json_number(value: float) -> float | str:
 
 
 def read_evaluation(folder: Path) -> dict[str, Any] | None:
+    """eval/results.json of a checkpoint, None without one. Results written before the needle tasks existed
+    hold their passkey test under "passkey": it is read as the needle task it now is."""
     path = folder / EVAL_DIR / EVAL_RESULTS
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    evaluation = json.loads(path.read_text())
+    passkey = evaluation.pop("passkey", None)
+    if passkey and "needles" not in evaluation:
+        evaluation["needles"] = {"depths": passkey["depths"], "trials": passkey["trials"], "seed": passkey["seed"],
+                                 "tasks": {"passkey": {"accuracy": passkey["accuracy"]}}}
+    return evaluation
 
 
 def _tool_sections(body: str) -> list[tuple[str, int, int, dict[str, Any]]]:
