@@ -25,7 +25,7 @@ from longrope_convert.factors import (
 )
 from longrope_convert.perplexity import document_ids, load_longrope_model, perplexity
 from longrope_convert.source import read_source
-from longrope_convert.testing import smollm2_gguf
+from model_cache import smollm2_gguf
 from conftest import edit_json
 from test_convert import leftovers, run_cli
 from test_hub import env, hub, publish, run  # noqa: F401 (fixtures)
