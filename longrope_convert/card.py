@@ -26,11 +26,10 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .factors import FACTORS_FILE, FactorSet, load_factor_set
+from .checkpoint_files import CARD_FILE, EVAL_DIR, FACTORS_FILE
+from .factors import FactorSet, load_factor_set
 from .outputs import read_marker, write_text_atomically
 
-CARD_FILE = "README.md"
-EVAL_DIR = "eval"
 EVAL_RESULTS = "results.json"
 LICENSE_KEYS = ("license", "license_name", "license_link")
 # provenance methods of factors an evolutionary search produced; other "search:..." labels (a search

@@ -9,7 +9,6 @@ are hard-linked (or copied, streaming) and never loaded: memory stays flat whate
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import shutil
@@ -19,11 +18,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .card import CARD_FILE, hub_model_id, model_card, source_license
+from .card import hub_model_id, model_card, source_license
+from .checkpoint_files import (
+    CARD_FILE,
+    COPIED_FILES,
+    COPIED_PATTERNS,
+    FACTORS_FILE,
+    MODELING_FILE,
+    is_conversion_output,
+    matches,
+)
 from .errors import LongRoPEError, OutputError
 from .factors import (
     ANALYTIC_METHODS,
-    FACTORS_FILE,
     FactorSet,
     analytic_factor_set,
     find_shipped_factor_set,
@@ -34,18 +41,12 @@ from .outputs import MARKER, atomic_folder, check_output_folder, marker_text
 from .source import FolderFiles, SourceModel, open_source, read_json, read_source
 from .source_rope import DEFAULT_ROPE, longrope_attention_factor
 
-MODELING_FILE = "modeling_longrope_llama.py"
 # Copied, not imported: conversion never imports torch, so its memory stays flat.
 MODELING_SOURCE = Path(__file__).with_name(MODELING_FILE)
 AUTO_MAP = {
     "AutoModel": "modeling_longrope_llama.LongRoPELlamaModel",
     "AutoModelForCausalLM": "modeling_longrope_llama.LongRoPELlamaForCausalLM",
 }
-# Files of the source that travel with the weights (licences must: Llama's licence requires it).
-COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
-                "chat_template.json")
-COPIED_PATTERNS = ("LICENSE*", "USE_POLICY*", "NOTICE*")
 # Fields of a checkpoint's files that state its context window; those equal to the source's window
 # follow the new one. A tokenizer truncates to model_max_length; generate() stops at, and refuses
 # prompts longer than, max_length (meta-llama/Llama-2-7b-hf ships max_length 4096, its window);
@@ -227,7 +228,7 @@ def link_or_copy(source: Path, target: Path, copy: bool) -> str:
 
 def copied_file_names(names: list[str]) -> list[str]:
     """Which of the source's files travel with the weights."""
-    return [n for n in names if n in COPIED_FILES or any(fnmatch.fnmatch(n, p) for p in COPIED_PATTERNS)]
+    return [n for n in names if n in COPIED_FILES or matches(n, COPIED_PATTERNS)]
 
 
 def default_output(source_name: str, target: int) -> Path:
@@ -265,8 +266,6 @@ def check_conversion_output(source: SourceModel, output: Path, overwrite: bool) 
 def check_no_foreign_files(output: Path) -> None:
     """--overwrite replaces the whole output folder: refuse one that holds files no conversion or evaluation
     writes (a user's notes, another folder), naming them. Raises OutputError."""
-    from .hub import is_conversion_output
-
     output = Path(output)
     if not output.is_dir():
         return

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .checkpoint_files import FACTORS_FILE
 from .errors import LongRoPEError, RopeScalingError
 from .outputs import write_text_atomically
 from .source_rope import (
@@ -61,7 +62,6 @@ from .source_rope import (
     yarn_ramp,
 )
 
-FACTORS_FILE = "longrope_factors.json"  # its name inside a converted checkpoint
 FORMAT = "longrope-factors"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)

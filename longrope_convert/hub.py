@@ -12,7 +12,6 @@ HubError that says what to do.
 from __future__ import annotations
 
 import errno
-import fnmatch
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -20,20 +19,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .card import CARD_FILE, EVAL_DIR, LOADING_REQUIREMENT, updated_card
-from .convert import COPIED_FILES, COPIED_PATTERNS, MODELING_FILE
+from .card import LOADING_REQUIREMENT, updated_card
+from .checkpoint_files import (
+    CARD_FILE,
+    FACTORS_FILE,
+    PICKLE_PATTERNS,
+    SOURCE_FILES,
+    is_conversion_output,
+    pickle_files,
+)
 from .errors import HubError, LongRoPEError
-from .factors import FACTORS_FILE
 from .outputs import write_text_atomically
 
-ALLOW_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-                  "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                  "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
-                  "LICENSE*", "USE_POLICY*", "NOTICE*", "README.md"]
+ALLOW_PATTERNS = list(SOURCE_FILES)  # what a conversion reads
 # Nothing in subfolders (Meta's original/ among them) and no pickle files, whatever the allow list says.
-IGNORE_PATTERNS = ["*/*", "*.bin", "*.pth", "*.pt", "*.ckpt", "consolidated.*"]
-WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json")
-PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt")
+IGNORE_PATTERNS = ["*/*", *PICKLE_PATTERNS]
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+|[A-Za-z0-9][\w.-]*")
 
 
@@ -121,7 +121,7 @@ def _refuse_pickle_only(repo_id: str, revision: str | None) -> None:
     files = [sibling.rfilename for sibling in HfApi().model_info(repo_id, revision=revision).siblings or []]
     top_level = [name for name in files if "/" not in name]
     if not any(name.endswith(".safetensors") for name in top_level):
-        pickles = [name for name in top_level if name.endswith(PICKLE_SUFFIXES)]
+        pickles = pickle_files(top_level)
         what = f"only pickle weights ({', '.join(pickles[:3])})" if pickles else "no *.safetensors weights"
         raise LongRoPEError(f"'{repo_id}' has {what}; longrope-convert never loads pickle files: use a repo "
                             "that ships safetensors, or convert a local copy first")
@@ -170,19 +170,7 @@ class HubFiles:
         return data if length is None else data[:length]
 
 
-# What a conversion writes at the top of its folder, and what eval adds: a push deletes the files of
-# an earlier conversion that the folder does not have (shards replaced by one file, an old index);
-# anything else in the repo is the user's and stays.
-CONVERSION_OUTPUTS = ("config.json", "*.safetensors", "*.safetensors.index.json", MODELING_FILE, FACTORS_FILE,
-                      CARD_FILE, *COPIED_FILES, *COPIED_PATTERNS)
 HUB_FILES = (".gitattributes",)  # written by the Hub itself when it creates a repo
-
-
-def is_conversion_output(path: str) -> bool:
-    """Whether a repo path is one a conversion or an evaluation writes."""
-    if path.startswith(f"{EVAL_DIR}/"):
-        return True
-    return "/" not in path and any(fnmatch.fnmatchcase(path, pattern) for pattern in CONVERSION_OUTPUTS)
 
 
 @dataclass

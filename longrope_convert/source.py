@@ -7,7 +7,6 @@ the same code before anything is downloaded or written.
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 import re
@@ -16,12 +15,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from .checkpoint_files import SAFETENSORS_INDEX, pickle_files
 from .errors import LongRoPEError, RopeScalingError, SourceError
 from .factors import VERSION, FactorSet, ModelFingerprint, factor_set_from_json
 from .source_rope import BaseFactorSet, base_factor_set
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE_PATTERNS = ("*.bin", "*.pth", "*.pt", "*.ckpt", "consolidated.*")
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -141,7 +139,8 @@ def open_source(source: str, revision: str | None = None, download: bool = True)
     checked remotely first; then, with `download`, what conversion needs (only the weight files the
     checks found) is downloaded into the Hub cache. Without `download` nothing is written. Offline
     (HF_HUB_OFFLINE), the cache alone is read."""
-    from .hub import ALLOW_PATTERNS, WEIGHT_PATTERNS, HubFiles, download_source, hub_offline, looks_like_repo_id
+    from .checkpoint_files import WEIGHT_PATTERNS
+    from .hub import ALLOW_PATTERNS, HubFiles, download_source, hub_offline, looks_like_repo_id
 
     if not looks_like_repo_id(source):
         if revision is not None:
@@ -263,7 +262,7 @@ def check_weights(source: SourceModel) -> list[str]:
         tensors = read_safetensors_header(files, "model.safetensors", folder)
         names = ["model.safetensors"]
     else:
-        pickles = [name for name in files.sizes if any(fnmatch.fnmatch(name, p) for p in PICKLE_PATTERNS)]
+        pickles = pickle_files(files.sizes)
         if pickles:
             raise SourceError(
                 f"source '{folder}' has only pickle weights ({', '.join(pickles[:3])}); longrope-convert never "
