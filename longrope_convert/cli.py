@@ -17,9 +17,9 @@ from . import __version__
 from .convert import check_conversion_output, default_output, plan_conversion, write_checkpoint, write_planned
 from .errors import LongRoPEError
 from .evolution import PRESETS as SEARCH_PRESETS  # pure Python: `convert` still never imports torch
+from .fetch import open_source
 from .preflight import check_push, check_search_outputs
 from .publish import loading_snippet, push_folder
-from .source import open_source
 
 DEVICE_MAPS = ["auto"]  # accelerate's placement of a model over the GPUs it may use
 

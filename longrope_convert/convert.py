@@ -38,7 +38,9 @@ from .factors import (
     source_factor_set,
 )
 from .outputs import MARKER, atomic_folder, check_output_folder, marker_text
-from .source import FolderFiles, SourceModel, open_source, read_json, read_source
+from .fetch import download_source, open_source
+from .hub import hub_cache, looks_like_repo_id
+from .source import FolderFiles, SourceModel, read_json, read_source
 from .source_rope import DEFAULT_ROPE, longrope_attention_factor
 
 # Copied, not imported: conversion never imports torch, so its memory stays flat.
@@ -329,8 +331,6 @@ def plan_checkpoint(source: SourceModel, factor_set: FactorSet, output: Path, fa
 def _same_file_system(source: SourceModel, output: Path) -> bool:
     """Whether the source's weights (a Hub source's: in the Hugging Face cache) and the output's nearest existing
     folder are on one file system, so that the weights can be hard-linked."""
-    from .hub import hub_cache
-
     where = source.folder if isinstance(source.files, FolderFiles) else hub_cache()
     existing = Path(output).absolute()
     while not existing.exists():
@@ -357,8 +357,6 @@ def plan_conversion(source: str, *, target: int, revision: str | None = None, fa
     the plan is made again over the local copy; without it nothing is written anywhere (--dry-run).
     Raises LongRoPEError (SourceError, OutputError, FactorFileError) or the OSError met.
     """
-    from .hub import download_source, hub_cache, looks_like_repo_id
-
     if looks_like_repo_id(source):
         name, guard = source, {hub_cache(): "the Hugging Face cache"}
     else:

@@ -263,7 +263,8 @@ def plan_evaluation(folder: Path, *, data: list[str], lengths: list[int], baseli
     """
     from transformers import AutoTokenizer
 
-    from .factors import FACTORS_FILE, load_factor_set
+    from .checkpoint_files import FACTORS_FILE
+    from .factors import load_factor_set
     from .documents import read_documents
     from .perplexity import tokenized_documents
     from .preflight import check_evaluation_inputs

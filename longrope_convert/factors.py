@@ -49,7 +49,6 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .checkpoint_files import FACTORS_FILE
 from .errors import LongRoPEError, RopeScalingError
 from .outputs import write_text_atomically
 from .source_rope import (

@@ -52,11 +52,11 @@ import gguf
 import numpy as np
 
 from . import __version__
+from .checkpoint_files import FACTORS_FILE
 from .convert import default_output
 from .errors import LongRoPEError
 from .factors import (
     ANALYTIC_METHODS,
-    FACTORS_FILE,
     FactorSet,
     ModelFingerprint,
     analytic_factor_set,

@@ -1,8 +1,8 @@
-"""The Hugging Face Hub, through huggingface_hub: fetch a source checkpoint (publishing is publish.py).
+"""The Hugging Face Hub as fetch.py and publish.py both use it: repo ids, the endpoint and the cache, and
+huggingface_hub's errors turned into one line that says what to do (HubError).
 
-Downloads take only what a conversion needs (never pickle weights or Meta's original/ folder), go
-through huggingface_hub's cache and progress bars, and honour HF_HUB_OFFLINE. Every Hub failure
-becomes a one-line HubError that says what to do.
+Light: huggingface_hub is imported by the functions that need it, so the --data reader can tell a dataset
+id from a path (REPO_ID) without it.
 """
 
 from __future__ import annotations
@@ -13,12 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoint_files import PICKLE_PATTERNS, SOURCE_FILES, pickle_files
-from .errors import HubError, LongRoPEError
+from .errors import HubError
 
-ALLOW_PATTERNS = list(SOURCE_FILES)  # what a conversion reads
-# Nothing in subfolders (Meta's original/ among them) and no pickle files, whatever the allow list says.
-IGNORE_PATTERNS = ["*/*", *PICKLE_PATTERNS]
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+|[A-Za-z0-9][\w.-]*")
 
 
@@ -97,60 +93,3 @@ def hub_errors(repo_id: str, revision: str | None = None, pushing: bool = False)
 def first_line(error: Exception) -> str:
     """The first non-empty line of an error's message (else its type's name)."""
     return next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-
-
-def _refuse_pickle_only(repo_id: str, revision: str | None) -> None:
-    from huggingface_hub import HfApi, constants
-
-    if constants.HF_HUB_OFFLINE:
-        return
-    files = [sibling.rfilename for sibling in HfApi().model_info(repo_id, revision=revision).siblings or []]
-    top_level = [name for name in files if "/" not in name]
-    if not any(name.endswith(".safetensors") for name in top_level):
-        pickles = pickle_files(top_level)
-        what = f"only pickle weights ({', '.join(pickles[:3])})" if pickles else "no *.safetensors weights"
-        raise LongRoPEError(f"'{repo_id}' has {what}; longrope-convert never loads pickle files: use a repo "
-                            "that ships safetensors, or convert a local copy first")
-
-
-def download_source(repo_id: str, revision: str | None = None, files: list[str] | None = None) -> Path:
-    """The snapshot folder of `files` (names or patterns; default ALLOW_PATTERNS, what a conversion may
-    need), from the cache or downloaded into it."""
-    from huggingface_hub import snapshot_download
-
-    with hub_errors(repo_id, revision):
-        if files is None:
-            _refuse_pickle_only(repo_id, revision)
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=files or ALLOW_PATTERNS,
-                                      ignore_patterns=IGNORE_PATTERNS))
-
-
-class HubFiles:
-    """A Hub repo's top-level files at one revision (those ALLOW_PATTERNS admits), read over HTTP without
-    caching: what a dry run plans with, and what a real run checks before it downloads anything. A
-    source.SourceFiles."""
-
-    def __init__(self, repo_id: str, revision: str | None = None) -> None:
-        from huggingface_hub import snapshot_download
-
-        self.repo_id, self.revision = repo_id, revision
-        with hub_errors(repo_id, revision):
-            _refuse_pickle_only(repo_id, revision)
-            listing = snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS,
-                                        ignore_patterns=IGNORE_PATTERNS, dry_run=True)
-        self.commit = listing[0].commit_hash if listing else revision  # every read sees the same commit
-        self.sizes = {item.filename: item.file_size or 0 for item in listing}
-        self.not_cached = {item.filename for item in listing if not item.is_cached}
-
-    def read(self, name: str, start: int = 0, length: int | None = None) -> bytes:
-        from huggingface_hub import hf_hub_url
-        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
-
-        headers = build_hf_headers()
-        if start or length is not None:
-            headers["Range"] = f"bytes={start}-{'' if length is None else start + length - 1}"
-        with hub_errors(self.repo_id, self.revision):
-            response = get_session().get(hf_hub_url(self.repo_id, name, revision=self.commit), headers=headers)
-            hf_raise_for_status(response)
-        data = response.content if response.status_code == 206 else response.content[start:]  # 200: range ignored
-        return data if length is None else data[:length]

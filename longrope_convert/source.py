@@ -1,7 +1,7 @@
 """The source checkpoint: its config (4.x- or 5.x-style RoPE keys) and its safetensors weights.
 
 Nothing here loads tensors: weights are checked by reading safetensors headers only, through a
-SourceFiles view, so that a local folder and a Hub repo read remotely (hub.HubFiles) are checked by
+SourceFiles view, so that a local folder and a Hub repo read remotely (fetch.HubFiles) are checked by
 the same code before anything is downloaded or written.
 """
 
@@ -132,27 +132,6 @@ def read_json(files: SourceFiles, name: str, folder: Path) -> Any:
         return json.loads(files.read(name))
     except (OSError, ValueError) as error:  # ValueError: undecodable bytes or bad JSON
         raise SourceError(f"{folder / name}: not a readable JSON file ({error})") from None
-
-
-def open_source(source: str, revision: str | None = None, download: bool = True) -> SourceModel:
-    """A local folder, or a Hub repo id. A Hub source's config and safetensors headers are read and
-    checked remotely first; then, with `download`, what conversion needs (only the weight files the
-    checks found) is downloaded into the Hub cache. Without `download` nothing is written. Offline
-    (HF_HUB_OFFLINE), the cache alone is read."""
-    from .checkpoint_files import WEIGHT_PATTERNS
-    from .hub import ALLOW_PATTERNS, HubFiles, download_source, hub_offline, looks_like_repo_id
-
-    if not looks_like_repo_id(source):
-        if revision is not None:
-            raise LongRoPEError(f"--revision applies to Hub repo ids; '{source}' is a local path")
-        return read_source(source)
-    if hub_offline():
-        return read_source(download_source(source, revision), name=source)
-    remote = describe_source(HubFiles(source, revision), source, Path(source))
-    if not download:
-        return remote
-    wanted = [p for p in ALLOW_PATTERNS if p not in WEIGHT_PATTERNS] + [path.name for path in remote.weight_files]
-    return read_source(download_source(source, revision, files=wanted), name=source)
 
 
 def describe_config(config: Any, name: str, folder: Path) -> SourceModel:

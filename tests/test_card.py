@@ -16,9 +16,10 @@ from longrope_convert.card import (
     refresh_card,
     searched_by_evolution,
 )
+from longrope_convert.checkpoint_files import FACTORS_FILE
 from longrope_convert.convert import write_checkpoint
 from longrope_convert.evaluate import comparison_sets
-from longrope_convert.factors import FACTORS_FILE, analytic_factor_set, load_factor_set
+from longrope_convert.factors import analytic_factor_set, load_factor_set
 from longrope_convert.source import read_source
 
 ROOT = Path(__file__).parents[1]
