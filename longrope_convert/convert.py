@@ -247,21 +247,25 @@ def base_model_id(source: SourceModel) -> str | None:
 
 
 def source_guards(source: SourceModel) -> tuple[dict[Path, str], dict[Path, str]]:
-    """(protected, read_only) for check_output_folder: the output may not be or contain the source or
-    any of its files (a Hub snapshot's links resolve to the cache blobs), nor lie inside the source."""
+    """(protected, read_only) for check_output_folder, the same for everything written while working on
+    `source` (a conversion, a search's factor file and log): the output may not be or contain the source or
+    any of its files (a Hub snapshot's links resolve to the cache blobs), nor lie inside the source or the
+    Hugging Face cache (where a Hub source's files are)."""
+    read_only = {hub_cache(): "the Hugging Face cache"}
     if not isinstance(source.files, FolderFiles):  # read remotely: nothing of it is on this machine yet
-        return {}, {}
+        return {}, read_only
     protected = {source.folder: "the source"}
     protected.update((source.folder / name, "a file of the source") for name in source.files.sizes)
-    return protected, {source.folder: "the source"}
+    return protected, {source.folder: "the source", **read_only}
 
 
-def check_conversion_output(source: SourceModel, output: Path, overwrite: bool) -> None:
-    """The output folder a conversion of `source` may write (outputs.check_output_folder): not the source,
-    none of its files, not inside it; an existing one only with `overwrite`, and only when it holds nothing
-    but what conversions and evaluations write (check_no_foreign_files). Raises OutputError."""
+def check_conversion_output(source: SourceModel, output: Path, overwrite: bool, option: str = "--output") -> None:
+    """The output folder (given with `option`) a conversion of `source` may write (outputs.check_output_folder):
+    not the source, none of its files, not inside it or the Hugging Face cache (source_guards); an existing one
+    only with `overwrite`, and only when it holds nothing but what conversions and evaluations write
+    (check_no_foreign_files). Raises OutputError."""
     protected, read_only = source_guards(source)
-    check_output_folder(output, overwrite=overwrite, protected=protected, read_only=read_only)
+    check_output_folder(output, overwrite=overwrite, protected=protected, read_only=read_only, option=option)
     check_no_foreign_files(output)
 
 
@@ -357,12 +361,13 @@ def plan_conversion(source: str, *, target: int, revision: str | None = None, fa
     the plan is made again over the local copy; without it nothing is written anywhere (--dry-run).
     Raises LongRoPEError (SourceError, OutputError, FactorFileError) or the OSError met.
     """
+    cache = {hub_cache(): "the Hugging Face cache"}
     if looks_like_repo_id(source):
-        name, guard = source, {hub_cache(): "the Hugging Face cache"}
+        name, guard = source, cache
     else:
         name, guard = Path(source).resolve().name, {Path(source): "the source"}
     output = Path(output or default_output(name, target))
-    check_output_folder(output, overwrite=overwrite, protected=guard, read_only=guard)
+    check_output_folder(output, overwrite=overwrite, protected=guard, read_only={**guard, **cache})
     model = open_source(source, revision, download=False)
     factor_set, origin = resolve_factors(model, target, factors, warn)
     plan = plan_checkpoint(model, factor_set, output, origin, copy_weights=copy_weights, repo=repo)
