@@ -33,7 +33,8 @@ metadata says so under `longrope.differences`.
 
 Tensors are copied byte for byte (quantized ones stay as they are), by the kernel where it can
 (copy_file_range) or through one bounded buffer, so memory stays flat for any file size. The output
-is written to a temporary file next to it and renamed at the end.
+is staged next to it and renamed at the end (outputs.atomic_file: what a killed run left is removed by
+the next one).
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -55,6 +55,7 @@ from . import __version__
 from .checkpoint_files import FACTORS_FILE
 from .convert import default_output
 from .errors import LongRoPEError
+from .hub import hub_cache, hub_errors, looks_like_repo_id
 from .factors import (
     ANALYTIC_METHODS,
     FactorSet,
@@ -63,6 +64,7 @@ from .factors import (
     find_shipped_factor_set,
     load_factor_set,
 )
+from .outputs import atomic_file
 from .source_rope import DEFAULT_ROPE
 
 ARCHITECTURE = "llama"  # the only architecture whose graph applies rope_freqs as LongRoPE needs
@@ -326,34 +328,20 @@ def extend_gguf(source: GGUFModel, output: str | Path, factor_set: FactorSet, *,
 
     Every tensor of the source is copied byte for byte (rope_freqs, if the source has one, is replaced);
     its metadata is kept except the RoPE keys this sets and `longrope.*` provenance it adds. The file is
-    written next to `output` under a temporary name and renamed at the end. Raises GGUFError when the
-    factors do not fit (`check_fits`) or `output` exists without `overwrite`.
+    staged next to `output` and renamed at the end (outputs.atomic_file, whose checks refuse the source
+    itself, a place inside the Hugging Face cache, a folder, and an existing file without `overwrite`).
+    Raises GGUFError when the factors do not fit (`check_fits`), OutputError for such an output.
     """
     started = time.perf_counter()
     check_fits(source, factor_set, factors_origin)
     output = Path(output)
-    if output.is_dir():
-        raise GGUFError(f"output '{output}' is a folder; give a file name (e.g. {output / source.path.name})")
-    if output.exists() and not overwrite:
-        raise GGUFError(f"output '{output}' already exists; pass --overwrite to replace it")
-    if output.exists() and output.resolve() == source.path.resolve():
-        raise GGUFError("output file must differ from the source file")
     own_short = source.base_factors or [1.0] * (source.fingerprint.head_dim // 2)
     if factor_set.n_hat or not _same_factors(factor_set.short_factor, own_short):
         warn(f"WARNING: llama.cpp applies only the long factor set; this set's n_hat ({factor_set.n_hat}) and short "
              "factors are not in the GGUF (see its metadata 'longrope.differences')")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(prefix=f".{output.name}.partial-", dir=output.parent)
-    os.close(handle)
-    try:
-        _write_extended(source, factor_set, factors_origin, Path(partial))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(partial, 0o666 & ~umask)  # mkstemp makes it private; the output is an ordinary file
-        os.replace(partial, output)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+    with atomic_file(output, overwrite=overwrite, protected={source.path: "the source GGUF"},
+                     read_only={hub_cache(): "the Hugging Face cache"}) as staging:
+        _write_extended(source, factor_set, factors_origin, staging)
     return GGUFResult(output=output, source=source.path, factor_set=factor_set, factors_origin=factors_origin,
                       tensors=source.tensor_count, tensor_bytes=source.tensor_bytes,
                       seconds=time.perf_counter() - started)
@@ -443,8 +431,6 @@ def source_ggufs(source: str, revision: str | None, folder: Path, pattern: str, 
     """The GGUF files of a convert SOURCE that match `pattern` (fnmatch on their paths inside the repo
     or folder), each checked against `factor_set`: from the local folder, or downloaded from the Hub
     repo into huggingface_hub's cache. Raises GGUFError when none matches or one does not fit."""
-    from .hub import hub_errors, looks_like_repo_id
-
     if looks_like_repo_id(source):
         from huggingface_hub import snapshot_download
 

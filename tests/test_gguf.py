@@ -4,6 +4,9 @@ input, `convert --gguf`, and the result run by llama.cpp itself (llama-cpp-pytho
 import json
 import math
 import shutil
+import signal
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import constants
 from transformers import AutoTokenizer
 
 from llama_cpp_runtime import baseline_nll, llama_cpp_forward, write_llama_gguf
@@ -305,6 +309,44 @@ def test_an_existing_output_is_kept_unless_overwrite(plain_gguf, tmp_path, capfd
     (tmp_path / "folder").mkdir()
     code, _, err = run_cli(capfd, monkeypatch, *arguments[:-1], tmp_path / "folder", "--overwrite")
     assert code == 1 and "is a folder; give a file name" in error_line(err) and leftovers(tmp_path) == []
+
+
+def test_the_output_is_checked_as_every_output_is(plain_gguf, tmp_path, capfd, monkeypatch):
+    """outputs.check_output_file: never the source GGUF (even through a link), never inside the HF cache."""
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    source = tmp_path / plain_gguf.name
+    shutil.copy(plain_gguf, source)
+    (tmp_path / "link.gguf").symlink_to(source)
+    for output, message in ((source, "is the source GGUF"), (tmp_path / "link.gguf", "is the source GGUF"),
+                            (tmp_path / "hf-cache" / "x.gguf", "lies inside the Hugging Face cache")):
+        code, _, err = run_cli(capfd, monkeypatch, "gguf", source, "--factors", "yarn", "--target", 1024,
+                               "--output", output, "--overwrite")
+        assert code == 1 and message in error_line(err)
+    assert source.read_bytes() == plain_gguf.read_bytes() and not (tmp_path / "hf-cache").exists()
+
+
+def test_the_next_run_removes_what_a_killed_export_left(plain_gguf, tmp_path):
+    """A GGUF export killed half-way leaves its staging file; the next export next to it removes it."""
+    output = tmp_path / "extended.gguf"
+    killed = subprocess.run([sys.executable, "-c", """if True:
+        import os, signal, sys
+        from longrope_convert import cli, gguf
+
+        def write_half_and_die(source, factor_set, factors_origin, path):
+            path.write_bytes(b"half a GGUF")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        gguf._write_extended = write_half_and_die
+        sys.argv = ["longrope-convert", "gguf", *sys.argv[1:]]
+        cli.main()
+        """, plain_gguf, "--factors", "yarn", "--target", "1024", "--output", output], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.name.startswith(".extended.gguf.partial-") for p in tmp_path.iterdir()] == [True]
+
+    source = gguf_export.inspect_gguf(plain_gguf)
+    factor_set, origin = gguf_export.resolve_gguf_factors(source, "yarn", 1024, warn=pytest.fail)
+    gguf_export.extend_gguf(source, output, factor_set, factors_origin=origin)
+    assert [p.name for p in tmp_path.iterdir()] == [output.name] and fields(output)["llama.context_length"] == 1024
 
 
 # llama.cpp itself -----------------------------------------------------------------------------------
