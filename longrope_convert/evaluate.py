@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .card import json_number, searched_by_evolution
+from .card import json_number
 from .errors import DataError, EvaluationError, LongRoPEError
 from .factors import FactorSet, baseline_factor_sets
 from .perplexity import document_ids, perplexity, token_nll, use_factor_set
@@ -47,7 +47,7 @@ MIN_LENGTH = 2  # one token of context and one to predict
 def comparison_sets(checkpoint: FactorSet, baselines: bool) -> dict[str, FactorSet]:
     """The checkpoint's own set first, then the baselines at the same target, composed on the source's RoPE as
     the search's are (factors.baseline_factor_sets)."""
-    label = "LongRoPE" if searched_by_evolution(checkpoint) else f"LongRoPE ({checkpoint.method})"
+    label = "LongRoPE" if checkpoint.is_searched else f"LongRoPE ({checkpoint.method})"
     sets = {label: checkpoint}
     if baselines:
         sets.update(baseline_factor_sets(checkpoint.model, checkpoint.target_length, BASELINE_METHODS[1:]))

@@ -65,6 +65,9 @@ FORMAT = "longrope-factors"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
 ANALYTIC_METHODS = ("pi", "ntk", "yarn", "llama3")
+# Provenance methods of factors an evolutionary search produced; other "search:..." labels (a search stopped
+# before any evolution step, say) are reported as what they are.
+SEARCHED_METHODS = ("search", "search:short")
 # Rotary angles are computed from float32 positions (as in stock transformers), which hold integers exactly
 # only up to 2**24: beyond it neighbouring positions share an angle.
 MAX_TARGET_LENGTH = 2**24
@@ -156,8 +159,9 @@ class FactorSet:
 
     @property
     def is_searched(self) -> bool:
-        """Found by an evolutionary search that evolved and beat every baseline it measured."""
-        return self.method in ("search", "search:short")
+        """Found by an evolutionary search that evolved and beat every baseline it measured (SEARCHED_METHODS):
+        what the model card, eval's labels and the README call searched."""
+        return self.method in SEARCHED_METHODS
 
     @property
     def keeps_source_inside_window(self) -> bool:
