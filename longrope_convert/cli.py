@@ -429,7 +429,8 @@ Examples:
 @click.option("--data", multiple=True,
               help="Text files, folders, JSONL files or a `datasets` id (DATASET[:SPLIT]). Repeatable.")
 @click.option("--baselines", is_flag=True,
-              help="Also evaluate the source's RoPE unchanged and PI, NTK, YaRN composed on it, on the same weights.")
+              help="Also evaluate the search's baselines: the source's RoPE unchanged and PI, NTK, YaRN, llama3 "
+                   "composed on it, on the same weights.")
 @click.option("--protocol", type=click.Choice(["truncated", "sliding"]), default="truncated", show_default=True)
 @click.option("--stride", type=click.IntRange(min=1), default=256, show_default=True,
               help="Stride of the sliding-window protocol (smaller than each length but the largest).")

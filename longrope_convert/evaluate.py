@@ -9,8 +9,8 @@ Perplexity protocols:
              that reaches it, with the tokens before it in that window as context (the scheme of
              transformers' "Perplexity of fixed-length models" guide, used by the YaRN paper). S < L,
              so consecutive windows overlap and no target falls between them.
-Baselines are factor sets on the same model (the source's RoPE unchanged, and PI, NTK, YaRN composed
-on it): like LongRoPE, they use the source's RoPE up to the original window and their own factors
+Baselines are the search's, on the same model (the source's RoPE unchanged, and PI, NTK, YaRN, llama3
+composed on it: factors.baseline_factor_sets): like LongRoPE, they use the source's RoPE up to the original window and their own factors
 beyond it.
 
 Passkey retrieval: filler passages with a 5-digit key at a chosen depth, then "What is the pass
@@ -40,7 +40,6 @@ from .factors import FactorSet, baseline_factor_sets
 from .perplexity import document_ids, perplexity, token_nll, use_factor_set
 from .source import SourceModel
 
-BASELINE_METHODS = ("none", "pi", "ntk", "yarn")
 MIN_LENGTH = 2  # one token of context and one to predict
 
 
@@ -50,7 +49,7 @@ def comparison_sets(checkpoint: FactorSet, baselines: bool) -> dict[str, FactorS
     label = "LongRoPE" if checkpoint.is_searched else f"LongRoPE ({checkpoint.method})"
     sets = {label: checkpoint}
     if baselines:
-        sets.update(baseline_factor_sets(checkpoint.model, checkpoint.target_length, BASELINE_METHODS[1:]))
+        sets.update(baseline_factor_sets(checkpoint.model, checkpoint.target_length))
     return sets
 
 

@@ -254,9 +254,9 @@ def test_eval_command_writes_results_plots_and_card(tmp_path):
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)
     table = results["perplexity"]["perplexity"]
-    assert list(table) == ["LongRoPE (init:yarn)", "none", "pi", "ntk", "yarn"]
+    assert list(table) == ["LongRoPE (init:yarn)", "none", "pi", "ntk", "yarn", "llama3"]  # the search's baselines
     assert len({round(by_length["256"], 6) for by_length in table.values()}) == 1  # inside the window: the source
-    assert len({round(by_length["1024"], 6) for by_length in table.values()}) == 4  # yarn is the checkpoint's set
+    assert len({round(by_length["1024"], 6) for by_length in table.values()}) == 5  # yarn is the checkpoint's set
     assert table["pi"]["1024"] != table["pi"]["256"]
     assert table["none"]["1024"] > table["LongRoPE (init:yarn)"]["1024"]  # beyond the window, scaling helps
     stored = json.loads((checkpoint / "eval" / "results.json").read_text())
