@@ -118,7 +118,7 @@ class ConversionPlan:
 
 
 def resolve_factors(source: SourceModel, target: int, factors: str | None,
-                    warn: Callable[[str], None]) -> tuple[FactorSet, str]:
+                    status: Callable[[str], None]) -> tuple[FactorSet, str]:
     """The factor set to use and where it came from: a file, an analytic method, or the shipped ones; the
     analytic sets and the default YaRN init composed on the source's own RoPE (factors.compose). Raises
     LongRoPEError for a target the source already reaches, a file made for another source or target."""
@@ -140,7 +140,7 @@ def resolve_factors(source: SourceModel, target: int, factors: str | None,
     shipped = find_shipped_factor_set(source.fingerprint, target)
     if shipped is not None:
         return shipped[0], f"shipped:{shipped[1].parent.name}/{shipped[1].name}"
-    warn(
+    status(
         f"WARNING: no searched factors ship for this model at {target} tokens; using the YaRN-derived init "
         "(recorded as 'init:yarn', not searched). Run 'longrope-convert search' for searched factors."
     )
@@ -352,7 +352,7 @@ def _written(name: str, text: str) -> PlannedFile:
 def plan_conversion(source: str, *, target: int, revision: str | None = None, factors: str | None = None,
                     output: Path | None = None, overwrite: bool = False, copy_weights: bool = False,
                     repo: str | None = None, download: bool = True,
-                    warn: Callable[[str], None] = lambda message: None) -> ConversionPlan:
+                    status: Callable[[str], None] = lambda message: None) -> ConversionPlan:
     """Check everything a conversion of SOURCE (a folder or a Hub repo id) needs, and plan it.
 
     Order: the output location (before anything is read), the source's config and safetensors headers
@@ -369,7 +369,7 @@ def plan_conversion(source: str, *, target: int, revision: str | None = None, fa
     output = Path(output or default_output(name, target))
     check_output_folder(output, overwrite=overwrite, protected=guard, read_only={**guard, **cache})
     model = open_source(source, revision, download=False)
-    factor_set, origin = resolve_factors(model, target, factors, warn)
+    factor_set, origin = resolve_factors(model, target, factors, status)
     plan = plan_checkpoint(model, factor_set, output, origin, copy_weights=copy_weights, repo=repo)
     if download and not isinstance(model.files, FolderFiles):
         model = read_source(download_source(source, revision, files=plan.source_files), name=source)
@@ -381,7 +381,7 @@ def plan_conversion(source: str, *, target: int, revision: str | None = None, fa
 
 
 def write_planned(plan: ConversionPlan, *, overwrite: bool = False,
-                  log: Callable[[str], None] = lambda message: None,
+                  status: Callable[[str], None] = lambda message: None,
                   extra: Callable[[Path], None] | None = None) -> ConversionResult:
     """Carry out a plan: assemble the output in a staging folder, check every file against the plan,
     let `extra(staging)` add files of its own (convert --gguf), then rename it into place (replacing an
@@ -398,7 +398,7 @@ def write_planned(plan: ConversionPlan, *, overwrite: bool = False,
                 (staging / item.name).write_text(item.text, encoding="utf-8")
                 continue
             if item.name in weights:
-                log(f"weights: {item.name}")
+                status(f"weights: {item.name}")
             mode = link_or_copy(folder / item.name, staging / item.name, copy=item.how == "copy")
             if item.name in weights:
                 weight_modes.add(mode)
@@ -422,8 +422,8 @@ def write_planned(plan: ConversionPlan, *, overwrite: bool = False,
 
 def write_checkpoint(source: SourceModel, factor_set: FactorSet, output: Path, factors_origin: str,
                      overwrite: bool = False, copy_weights: bool = False, repo: str | None = None,
-                     log: Callable[[str], None] = lambda message: None) -> ConversionResult:
+                     status: Callable[[str], None] = lambda message: None) -> ConversionResult:
     """Plan and write the converted checkpoint; `repo` is the name its model card loads it by (default:
     the folder). Raises as plan_checkpoint and write_planned do."""
     plan = plan_checkpoint(source, factor_set, output, factors_origin, copy_weights=copy_weights, repo=repo)
-    return write_planned(plan, overwrite=overwrite, log=log)
+    return write_planned(plan, overwrite=overwrite, status=status)

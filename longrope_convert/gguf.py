@@ -235,7 +235,7 @@ def compose_on_source_rope(source: GGUFModel, extension: FactorSet) -> FactorSet
 
 
 def resolve_gguf_factors(source: GGUFModel, factors: str | None, target: int | None,
-                         warn: Callable[[str], None]) -> tuple[FactorSet, str]:
+                         status: Callable[[str], None]) -> tuple[FactorSet, str]:
     """The factor set to write into `source` and where it came from.
 
     `factors`: an analytic method (needs `target`; composed on the source's RoPE), a factor file, a
@@ -252,7 +252,7 @@ def resolve_gguf_factors(source: GGUFModel, factors: str | None, target: int | N
         shipped = find_shipped_factor_set(source.fingerprint, target)
         if shipped is not None and source.base_factors is None:
             return shipped[0], f"shipped:{shipped[1].parent.name}/{shipped[1].name}"
-        warn(f"WARNING: no searched factors ship for this model at {target} tokens; using the YaRN-derived init "
+        status(f"WARNING: no searched factors ship for this model at {target} tokens; using the YaRN-derived init "
              "(recorded as 'init:yarn', not searched). Run 'longrope-convert search' for searched factors.")
         factors = "yarn"
     if factors in ANALYTIC_METHODS:
@@ -323,7 +323,7 @@ def default_gguf_output(source: str | Path, target: int) -> Path:
 
 
 def extend_gguf(source: GGUFModel, output: str | Path, factor_set: FactorSet, *, factors_origin: str,
-                overwrite: bool = False, warn: Callable[[str], None] = lambda message: None) -> GGUFResult:
+                overwrite: bool = False, status: Callable[[str], None] = lambda message: None) -> GGUFResult:
     """Write `output`: the source GGUF with the long set of `factor_set` as rope_freqs and the keys above.
 
     Every tensor of the source is copied byte for byte (rope_freqs, if the source has one, is replaced);
@@ -337,7 +337,7 @@ def extend_gguf(source: GGUFModel, output: str | Path, factor_set: FactorSet, *,
     output = Path(output)
     own_short = source.base_factors or [1.0] * (source.fingerprint.head_dim // 2)
     if factor_set.n_hat or not _same_factors(factor_set.short_factor, own_short):
-        warn(f"WARNING: llama.cpp applies only the long factor set; this set's n_hat ({factor_set.n_hat}) and short "
+        status(f"WARNING: llama.cpp applies only the long factor set; this set's n_hat ({factor_set.n_hat}) and short "
              "factors are not in the GGUF (see its metadata 'longrope.differences')")
     with atomic_file(output, overwrite=overwrite, protected={source.path: "the source GGUF"},
                      read_only={hub_cache(): "the Hugging Face cache"}) as staging:

@@ -33,7 +33,7 @@ class PushResult:
 
 
 def push_folder(folder: Path, repo_id: str, *, private: bool = False, branch: str | None = None,
-                commit_message: str | None = None, log: Callable[[str], None] = lambda message: None) -> PushResult:
+                commit_message: str | None = None, status: Callable[[str], None] = lambda message: None) -> PushResult:
     """Publish a converted checkpoint folder as one commit on `branch` (default main) of `repo_id`,
     creating the repo and the branch when needed.
 
@@ -72,7 +72,7 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, branch: st
             info = api.create_commit(repo_id, operations=operations, revision=branch, parent_commit=before,
                                      commit_message=commit_message or f"Upload {folder.name} (longrope-convert)")
         except BaseException:
-            _undo(api, repo_id, branch, created_repo, created_branch, log)
+            _undo(api, repo_id, branch, created_repo, created_branch, status)
             raise
     return PushResult(repo_url=str(url), commit=info.oid, changed=info.oid != before, deleted=deleted,
                       kept=sorted(remote - set(deleted)))
@@ -114,7 +114,7 @@ def _base_model(card: str) -> str | None:
 
 
 def _undo(api, repo_id: str, branch: str | None, created_repo: bool, created_branch: bool,
-          log: Callable[[str], None]) -> None:
+          status: Callable[[str], None]) -> None:
     """Delete what a failed push created, so it leaves no empty repo or branch behind."""
     try:
         if created_repo:
@@ -123,7 +123,7 @@ def _undo(api, repo_id: str, branch: str | None, created_repo: bool, created_bra
             api.delete_branch(repo_id, branch=branch)
     except Exception as error:  # the push's own error matters more; say what is left over
         what = f"repo '{repo_id}'" if created_repo else f"branch '{branch}' of '{repo_id}'"
-        log(f"WARNING: the {what} created for this push could not be deleted ({first_line(error)}); delete it "
+        status(f"WARNING: the {what} created for this push could not be deleted ({first_line(error)}); delete it "
             "on the Hub")
 
 

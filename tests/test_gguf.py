@@ -110,7 +110,7 @@ def test_analytic_factors_compose_with_the_rope_freqs_a_gguf_already_has(llama3_
     base = llama3_factors(2.0, 64, 10000.0, 256)
     assert source.base_factors == pytest.approx(base, rel=1e-6) and source.context_length == 512
 
-    factor_set, origin = gguf_export.resolve_gguf_factors(source, "yarn", 2048, warn=pytest.fail)
+    factor_set, origin = gguf_export.resolve_gguf_factors(source, "yarn", 2048, status=pytest.fail)
     result = gguf_export.extend_gguf(source, tmp_path / "out.gguf", factor_set, factors_origin=origin)
 
     # YaRN's 4x is relative to the window the GGUF runs in now (512), on top of its llama3 factors.
@@ -127,7 +127,7 @@ def test_analytic_factors_compose_with_the_rope_freqs_a_gguf_already_has(llama3_
 
     # Extending the result again composes once more: its rope_freqs become the base.
     again = gguf_export.inspect_gguf(result.output)
-    twice, _ = gguf_export.resolve_gguf_factors(again, "pi", 4096, warn=pytest.fail)
+    twice, _ = gguf_export.resolve_gguf_factors(again, "pi", 4096, status=pytest.fail)
     assert twice.long_factor == pytest.approx([2.0 * f for f in expected], rel=1e-6)
 
 
@@ -135,7 +135,7 @@ def test_analytic_factors_for_a_plain_gguf_are_those_convert_writes_for_its_chec
     source = gguf_export.inspect_gguf(plain_gguf)
     assert source.base_factors is None and source.attention_factor == 1.0
     for method in ("pi", "ntk", "yarn", "llama3"):
-        factor_set, origin = gguf_export.resolve_gguf_factors(source, method, 1024, warn=pytest.fail)
+        factor_set, origin = gguf_export.resolve_gguf_factors(source, method, 1024, status=pytest.fail)
         checkpoint = analytic_factor_set(method, read_source(TESTBED).fingerprint, 1024)
         assert (factor_set.long_factor, factor_set.long_mscale) == (checkpoint.long_factor, checkpoint.long_mscale)
         assert origin == f"init:{method}" and factor_set.model.matches(checkpoint.model)
@@ -154,10 +154,10 @@ def test_a_factor_file_made_without_the_gguf_rope_freqs_is_refused(llama3_style_
 
 def test_a_factor_file_made_on_the_gguf_rope_freqs_is_written_as_it_is(llama3_style_gguf, tmp_path):
     source = gguf_export.inspect_gguf(llama3_style_gguf)
-    composed, _ = gguf_export.resolve_gguf_factors(source, "ntk", 1024, warn=pytest.fail)
+    composed, _ = gguf_export.resolve_gguf_factors(source, "ntk", 1024, status=pytest.fail)
     composed.save(tmp_path / "composed.json")
     factor_set, origin = gguf_export.resolve_gguf_factors(source, str(tmp_path / "composed.json"), None,
-                                                          warn=pytest.fail)
+                                                          status=pytest.fail)
     output = gguf_export.extend_gguf(source, tmp_path / "out.gguf", factor_set, factors_origin=origin).output
     assert tensors(output)["rope_freqs.weight"].data.tolist() == np.float32(composed.long_factor).tolist()
 
@@ -344,7 +344,7 @@ def test_the_next_run_removes_what_a_killed_export_left(plain_gguf, tmp_path):
     assert [p.name.startswith(".extended.gguf.partial-") for p in tmp_path.iterdir()] == [True]
 
     source = gguf_export.inspect_gguf(plain_gguf)
-    factor_set, origin = gguf_export.resolve_gguf_factors(source, "yarn", 1024, warn=pytest.fail)
+    factor_set, origin = gguf_export.resolve_gguf_factors(source, "yarn", 1024, status=pytest.fail)
     gguf_export.extend_gguf(source, output, factor_set, factors_origin=origin)
     assert [p.name for p in tmp_path.iterdir()] == [output.name] and fields(output)["llama.context_length"] == 1024
 
@@ -373,7 +373,7 @@ def test_llama_cpp_runs_a_llama3_style_gguf_extended_with_yarn_as_the_composed_l
     measured 0.013 on logits up to ~15). Without the attention factor the difference is 3.8, with the
     llama3 base alone 11.4: the tolerance of 0.05 tells them apart."""
     source = gguf_export.inspect_gguf(llama3_style_gguf)
-    factor_set, origin = gguf_export.resolve_gguf_factors(source, "yarn", 2048, warn=pytest.fail)
+    factor_set, origin = gguf_export.resolve_gguf_factors(source, "yarn", 2048, status=pytest.fail)
     extended = gguf_export.extend_gguf(source, tmp_path / "tiny-2k.gguf", factor_set, factors_origin=origin).output
     ids = document_ids(AutoTokenizer.from_pretrained(TESTBED), sherlock_text, 2048)
     expected = longrope_reference(TESTBED, factor_set, 512)(ids).logits[0].numpy()
