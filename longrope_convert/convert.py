@@ -36,6 +36,7 @@ from .factors import (
     find_shipped_factor_set,
     load_factor_set,
     source_factor_set,
+    yarn_init_warning,
 )
 from .outputs import MARKER, atomic_folder, check_output_folder, marker_text
 from .fetch import download_source, open_source
@@ -126,9 +127,7 @@ def resolve_factors(source: SourceModel, target: int, factors: str | None,
     if factors in ANALYTIC_METHODS:
         return analytic_factor_set(factors, source.fingerprint, target), f"init:{factors}"
     if factors is not None:
-        if Path(factors).is_dir() and (Path(factors) / FACTORS_FILE).is_file():  # a converted checkpoint
-            factors = str(Path(factors) / FACTORS_FILE)
-        factor_set = load_factor_set(factors)
+        factor_set = load_factor_set(factors)  # a factor file, or a converted checkpoint's
         if not factor_set.model.matches(source.fingerprint):
             raise LongRoPEError(
                 f"{factors}: factors were made for {factor_set.model.name} ({_describe(factor_set.model)}), "
@@ -139,11 +138,8 @@ def resolve_factors(source: SourceModel, target: int, factors: str | None,
         return factor_set, str(factors)
     shipped = find_shipped_factor_set(source.fingerprint, target)
     if shipped is not None:
-        return shipped[0], f"shipped:{shipped[1].parent.name}/{shipped[1].name}"
-    status(
-        f"WARNING: no searched factors ship for this model at {target} tokens; using the YaRN-derived init "
-        "(recorded as 'init:yarn', not searched). Run 'longrope-convert search' for searched factors."
-    )
+        return shipped
+    status(yarn_init_warning(target))
     return analytic_factor_set("yarn", source.fingerprint, target), "init:yarn"
 
 

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .checkpoint_files import FACTORS_FILE
 from .errors import LongRoPEError, RopeScalingError
 from .outputs import write_text_atomically
 from .source_rope import (
@@ -195,8 +196,14 @@ class FactorSet:
 
 
 def load_factor_set(path: str | Path) -> FactorSet:
-    """Read and strictly validate a factor file; any problem raises FactorFileError naming file and field."""
+    """Read and strictly validate a factor file, or the one inside a checkpoint folder converted by this tool
+    (FACTORS_FILE); any problem raises FactorFileError naming file and field."""
     path = Path(path)
+    if path.is_dir():
+        if not (path / FACTORS_FILE).is_file():
+            raise FactorFileError(f"'{path}' is a folder without {FACTORS_FILE}; give a factor file or a folder "
+                                  "written by longrope-convert")
+        path = path / FACTORS_FILE
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -438,13 +445,21 @@ def shipped_factor_dir() -> Path:
 
 
 def find_shipped_factor_set(model: ModelFingerprint, target_length: int,
-                            directory: Path | None = None) -> tuple[FactorSet, Path] | None:
-    """The shipped factor file made for this model fingerprint and target length, if there is one."""
+                            directory: Path | None = None) -> tuple[FactorSet, str] | None:
+    """The shipped factor file made for this model fingerprint and target length, if there is one: its set and
+    where it came from ("shipped:<folder>/<file>")."""
     directory = directory or shipped_factor_dir()
     if not directory.is_dir():
         return None
     for path in sorted(directory.rglob("*.json")):
         factor_set = load_factor_set(path)
         if factor_set.target_length == target_length and factor_set.model.matches(model):
-            return factor_set, path
+            return factor_set, f"shipped:{path.parent.name}/{path.name}"
     return None
+
+
+def yarn_init_warning(target_length: int) -> str:
+    """What convert and gguf say when no searched factors ship for the model at `target_length` and they use the
+    YaRN-derived init instead."""
+    return (f"WARNING: no searched factors ship for this model at {target_length} tokens; using the YaRN-derived "
+            "init (recorded as 'init:yarn', not searched). Run 'longrope-convert search' for searched factors.")

@@ -52,7 +52,6 @@ import gguf
 import numpy as np
 
 from . import __version__
-from .checkpoint_files import FACTORS_FILE
 from .convert import default_output
 from .errors import LongRoPEError
 from .hub import hub_cache, hub_errors, looks_like_repo_id
@@ -63,6 +62,7 @@ from .factors import (
     analytic_factor_set,
     find_shipped_factor_set,
     load_factor_set,
+    yarn_init_warning,
 )
 from .outputs import atomic_file
 from .source_rope import DEFAULT_ROPE
@@ -251,22 +251,15 @@ def resolve_gguf_factors(source: GGUFModel, factors: str | None, target: int | N
                             "with --target), or --target alone for the shipped searched factors")
         shipped = find_shipped_factor_set(source.fingerprint, target)
         if shipped is not None and source.base_factors is None:
-            return shipped[0], f"shipped:{shipped[1].parent.name}/{shipped[1].name}"
-        status(f"WARNING: no searched factors ship for this model at {target} tokens; using the YaRN-derived init "
-             "(recorded as 'init:yarn', not searched). Run 'longrope-convert search' for searched factors.")
+            return shipped
+        status(yarn_init_warning(target))
         factors = "yarn"
     if factors in ANALYTIC_METHODS:
         if target is None:
             raise GGUFError(f"--factors {factors} needs --target")
         relative_to_now = replace(source.fingerprint, original_max_position_embeddings=source.context_length)
         return compose_on_source_rope(source, analytic_factor_set(factors, relative_to_now, target)), f"init:{factors}"
-    path = Path(factors)
-    if path.is_dir():
-        path = path / FACTORS_FILE
-        if not path.is_file():
-            raise GGUFError(f"'{factors}' is a folder without {FACTORS_FILE}; give a folder written by "
-                            "longrope-convert, a factor file or an analytic method")
-    factor_set = load_factor_set(path)
+    factor_set = load_factor_set(factors)  # a factor file, or a converted checkpoint's
     if target is not None and factor_set.target_length != target:
         raise GGUFError(f"{factors}: factors are for target {factor_set.target_length}, not --target {target}")
     return factor_set, str(factors)
