@@ -63,6 +63,15 @@ def download_source(repo_id: str, revision: str | None = None, files: list[str] 
                                       ignore_patterns=IGNORE_PATTERNS))
 
 
+def download_matching(repo_id: str, revision: str | None, pattern: str) -> Path:
+    """The snapshot folder holding the repo's files whose paths match `pattern` (in any folder: convert --gguf's
+    GGUF files), from the cache or downloaded into it."""
+    from huggingface_hub import snapshot_download
+
+    with hub_errors(repo_id, revision):
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=[pattern]))
+
+
 class HubFiles:
     """A Hub repo's top-level files at one revision (those SOURCE_FILES admits), read over HTTP without
     caching: what a dry run plans with, and what a real run checks before it downloads anything. A

@@ -54,7 +54,8 @@ import numpy as np
 from . import __version__
 from .convert import default_output
 from .errors import LongRoPEError
-from .hub import hub_cache, hub_errors, looks_like_repo_id
+from .fetch import download_matching
+from .hub import hub_cache, looks_like_repo_id
 from .factors import (
     ANALYTIC_METHODS,
     FactorSet,
@@ -425,10 +426,7 @@ def source_ggufs(source: str, revision: str | None, folder: Path, pattern: str, 
     or folder), each checked against `factor_set`: from the local folder, or downloaded from the Hub
     repo into huggingface_hub's cache. Raises GGUFError when none matches or one does not fit."""
     if looks_like_repo_id(source):
-        from huggingface_hub import snapshot_download
-
-        with hub_errors(source, revision):
-            folder = Path(snapshot_download(source, revision=revision, allow_patterns=[pattern]))
+        folder = download_matching(source, revision, pattern)
     paths = sorted(p for p in folder.rglob("*.gguf")
                    if p.is_file() and fnmatch.fnmatch(p.relative_to(folder).as_posix(), pattern))
     if not paths:
