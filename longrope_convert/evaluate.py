@@ -10,8 +10,8 @@ Perplexity protocols:
              transformers' "Perplexity of fixed-length models" guide, used by the YaRN paper). S < L,
              so consecutive windows overlap and no target falls between them.
 Baselines are the search's, on the same model (the source's RoPE unchanged, and PI, NTK, YaRN, llama3
-composed on it: factors.baseline_factor_sets): like LongRoPE, they use the source's RoPE up to the original window and their own factors
-beyond it.
+composed on it: factors.baseline_factor_sets): like LongRoPE, they use the source's RoPE up to the
+original window and their own factors beyond it.
 
 Passkey retrieval: filler passages with a 5-digit key at a chosen depth, then "What is the pass
 key?", greedy decoding; accuracy over N trials per length x depth with a fixed seed. Prompt and

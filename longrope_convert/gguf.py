@@ -54,8 +54,6 @@ import numpy as np
 from . import __version__
 from .convert import default_output
 from .errors import LongRoPEError
-from .fetch import download_matching
-from .hub import hub_cache, looks_like_repo_id
 from .factors import (
     ANALYTIC_METHODS,
     FactorSet,
@@ -65,6 +63,8 @@ from .factors import (
     load_factor_set,
     yarn_init_warning,
 )
+from .fetch import download_matching
+from .hub import hub_cache, looks_like_repo_id
 from .outputs import atomic_file
 from .source_rope import DEFAULT_ROPE
 
@@ -331,8 +331,8 @@ def extend_gguf(source: GGUFModel, output: str | Path, factor_set: FactorSet, *,
     output = Path(output)
     own_short = source.base_factors or [1.0] * (source.fingerprint.head_dim // 2)
     if factor_set.n_hat or not _same_factors(factor_set.short_factor, own_short):
-        status(f"WARNING: llama.cpp applies only the long factor set; this set's n_hat ({factor_set.n_hat}) and short "
-             "factors are not in the GGUF (see its metadata 'longrope.differences')")
+        status(f"WARNING: llama.cpp applies only the long factor set; this set's n_hat ({factor_set.n_hat}) and "
+               "short factors are not in the GGUF (see its metadata 'longrope.differences')")
     with atomic_file(output, overwrite=overwrite, protected={source.path: "the source GGUF"},
                      read_only={hub_cache(): "the Hugging Face cache"}) as staging:
         _write_extended(source, factor_set, factors_origin, staging)
