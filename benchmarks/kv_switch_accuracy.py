@@ -27,8 +27,8 @@ from longrope_convert.convert import write_checkpoint
 from longrope_convert.factors import analytic_factor_set
 from longrope_convert.perplexity import document_ids
 from longrope_convert.source import read_source
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test helpers: model_cache
-from model_cache import smollm2_folder
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test helpers
+from model_cache import smollm2_folder  # noqa: E402
 
 TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "sherlock_holmes_excerpt.txt"
 
@@ -42,10 +42,10 @@ def rerotate_instead_of_rebuild(model) -> None:
         positions = seen.position_ids[rows, :past_length]
         old_set, new_set = [], []
         for long_rows, angles_out in ((~new_long[rows], old_set), (new_long[rows], new_set)):
-            angles, mscale = rotary.angles_and_mscale(positions, long_rows)
+            angles, mscale = rotary.angles_and_mscale(positions, long_rows[:, None])
             angles_out += [angles.double(), mscale.double()]
         delta = torch.cat([new_set[0] - old_set[0]] * 2, dim=-1)
-        ratio = (new_set[1] / old_set[1])[:, None, None]
+        ratio = (new_set[1] / old_set[1])[..., None]  # [rows, 1, 1]
         cos, sin = (delta.cos() * ratio).float()[:, None], (delta.sin() * ratio).float()[:, None]
         for layer in cache.layers:
             keys = layer.keys[rows, :, :past_length]

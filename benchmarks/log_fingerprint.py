@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from longrope_convert.search_log import file_sha256
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test helpers: model_cache
-from model_cache import smollm2_folder
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test helpers
+from model_cache import smollm2_folder  # noqa: E402
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from . import __version__
 from .checkpoint_files import CARD_FILE, EVAL_DIR, FACTORS_FILE
 from .factors import FactorSet, load_factor_set
 from .outputs import read_marker, write_text_atomically
+from .source import VLLM_WINDOW_KEYS
 
 EVAL_RESULTS = "results.json"
 LICENSE_KEYS = ("license", "license_name", "license_link")
@@ -41,6 +42,7 @@ LEGACY_SNIPPET = re.compile(r'AutoModelForCausalLM\.from_pretrained\("(?P<repo>[
                             r'(?:, revision="(?P<revision>[^"]+)")?\)')
 # The transformers releases the shipped modeling code runs on (its MIN_TRANSFORMERS; setup.cfg says the same).
 LOADING_REQUIREMENT = "transformers>=5.3,<6"
+SOURCE = "source"  # the needle tasks' row of the source model at its own window (results.json)
 
 
 def front_matter(card_text: str) -> dict[str, Any]:
@@ -78,15 +80,16 @@ def hub_model_id(folder: Path) -> str | None:
 
 def model_card(factor_set: FactorSet, base_model: str | None, license_fields: dict[str, Any], repo: str,
                revision: str | None = None, evaluation: dict[str, Any] | None = None,
-               changes: Sequence[dict[str, Any]] = ()) -> str:
+               changes: Sequence[dict[str, Any]] = (), config: dict[str, Any] | None = None) -> str:
     """The model card of a converted checkpoint.
 
     base_model: the source's Hub repo id, or None for a source that has none (then omitted from the
     metadata, which the Hub would refuse). repo and revision: what the loading snippet loads (a Hub id
     or a folder; a branch, tag or commit, or None for main). evaluation: results.json, or None.
     changes: the source's fields conversion set to the new window ({"file", "field", "from", "to"}).
+    config: the checkpoint's config.json, whose other window keys the card names (vllm_window_limits).
     """
-    sections = _sections(factor_set, base_model, repo, revision, evaluation, changes)
+    sections = _sections(factor_set, base_model, repo, revision, evaluation, changes, config)
     return _metadata_block(base_model, license_fields) + "\n" + "\n".join(sections.values())
 
 
@@ -98,7 +101,8 @@ def _metadata_block(base_model: str | None, license_fields: dict[str, Any]) -> s
 
 
 def _sections(factor_set: FactorSet, base_model: str | None, repo: str, revision: str | None,
-              evaluation: dict[str, Any] | None, changes: Sequence[dict[str, Any]] = ()) -> dict[str, str]:
+              evaluation: dict[str, Any] | None, changes: Sequence[dict[str, Any]] = (),
+              config: dict[str, Any] | None = None) -> dict[str, str]:
     """The tool's sections, each wrapped in its markers, in card order."""
     original = factor_set.model.original_max_position_embeddings
     summary = (f"# {Path(repo).name}\n\n"
@@ -107,7 +111,7 @@ def _sections(factor_set: FactorSet, base_model: str | None, repo: str, revision
                f"[LongRoPE](https://arxiv.org/abs/2402.13753), without fine-tuning. Made with longrope-convert "
                f"{__version__}; the weights are the source's, unchanged.\n")
     sections = {"summary": summary, "factors": _factors_section(factor_set, plotted=evaluation is not None),
-                "usage": _usage_section(factor_set, repo, revision)}
+                "usage": _usage_section(factor_set, repo, revision, config or {})}
     if changes:
         sections["changes"] = _changes_section(changes)
     if evaluation:
@@ -121,7 +125,17 @@ def _marked(name: str, text: str, attributes: dict[str, Any] | None = None) -> s
     return f"<!-- longrope-convert:begin {name}{extra} -->\n{text}<!-- longrope-convert:end {name} -->\n"
 
 
-def _usage_section(factor_set: FactorSet, repo: str, revision: str | None) -> str:
+def vllm_window_limits(config: dict[str, Any]) -> dict[str, int]:
+    """The keys of a converted config.json, besides max_position_embeddings, that make vLLM serve less than it:
+    vLLM takes the smallest of VLLM_WINDOW_KEYS as the model's window, or model_max_length when the config has it;
+    conversion raises only those that stated the source's window."""
+    window = config.get("max_position_embeddings")
+    keys = ["model_max_length"] if config.get("model_max_length") else VLLM_WINDOW_KEYS[1:]
+    return {key: config[key] for key in keys
+            if type(config.get(key)) is int and type(window) is int and config[key] < window}
+
+
+def _usage_section(factor_set: FactorSet, repo: str, revision: str | None, config: dict[str, Any]) -> str:
     revision_argument = f', revision="{revision}"' if revision else ""
     return (
         "## How to load\n\n"
@@ -145,8 +159,32 @@ def _usage_section(factor_set: FactorSet, repo: str, revision: str | None) -> st
         "`config.json` and run the model as a plain Llama with LongRoPE scaling, with the same factors and attention "
         f"factor ({factor_set.long_mscale:.4f}). What differs: no n̂; the attention factor is applied to short inputs "
         "too, so they are not exactly the source model; cached generation keeps short-factor keys and values after "
-        "crossing the window; vLLM uses the long factors for every request once `max_model_len` exceeds the original "
-        "window; transformers 4.45 uses them at every length.\n")
+        "crossing the window; transformers 4.45 uses the long factors at every length.\n\n"
+        + _vllm_text(factor_set, repo, config))
+
+
+def _vllm_text(factor_set: FactorSet, repo: str, config: dict[str, Any]) -> str:
+    """What `vllm serve` gives by default and with --max-model-len (see README's reader table), and why loading
+    logs a line about `short_mscale` / `long_mscale` when the config carries them."""
+    original, target = factor_set.model.original_max_position_embeddings, factor_set.target_length
+    text = (f"**vLLM** picks one factor set per server. `vllm serve {repo}` serves {original:,} tokens, the original "
+            "window: vLLM's default `max_model_len` for a `longrope` model is the top-level "
+            "`original_max_position_embeddings` (kept in `config.json` because stock transformers 4.48-4.57 switch to "
+            "the long factors only with it), and within it requests use the short factors. "
+            f"`vllm serve {repo} --max-model-len {target}` serves the whole window, with the long factors for every "
+            "request, short ones included.")
+    window_limits = vllm_window_limits(config)
+    if window_limits:
+        listed = ", ".join(f"`{key}` ({value:,})" for key, value in window_limits.items())
+        text += (f" `config.json` also states a shorter window under {listed}, kept as the source had it (it was not "
+                 f"the source's window); vLLM serves at most the smallest of these, so `--max-model-len {target}` needs "
+                 "it raised first.")
+    if "long_mscale" in (config.get("rope_scaling") or {}):
+        text += ("\n\nLoading this checkpoint logs `Unrecognized keys in rope_parameters for 'rope_type'='longrope': "
+                 "{'long_mscale', 'short_mscale'}`: the two keys are for vLLM, which reads the attention factor only "
+                 "from them (this set's is not vLLM's default); transformers does not use them and loads the model as "
+                 "described.")
+    return text + "\n"
 
 
 def _changes_section(changes: Sequence[dict[str, Any]]) -> str:
@@ -234,12 +272,9 @@ def _evaluation_section(evaluation: dict[str, Any], original: int) -> str:
             lines.append("\ninf: the perplexity overflows a double (mean NLL above 709.78 nats); nan: the model's "
                          "outputs were not numbers.")
         lines.append("\n![perplexity](eval/perplexity.png)\n")
-    passkey = evaluation.get("passkey")
-    if passkey:
-        lines.append(f"Passkey retrieval: accuracy over {passkey['trials']} trial(s) per length and depth "
-                     f"(depths {', '.join(f'{d:.0%}' for d in passkey['depths'])}), greedy decoding.\n")
-        lines += passkey_table(passkey["accuracy"])
-        lines.append("\n![passkey](eval/passkey.png)\n")
+    needles = evaluation.get("needles")
+    if needles:
+        lines += _needles_lines(needles)
     settings = evaluation.get("settings")
     if settings:
         lines.append(f"Measured with `{settings['command']}` ({settings['device']}, {settings['created']}).\n")
@@ -252,11 +287,79 @@ def perplexity_table(perplexity: dict[str, dict[str, float | str]], corner: str 
     return _by_length_table(perplexity, corner, lambda value: f"{float(value):.3f}")
 
 
-def passkey_table(accuracy: dict[str, dict[str, dict[str, float]]], corner: str = "method") -> list[str]:
-    """Markdown rows of {method: {length: {depth: accuracy}}}, averaged over the depths."""
-    means = {method: {n: sum(by_depth.values()) / len(by_depth) for n, by_depth in by_length.items()}
-             for method, by_length in accuracy.items()}
+def _needles_lines(needles: dict[str, Any]) -> list[str]:
+    tasks = needles["tasks"]
+    ruler = [task for task in tasks if task != "passkey"]
+    template = {True: "in the tokenizer's chat template", False: "without a chat template"}.get(
+        needles.get("chat_template"))
+    details = [f"{needles['trials']} trial(s) per length and depth (depths "
+               f"{', '.join(f'{d:.0%}' for d in needles['depths'])})", "greedy decoding",
+               "scored as RULER scores them (the share of the expected values found in the answer)" if ruler else "",
+               "the passkey as the first number answered" if "passkey" in tasks else "",
+               f"prompts {template}" if template else "",
+               f"haystack from {needles['haystack']}" if needles.get("haystack") else ""]
+    lines = [f"Needle retrieval: {', '.join(tasks)}"
+             + (" (the tasks of [RULER](https://arxiv.org/abs/2404.06654))" if ruler else "") + "; "
+             + ", ".join(part for part in details if part) + ". Accuracy, the mean over the tasks and depths measured "
+             "at each length"
+             + (f"; {SOURCE}: the source model at its own window" if needles.get("source_window") else "") + ":\n"]
+    lines += needle_table(tasks)
+    verdict = needle_verdict(needles)
+    if verdict:
+        lines.append("\n" + " ".join(verdict))
+    lines.append("\n" + " ".join(f"![{task}](eval/{task}.png)" for task in tasks) + "\n")
+    return lines
+
+
+def needle_table(tasks: dict[str, dict[str, Any]], corner: str = "method") -> list[str]:
+    """Markdown rows of the needle tasks of results.json ({task: {"accuracy": {method: {length: {depth:
+    accuracy}}}}}): each method's accuracy at each length, the mean over the tasks and depths measured there."""
+    scores: dict[str, dict[str, list[float]]] = {}
+    for measured in tasks.values():
+        for method, by_length in measured["accuracy"].items():
+            for n, by_depth in by_length.items():
+                scores.setdefault(method, {}).setdefault(str(n), []).extend(by_depth.values())
+    means = {method: {n: sum(values) / len(values) for n, values in by_length.items()}
+             for method, by_length in scores.items()}
     return _by_length_table(means, corner, "{:.0%}".format)
+
+
+def needle_verdict(needles: dict[str, Any]) -> list[str]:
+    """What the needle tasks say, in sentences: at its own window, the tasks the source model scores under
+    50% on (too hard for this model: they rank no method); on the others, the checkpoint against YaRN at
+    each length beyond the window, on the same prompts. [] without the source's row (no baselines)."""
+    window = needles.get("source_window")
+    tasks = needles["tasks"]
+    if not window:
+        return []
+    own = {task: _mean(measured["accuracy"][SOURCE][str(window)]) for task, measured in tasks.items()}
+    weak = [task for task, score in own.items() if score < 0.5]
+    usable = [task for task in tasks if task not in weak]
+    sentences = []
+    if weak:
+        sentences.append(f"At its own window ({window:,} tokens) the source model scores under 50% on "
+                         + ", ".join(f"{task} ({own[task]:.0%})" for task in weak)
+                         + ": reported, not used to rank the methods.")
+    if not usable:
+        sentences.append("No task is left to rank the methods with.")
+        return sentences
+    checkpoint = next(iter(next(iter(tasks.values()))["accuracy"]))
+    lengths = sorted({int(n) for task in usable for n in tasks[task]["accuracy"][checkpoint]
+                      if int(n) > window and "yarn" in tasks[task]["accuracy"]})
+    for n in lengths:
+        ours, yarn = (_mean([value for task in usable for value in tasks[task]["accuracy"][method].get(str(n), {})
+                             .values()]) for method in (checkpoint, "yarn"))
+        verb = "retrieves better than" if ours > yarn else "retrieves worse than" if ours < yarn else "retrieves as well as"
+        sentences.append(f"At {n:,} tokens, on {', '.join(usable)} (the source scores at least 50% on "
+                         f"{'it' if len(usable) == 1 else 'them'} at its own window, "
+                         f"{_mean([own[task] for task in usable]):.0%}), {checkpoint} {verb} YaRN on the same "
+                         f"prompts: {ours:.0%} against {yarn:.0%}.")
+    return sentences
+
+
+def _mean(values) -> float:
+    values = list(values.values()) if isinstance(values, dict) else list(values)
+    return sum(values) / len(values) if values else float("nan")
 
 
 def _by_length_table(values: dict[str, dict[str, Any]], corner: str, cell: Callable[[Any], str]) -> list[str]:
@@ -275,8 +378,17 @@ def json_number(value: float) -> float | str:
 
 
 def read_evaluation(folder: Path) -> dict[str, Any] | None:
+    """eval/results.json of a checkpoint, None without one. Results written before the needle tasks existed
+    hold their passkey test under "passkey": it is read as the needle task it now is."""
     path = folder / EVAL_DIR / EVAL_RESULTS
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    evaluation = json.loads(path.read_text())
+    passkey = evaluation.pop("passkey", None)
+    if passkey and "needles" not in evaluation:
+        evaluation["needles"] = {"depths": passkey["depths"], "trials": passkey["trials"], "seed": passkey["seed"],
+                                 "tasks": {"passkey": {"accuracy": passkey["accuracy"]}}}
+    return evaluation
 
 
 def _tool_sections(body: str) -> list[tuple[str, int, int, dict[str, Any]]]:
@@ -326,9 +438,11 @@ def updated_card(folder: Path, repo: str | None = None, revision: str | None = N
         usage = next((attributes for name, _, _, attributes in found if name == "usage" and attributes), {})
         repo, revision = usage.get("repo", str(folder)), usage.get("revision")
     base_model = front_matter(existing).get("base_model")
+    config_file = Path(folder) / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None
     sections = _sections(load_factor_set(Path(folder) / FACTORS_FILE), base_model if isinstance(base_model, str)
                          else None, repo, revision, read_evaluation(Path(folder)),
-                         (read_marker(folder) or {}).get("changes", []))
+                         (read_marker(folder) or {}).get("changes", []), config)
     return (head or _metadata_block(None, {})) + _merge(body, found, sections)
 
 

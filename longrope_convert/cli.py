@@ -416,10 +416,18 @@ def _fractions(ctx, param, value: str) -> list[float]:
     return depths
 
 
+def _task_names(ctx, param, value: str) -> list[str]:
+    from .needles import RULER_TASKS
+
+    return list(RULER_TASKS) if value == "all" else [part.strip() for part in value.split(",") if part.strip()]
+
+
 @cli.command(name="eval", epilog="""\b
 Examples:
   longrope-convert eval ./smollm2-16k --lengths 4096,8192,16384 --data ./books --baselines
   longrope-convert eval ./smollm2-16k --lengths 16384 --data ./books --protocol sliding --stride 256
+  longrope-convert eval ./smollm2-16k --needle-lengths 8192,16384 --data ./books --baselines --card
+  longrope-convert eval ./smollm2-16k --needle-lengths 16384 --needles niah_single,vt --data ./books --trials 5
   longrope-convert eval ./smollm2-16k --passkey-lengths 8192,16384 --trials 5 --card
   longrope-convert eval ./smollm2-16k --lengths 16384,32768 --data pg19:test --beyond-target
 """)
@@ -427,20 +435,30 @@ Examples:
 @click.option("--lengths", callback=_integers, default=None,
               help="Context lengths for perplexity, e.g. 4096,8192 (2 .. the checkpoint's target).")
 @click.option("--data", multiple=True,
-              help="Text files, folders, JSONL files or a `datasets` id (DATASET[:SPLIT]). Repeatable.")
+              help="Text files, folders, JSONL files or a `datasets` id (DATASET[:SPLIT]): the perplexity documents "
+                   "and the needle tasks' haystack. Repeatable.")
 @click.option("--baselines", is_flag=True,
-              help="Also evaluate the search's baselines: the source's RoPE unchanged and PI, NTK, YaRN, llama3 "
-                   "composed on it, on the same weights.")
+              help="Also evaluate the search's baselines (the source's RoPE unchanged; PI, NTK, YaRN, llama3 composed "
+                   "on it) on the same weights, and the needle tasks for the source at its own window.")
 @click.option("--protocol", type=click.Choice(["truncated", "sliding"]), default="truncated", show_default=True)
 @click.option("--stride", type=click.IntRange(min=1), default=256, show_default=True,
               help="Stride of the sliding-window protocol (smaller than each length but the largest).")
 @click.option("--documents", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--needle-lengths", callback=_integers, default=None,
+              help="Lengths for the needle tasks (RULER's, on --data as haystack): prompt and answer fill each exactly.")
+@click.option("--needles", callback=_task_names, default="all", show_default=True,
+              help="Needle tasks: niah_single, niah_multikey, niah_multivalue, niah_multiquery, vt (comma-separated).")
 @click.option("--passkey-lengths", callback=_integers, default=None,
-              help="Lengths for passkey retrieval: prompt and answer fit in each.")
+              help="Lengths for passkey retrieval: prompt and answer fill each exactly.")
 @click.option("--depths", callback=_fractions, default="0.1,0.5,0.9", show_default=True,
-              help="Passkey depths, as fractions of the prompt.")
-@click.option("--trials", type=click.IntRange(min=1), default=3, show_default=True)
+              help="Needle and passkey depths, as fractions of the haystack.")
+@click.option("--trials", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Needle and passkey prompts per length and depth.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Needle and passkey prompts generated at once.")
+@click.option("--no-chat-template", "chat_template", is_flag=True, flag_value=False, default=True,
+              help="Needle and passkey prompts as plain text even when the tokenizer has a chat template.")
 @click.option("--beyond-target", is_flag=True, help="Allow lengths beyond the checkpoint's target (extrapolation).")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for results.json and the plots. Default: CHECKPOINT/eval.")
@@ -451,19 +469,26 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout instead of tables.")
 @click.pass_context
 def evaluate(ctx: click.Context, checkpoint: Path, lengths: list[int], data: tuple[str, ...], baselines: bool,
-             protocol: str, stride: int, documents: int, passkey_lengths: list[int], depths: list[float], trials: int,
-             seed: int, beyond_target: bool, out: Path | None, card: bool, device_map: str | None, as_json: bool) -> None:
-    """Perplexity against length and passkey retrieval for a converted CHECKPOINT; plots and model card."""
+             protocol: str, stride: int, documents: int, needle_lengths: list[int], needles: list[str],
+             passkey_lengths: list[int], depths: list[float], trials: int, seed: int, batch_size: int,
+             chat_template: bool, beyond_target: bool, out: Path | None, card: bool, device_map: str | None,
+             as_json: bool) -> None:
+    """Perplexity against length, needle tasks (RULER's) and passkey retrieval for a converted CHECKPOINT;
+    plots and model card."""
     from .card import EVAL_DIR, refresh_card
     from .evaluate import plan_evaluation
 
     if _given(ctx, "stride") and protocol != "sliding":
         raise click.UsageError("--stride applies to --protocol sliding")
+    if _given(ctx, "needles") and not needle_lengths:
+        raise click.UsageError("--needles applies to --needle-lengths")
     if card and out is not None and Path(out).resolve() != (checkpoint / EVAL_DIR).resolve():
         raise click.UsageError(f"--card reads the results in {checkpoint / EVAL_DIR}: drop --out")
     plan = plan_evaluation(checkpoint, data=list(data), lengths=lengths, baselines=baselines, protocol=protocol,
-                           stride=stride, documents=documents, passkey_lengths=passkey_lengths, depths=depths,
-                           trials=trials, seed=seed, beyond_target=beyond_target, out=out, status=status)
+                           stride=stride, documents=documents, passkey_lengths=passkey_lengths,
+                           needle_lengths=needle_lengths, needles=needles, depths=depths, trials=trials, seed=seed,
+                           batch_size=batch_size, chat_template=chat_template, beyond_target=beyond_target, out=out,
+                           status=status)
     results = evaluate_with_progress(plan, out=out, command="longrope-convert eval " + " ".join(sys.argv[2:]),
                                      device_map=device_map)
     if card:
@@ -483,14 +508,16 @@ def _card_text(folder: Path) -> str:
 
 
 def _result_tables(results: dict) -> list[str]:
-    from .card import passkey_table, perplexity_table
+    from .card import needle_table, needle_verdict, perplexity_table
 
     results = json.loads(json.dumps(results))  # lengths as strings, as in results.json
     lines = []
     if "perplexity" in results:
         lines += perplexity_table(results["perplexity"]["perplexity"], corner="perplexity")
-    if "passkey" in results:
-        lines += passkey_table(results["passkey"]["accuracy"], corner="passkey")
+    if "needles" in results:
+        for task, measured in results["needles"]["tasks"].items():
+            lines += needle_table({task: measured}, corner=task)
+        lines += needle_verdict(results["needles"])
     return lines
 
 

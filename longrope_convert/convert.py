@@ -38,10 +38,10 @@ from .factors import (
     source_factor_set,
     yarn_init_warning,
 )
-from .outputs import MARKER, atomic_folder, check_output_folder, marker_text
 from .fetch import download_source, open_source
 from .hub import hub_cache, looks_like_repo_id
-from .source import FolderFiles, SourceModel, read_json, read_source
+from .outputs import MARKER, atomic_folder, check_output_folder, marker_text
+from .source import VLLM_WINDOW_KEYS, FolderFiles, SourceModel, read_json, read_source
 from .source_rope import DEFAULT_ROPE, longrope_attention_factor
 
 # Copied, not imported: conversion never imports torch, so its memory stays flat.
@@ -53,9 +53,11 @@ AUTO_MAP = {
 # Fields of a checkpoint's files that state its context window; those equal to the source's window
 # follow the new one. A tokenizer truncates to model_max_length; generate() stops at, and refuses
 # prompts longer than, max_length (meta-llama/Llama-2-7b-hf ships max_length 4096, its window);
-# LLaMA-1 conversions (huggyllama/llama-7b) carry max_sequence_length 2048 in config.json.
+# LLaMA-1 conversions (huggyllama/llama-7b) carry max_sequence_length 2048 in config.json, and vLLM
+# serves at most the smallest of the config keys it takes as a window (source.VLLM_WINDOW_KEYS;
+# max_position_embeddings is set to the target whatever it was).
 WINDOW_FIELDS = {
-    "config.json": ("max_sequence_length",),
+    "config.json": VLLM_WINDOW_KEYS[1:],
     "tokenizer_config.json": ("model_max_length",),
     "generation_config.json": ("max_length", "max_new_tokens"),
 }
@@ -157,10 +159,15 @@ def longrope_config(source_config: dict[str, Any], factor_set: FactorSet) -> dic
     - transformers 5.x reads `rope_scaling` (as `rope_parameters`) and `rope_theta`; `attention_factor`
       scales both sets;
     - transformers 4.48-4.57 switch to the long set at the top-level `original_max_position_embeddings`
-      (without it they never do); 4.45 applies the long set at every length;
+      (without it they never do: short factors at every length, silently wrong past the window); 4.45
+      applies the long set at every length;
+    - vLLM serves that same top-level key's window by default (its choice for every `longrope` model, so that
+      short requests keep the short set; `--max-model-len` up to the target serves the long set): written
+      anyway, since a default that refuses long prompts beats 4.x readers silently wrong on them;
     - vLLM applies `short_mscale` / `long_mscale`, and without them sqrt(1 + ln s / ln L) to both sets
       (`vllm_default_mscale`): they are written, equal to `attention_factor`, only when that default is
-      not the attention factor, because transformers logs a warning about keys it does not use.
+      not the attention factor, because transformers (and vLLM through it) logs a warning about keys it
+      does not use. There a warning is the price of vLLM applying the attention factor transformers does.
     """
     original = factor_set.model.original_max_position_embeddings
     config = {key: value for key, value in source_config.items() if key not in ("rope_parameters", "rope_scaling")}
@@ -311,7 +318,7 @@ def plan_checkpoint(source: SourceModel, factor_set: FactorSet, output: Path, fa
         planned.append(PlannedFile(name, files.sizes[name], "copy"))
     source_card = files.read(CARD_FILE).decode("utf-8", errors="replace") if CARD_FILE in files.sizes else None
     card = model_card(factor_set, base_model=base_model_id(source), license_fields=source_license(source_card),
-                      repo=repo or str(output), changes=changes)
+                      repo=repo or str(output), changes=changes, config=config)
     planned += [
         _written("config.json", json.dumps(config, indent=2) + "\n"),
         _written(MODELING_FILE, MODELING_SOURCE.read_text(encoding="utf-8")),

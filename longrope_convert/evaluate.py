@@ -1,5 +1,6 @@
-"""Evaluation of an extended checkpoint: perplexity against length and passkey retrieval, for the
-checkpoint's factors and, on the same weights, the classic methods at the same target.
+"""Evaluation of an extended checkpoint: perplexity against length, and retrieval of needles (RULER's tasks
+and the passkey test, built by needles.py), for the checkpoint's factors and, on the same weights, the
+classic methods at the same target.
 
 Perplexity protocols:
   truncated  each document: BOS + its first L - 1 tokens, as in the search; the documents are those
@@ -10,12 +11,13 @@ Perplexity protocols:
              transformers' "Perplexity of fixed-length models" guide, used by the YaRN paper). S < L,
              so consecutive windows overlap and no target falls between them.
 Baselines are the search's, on the same model (the source's RoPE unchanged, and PI, NTK, YaRN, llama3
-composed on it: factors.baseline_factor_sets): like LongRoPE, they use the source's RoPE up to the
-original window and their own factors beyond it.
+composed on it): like LongRoPE, they use the source's RoPE up to the original window and their own
+factors beyond it.
 
-Passkey retrieval: filler passages with a 5-digit key at a chosen depth, then "What is the pass
-key?", greedy decoding; accuracy over N trials per length x depth with a fixed seed. Prompt and
-answer together fit the length measured.
+Needle tasks: each task's items at every length, depth and trial (the same prompts for every method),
+greedy decoding in batches, each answer scored as its task says; the mean over the trials per length and
+depth. With the baselines, the source model is also measured at its own window (SOURCE): a task it scores
+under 50% on there is reported, not used to rank the methods (card.needle_verdict).
 
 A perplexity that overflows a double is inf, one computed from NaN logits is nan; results.json
 writes them as the strings "inf" and "nan" (JSON has no such numbers; float() reads them back).
@@ -24,9 +26,7 @@ writes them as the strings "inf" and "nan" (JSON has no such numbers; float() re
 from __future__ import annotations
 
 import json
-import random
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,18 +34,21 @@ from typing import Any
 
 import torch
 
-from .card import json_number
+from .card import SOURCE, json_number
 from .errors import DataError, EvaluationError, LongRoPEError
 from .factors import FactorSet, baseline_factor_sets
-from .perplexity import document_ids, perplexity, token_nll, use_factor_set
+from .needles import (NEEDLE_TASKS, RULER_TASKS, Haystack, ItemTooShort, NeedleItem, build_items, chat_frame,
+                      haystack_from_texts, noise_haystack)
+from .perplexity import perplexity, token_nll, use_factor_set
 from .source import SourceModel
 
 MIN_LENGTH = 2  # one token of context and one to predict
+NEEDLE_ANSWERS = "needle_answers.jsonl"
 
 
 def comparison_sets(checkpoint: FactorSet, baselines: bool) -> dict[str, FactorSet]:
-    """The checkpoint's own set first, then the baselines at the same target, composed on the source's RoPE as
-    the search's are (factors.baseline_factor_sets)."""
+    """The checkpoint's own set first, then the baselines at the same target: the search's (the source's RoPE
+    unchanged, "none", and every analytic set composed on it; factors.baseline_factor_sets)."""
     label = "LongRoPE" if checkpoint.is_searched else f"LongRoPE ({checkpoint.method})"
     sets = {label: checkpoint}
     if baselines:
@@ -103,111 +106,86 @@ def perplexity_by_length(model, documents: list[torch.Tensor], sets: dict[str, F
     return results
 
 
-PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
-                 "I will quiz you about the important information there.\n")
-PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-PASSKEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key. "
-PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
-PASSKEY_ANSWER_TOKENS = 10
-PASSKEY_DIGITS = 5
-
-
-def _passkey_ids(tokenizer, passages: int, depth: float, key: str) -> tuple[torch.Tensor, int]:
-    before = round(passages * depth)
-    head = PASSKEY_INTRO + PASSKEY_FILLER * before
-    text = head + PASSKEY_LINE.format(key=key) + PASSKEY_FILLER * (passages - before) + PASSKEY_QUESTION
-    ids = document_ids(tokenizer, text)
-    spans = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-    key_at = next(i for i, (_, end) in enumerate(spans) if end > len(head)) + ids.shape[1] - len(spans)
-    return ids, key_at
-
-
-def passkey_prompt(tokenizer, length: int, depth: float, key: str) -> tuple[torch.Tensor, int]:
-    """Token ids [1, n] of the standard passkey prompt with as many filler passages as fit in `length`
-    tokens (length - one passage < n <= length), the key after `depth` of them; and the index of the
-    token where the key sentence starts. Raises ValueError when not even one passage fits."""
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    fixed = count(PASSKEY_INTRO) + count(PASSKEY_LINE.format(key=key)) + count(PASSKEY_QUESTION) + 1  # + BOS
-    passages = max(1, round((length - fixed) / count(PASSKEY_FILLER * 8) * 8))  # the estimate, then fitted
-    ids, key_at = _passkey_ids(tokenizer, passages, depth, key)
-    while ids.shape[1] > length and passages > 1:
-        passages -= 1
-        ids, key_at = _passkey_ids(tokenizer, passages, depth, key)
-    if ids.shape[1] > length:
-        raise ValueError(f"a passkey prompt with one filler passage has {ids.shape[1]} tokens, over {length}")
-    while (longer := _passkey_ids(tokenizer, passages + 1, depth, key))[0].shape[1] <= length:
-        (ids, key_at), passages = longer, passages + 1
-    return ids, key_at
-
-
-def passkey_trials(tokenizer, lengths: list[int], depths: list[float], trials: int,
-                   seed: int = 0) -> dict[tuple[int, float], list[tuple[torch.Tensor, str]]]:
-    """{(length, depth): [(prompt ids [1, n], key), ...]} with n + PASSKEY_ANSWER_TOKENS <= length; the
-    keys drawn from `seed`. Raises EvaluationError for a length below the smallest prompt (one filler
-    passage) plus the answer."""
-    rng = random.Random(seed)
-    keys = {(length, depth, trial): f"{rng.randint(10 ** (PASSKEY_DIGITS - 1), 10 ** PASSKEY_DIGITS - 1)}"
-            for length in lengths for depth in depths for trial in range(trials)}
-    for length in lengths:  # the smallest prompt's size varies a little with the key and depth
-        minimum = max(_passkey_ids(tokenizer, 1, depth, key)[0].shape[1] + PASSKEY_ANSWER_TOKENS
-                      for (n, depth, _), key in keys.items() if n == length)
-        if length < minimum:
-            raise EvaluationError(f"--passkey-lengths {length} is below the smallest passkey prompt, {minimum} tokens "
-                                  f"with this tokenizer (intro, one filler passage, key, question and "
-                                  f"{PASSKEY_ANSWER_TOKENS} answer tokens)")
-    prompts: dict[tuple[int, float], list[tuple[torch.Tensor, str]]] = {}
-    for (length, depth, _), key in keys.items():
-        ids, _ = passkey_prompt(tokenizer, length - PASSKEY_ANSWER_TOKENS, depth, key)
-        prompts.setdefault((length, depth), []).append((ids, key))
-    return prompts
-
-
-def read_passkey(generated: str, digits: int = PASSKEY_DIGITS) -> str | None:
-    """The first number the model answered. Digit groups split by spaces or commas ("48 213", "48,213")
-    are joined until they make `digits` digits, so a repeated key ("71432, 71432") is read once."""
-    match = re.search(r"\d+(?:[,\s]+\d+)*", generated)
-    if match is None:
-        return None
-    number = ""
-    for group in re.findall(r"\d+", match.group(0)):
-        if len(number) >= digits:
-            break
-        number += group
-    return number
+def needle_items(tokenizer, tasks: dict[str, list[int]], depths: list[float], trials: int, seed: int,
+                 haystack_texts: Iterable[tuple[str, str]] = (),
+                 use_chat_template: bool = True) -> tuple[list[NeedleItem], str | None]:
+    """Items for {task: lengths} (needles.build_items: every length, depth and trial; the same items for every
+    method), on a haystack of the given (name, text) pairs for the tasks of "data" haystack and on the
+    noise filler for the others; and the names of the texts used (None when none was). Raises
+    needles.ItemTooShort for a length that cannot hold a task's fixed text and answer."""
+    chat = chat_frame(tokenizer, use_chat_template)
+    longest = max((length for lengths in tasks.values() for length in lengths), default=0)
+    haystacks: dict[str, Haystack] = {}
+    items: list[NeedleItem] = []
+    for name, lengths in tasks.items():
+        task = NEEDLE_TASKS[name]
+        if task.haystack not in haystacks:
+            haystacks[task.haystack] = (noise_haystack(tokenizer, longest) if task.haystack == "noise"
+                                        else haystack_from_texts(tokenizer, haystack_texts, longest))
+        items += build_items(tokenizer, task, haystacks[task.haystack], lengths, depths, trials, seed, chat=chat)
+    return items, haystacks["data"].name if "data" in haystacks else None
 
 
 @torch.inference_mode()
-def passkey_accuracy(model, tokenizer, sets: dict[str, FactorSet],
-                     prompts: dict[tuple[int, float], list[tuple[torch.Tensor, str]]],
-                     on_step: Callable[[], None] = lambda: None) -> dict[str, dict[int, dict[float, float]]]:
-    """{method: {length: {depth: accuracy}}} over the prompts of passkey_trials, greedy decoding."""
-    results: dict[str, dict[int, dict[float, float]]] = {name: {} for name in sets}
-    done: dict[tuple, float] = {}
+def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    """Greedy continuations of the prompts as one batch, left-padded (the shipped model counts each row's
+    positions from the attention mask, so each row runs on its own factor set); the new tokens decoded
+    without special tokens."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=pad)  # [batch, width + new]
+    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+
+
+def needle_accuracy(model, tokenizer, sets: dict[str, FactorSet], items: list[NeedleItem],
+                    lengths: dict[str, dict[str, list[int]]], batch_size: int = 4,
+                    on_step: Callable[[], None] = lambda: None) -> tuple[dict, list[dict]]:
+    """{task: {method: {length: {depth: mean score}}}} over the items of each method's lengths
+    (`lengths`[method][task]), and every answer ({method, task, length, depth, trial, answers, output,
+    score}). Items of one task and length are generated in batches of `batch_size`; a method whose
+    settings at a length equal one measured before reuses its answers (inside the original window every
+    set that keeps the source's RoPE there)."""
+    groups: dict[tuple[str, int], list[NeedleItem]] = {}
+    for item in items:
+        groups.setdefault((item.task, item.length), []).append(item)
+    accuracy: dict[str, dict[str, dict[int, dict[float, float]]]] = {}
+    answers: list[dict] = []
+    done: dict[tuple, list[str]] = {}
     for name, factor_set in sets.items():
         use_factor_set(model, factor_set)
-        for (length, depth), trials in prompts.items():
-            settings = (_effective_settings(factor_set, length), length, depth)
-            if settings not in done:
-                correct = 0
-                for ids, key in trials:
-                    out = model.generate(ids.to(model.device), max_new_tokens=PASSKEY_ANSWER_TOKENS,
-                                         do_sample=False, pad_token_id=tokenizer.eos_token_id)
-                    correct += read_passkey(tokenizer.decode(out[0, ids.shape[1]:])) == key
-                    on_step()
-                done[settings] = correct / len(trials)
+        for (task, length), group in groups.items():
+            if length not in lengths[name].get(task, ()):
+                continue
+            key = (_effective_settings(factor_set, length), task, length)
+            if key not in done:
+                done[key] = []
+                for start in range(0, len(group), batch_size):
+                    batch = group[start:start + batch_size]
+                    done[key] += generate_batch(model, tokenizer, [item.input_ids for item in batch],
+                                                NEEDLE_TASKS[task].answer_tokens)
+                    for _ in batch:
+                        on_step()
             else:
-                for _ in trials:
+                for _ in group:
                     on_step()
-            results[name].setdefault(length, {})[depth] = done[settings]
-    return results
+            scores: dict[float, list[float]] = {}
+            for item, output in zip(group, done[key]):
+                score = NEEDLE_TASKS[task].score(output, item.answers)
+                scores.setdefault(item.depth, []).append(score)
+                answers.append({"method": name, "task": task, "length": length, "depth": item.depth,
+                                "trial": item.trial, "answers": item.answers, "output": output, "score": score})
+            accuracy.setdefault(task, {}).setdefault(name, {})[length] = {
+                depth: sum(values) / len(values) for depth, values in scores.items()}
+    return accuracy, answers
 
 
 @dataclass
 class EvaluationPlan:
-    """What an evaluation measures, checked and prepared (documents tokenized, passkey prompts built)
-    before the model is loaded, so bad input fails in a second."""
+    """What an evaluation measures, checked and prepared (documents tokenized, needle prompts built) before
+    the model is loaded, so bad input fails in a second."""
 
     source: SourceModel
     sets: dict[str, FactorSet]
@@ -218,23 +196,30 @@ class EvaluationPlan:
     documents: list[torch.Tensor]  # [1, max(lengths)] each
     document_names: list[str]
     skipped_documents: int  # shorter than max(lengths), or empty
-    passkey: dict[tuple[int, float], list[tuple[torch.Tensor, str]]]
+    needle_items: list[NeedleItem]
+    needle_lengths: dict[str, dict[str, list[int]]]  # {method: {task: lengths}}; SOURCE: its own window only
+    needle_sets: dict[str, FactorSet]  # sets, and SOURCE (the source's RoPE) with the baselines
+    haystack: str | None  # the texts the haystack was cut from
     depths: list[float]
     trials: int
     seed: int
+    batch_size: int
+    chat_template: bool  # the prompts are wrapped in the tokenizer's chat template
 
     @property
     def steps(self) -> int:
-        """Measurements, for progress: one per method and length, one per method and passkey trial."""
-        return len(self.sets) * (len(self.lengths) + sum(len(trials) for trials in self.passkey.values()))
+        """Measurements, for progress: one per method and length, one per method and needle item."""
+        per_method = {name: sum(1 for item in self.needle_items if item.length in by_task.get(item.task, ()))
+                      for name, by_task in self.needle_lengths.items()}
+        return len(self.sets) * len(self.lengths) + sum(per_method.values())
 
 
-def check_lengths(lengths: list[int], passkey_lengths: list[int], target: int, protocol: str, stride: int,
-                  beyond_target: bool) -> None:
+def check_lengths(lengths: list[int], needle_lengths: dict[str, list[int]], target: int, protocol: str,
+                  stride: int, beyond_target: bool) -> None:
     """Raise EvaluationError, naming the flag, the value and the bound, for a length that cannot be
     measured as labelled: below MIN_LENGTH, beyond the checkpoint's target (unless beyond_target), or
-    a sliding stride that leaves tokens unscored."""
-    for flag, values in (("--lengths", lengths), ("--passkey-lengths", passkey_lengths)):
+    a sliding stride that leaves tokens unscored. `needle_lengths` is {flag: lengths}."""
+    for flag, values in (("--lengths", lengths), *needle_lengths.items()):
         for length in values:
             if length < MIN_LENGTH:
                 raise EvaluationError(f"{flag} {length}: a length is at least {MIN_LENGTH} tokens (context and a "
@@ -249,22 +234,26 @@ def check_lengths(lengths: list[int], passkey_lengths: list[int], target: int, p
 
 def plan_evaluation(folder: Path, *, data: list[str], lengths: list[int], baselines: bool = True,
                     protocol: str = "truncated", stride: int = 256, documents: int | None = 4,
-                    passkey_lengths: list[int] = (), depths: list[float] = (0.1, 0.5, 0.9), trials: int = 3,
-                    seed: int = 0, beyond_target: bool = False, out: Path | None = None,
-                    status: Callable[[str], None] = lambda message: None) -> EvaluationPlan:
+                    passkey_lengths: list[int] = (), needle_lengths: list[int] = (),
+                    needles: list[str] = RULER_TASKS, depths: list[float] = (0.1, 0.5, 0.9), trials: int = 3,
+                    seed: int = 0, batch_size: int = 4, chat_template: bool = True, beyond_target: bool = False,
+                    out: Path | None = None, status: Callable[[str], None] = lambda message: None) -> EvaluationPlan:
     """Check the request against the checkpoint and prepare its inputs, without loading the model.
 
-    `lengths` and `passkey_lengths` are in tokens (duplicates dropped, sorted); `documents` is the
-    number of documents of at least max(lengths) tokens to score, read no further than needed; `out`
-    the results folder run_evaluation will replace (checked here). Raises
-    LongRoPEError for a folder that is not a LongRoPE checkpoint, EvaluationError for a length out of
-    bounds (see check_lengths, passkey_trials), DataError for unreadable data or no long-enough document.
+    `lengths` (perplexity), `passkey_lengths` and `needle_lengths` (the `needles` tasks, on a haystack of
+    `data`) are in tokens (duplicates dropped, sorted); `documents` is the number of documents of at least
+    max(lengths) tokens to score, read no further than needed; `out` the results folder run_evaluation
+    will replace (checked here). With `baselines`, the needle tasks are also measured for the source at
+    its own window (SOURCE). `chat_template`: wrap the needle prompts in the tokenizer's chat template
+    when it has one. Raises LongRoPEError for a folder that is not a LongRoPE checkpoint,
+    EvaluationError for a length out of bounds (see check_lengths, needle_items), DataError for
+    unreadable data or no long-enough document.
     """
     from transformers import AutoTokenizer
 
     from .checkpoint_files import FACTORS_FILE
-    from .factors import load_factor_set
     from .documents import read_documents
+    from .factors import load_factor_set
     from .perplexity import tokenized_documents
     from .preflight import check_evaluation_inputs
     from .source import read_source
@@ -273,41 +262,76 @@ def plan_evaluation(folder: Path, *, data: list[str], lengths: list[int], baseli
     source = read_source(folder)
     if source.longrope is None:
         raise LongRoPEError(f"'{folder}' is not a LongRoPE checkpoint; convert it first with longrope-convert")
-    if bool(data) != bool(lengths):
-        raise EvaluationError("--data and --lengths go together: perplexity needs documents and lengths")
-    if not data and not passkey_lengths:
-        raise EvaluationError("nothing to evaluate: give --data with --lengths, and/or --passkey-lengths")
+    if lengths and not data:
+        raise EvaluationError("--lengths needs --data: perplexity is measured on documents")
+    if needle_lengths and not data:
+        raise EvaluationError("--needle-lengths needs --data: the needle tasks hide their needles in its text")
+    if data and not (lengths or needle_lengths):
+        raise EvaluationError("--data needs --lengths (perplexity) or --needle-lengths (needle tasks)")
+    if not (lengths or passkey_lengths or needle_lengths):
+        raise EvaluationError("nothing to evaluate: give --data with --lengths or --needle-lengths, and/or "
+                              "--passkey-lengths")
+    unknown = [name for name in needles if name not in NEEDLE_TASKS]
+    if unknown:
+        raise EvaluationError(f"--needles {unknown[0]}: no such task (tasks: {', '.join(NEEDLE_TASKS)})")
     factors_file = source.folder / FACTORS_FILE
     checkpoint = load_factor_set(factors_file) if factors_file.is_file() else source.longrope
-    lengths, passkey_lengths = sorted(set(lengths)), sorted(set(passkey_lengths))
-    check_lengths(lengths, passkey_lengths, checkpoint.target_length, protocol, stride, beyond_target)
+    lengths, passkey_lengths, needle_lengths = (sorted(set(values)) for values in
+                                                (lengths, passkey_lengths, needle_lengths))
+    check_lengths(lengths, {"--passkey-lengths": passkey_lengths, "--needle-lengths": needle_lengths},
+                  checkpoint.target_length, protocol, stride, beyond_target)
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
     docs, names, skipped = [], [], 0
-    if data:
+    if lengths:
         longest = max(lengths)
         docs, names, skipped = tokenized_documents(tokenizer, read_documents(data), longest, documents)
         if not docs:
             raise DataError(f"--data has no document of at least {longest:,} tokens ({skipped} shorter or empty "
                             "ones skipped)")
         status(f"perplexity: {len(docs)} documents of {longest:,} tokens ({skipped} shorter or empty ones skipped)")
-    return EvaluationPlan(source=source, sets=comparison_sets(checkpoint, baselines), tokenizer=tokenizer,
-                          lengths=lengths, protocol=protocol, stride=stride, documents=docs, document_names=names,
-                          skipped_documents=skipped,
-                          passkey=passkey_trials(tokenizer, passkey_lengths, list(depths), trials, seed),
-                          depths=list(depths), trials=trials, seed=seed)
+    sets = comparison_sets(checkpoint, baselines)
+    tasks = {**({name: needle_lengths for name in needles} if needle_lengths else {}),
+             **({"passkey": passkey_lengths} if passkey_lengths else {})}
+    by_method = {name: tasks for name in sets}
+    needle_sets = dict(sets)
+    window = checkpoint.model.original_max_position_embeddings
+    if baselines and tasks:  # the source at its own window: is it able to do the tasks at all?
+        needle_sets[SOURCE] = sets["none"]
+        by_method[SOURCE] = {name: [window] for name in tasks}
+    built = {name: sorted({n for by_task in by_method.values() for n in by_task.get(name, ())}) for name in tasks}
+    try:
+        items, haystack = needle_items(tokenizer, built, list(depths), trials, seed,
+                                       ((document.name, document.text) for document in read_documents(data)),
+                                       chat_template)
+    except ItemTooShort as error:
+        asked = error.length in tasks[error.task]
+        where = (f"{'--passkey-lengths' if error.task == 'passkey' else '--needle-lengths'} {error.length} is" if asked
+                 else f"the source's own window, {error.length:,} tokens (measured with --baselines), is")
+        raise EvaluationError(f"{where} below the smallest {error.task} prompt, {error.needed} tokens with this "
+                              f"tokenizer (its text without haystack, and {NEEDLE_TASKS[error.task].answer_tokens} "
+                              "answer tokens)") from None
+    if items:
+        status(f"needle tasks: {len(items)} prompts ({', '.join(tasks)}), "
+               + ("in the tokenizer's chat template" if chat_frame(tokenizer, chat_template)[0] else "no chat template")
+               + (f", haystack from {haystack}" if haystack else ""))
+    return EvaluationPlan(source=source, sets=sets, tokenizer=tokenizer, lengths=lengths, protocol=protocol,
+                          stride=stride, documents=docs, document_names=names, skipped_documents=skipped,
+                          needle_items=items, needle_lengths=by_method, needle_sets=needle_sets, haystack=haystack,
+                          depths=list(depths), trials=trials, seed=seed, batch_size=batch_size,
+                          chat_template=bool(chat_frame(tokenizer, chat_template)[0]))
 
 
 def run_evaluation(plan: EvaluationPlan, *, out: Path | None = None, command: str = "",
                    device_map: str | None = None, status: Callable[[str], None] = lambda message: None,
                    on_step: Callable[[], None] = lambda: None) -> dict[str, Any]:
-    """Measure a plan and write results.json and the plots to `out` (default: the checkpoint's eval/
-    folder), replacing what was there only when all is done; `device_map="auto"` spreads the model over
-    the GPUs (perplexity.load_longrope_model). Returns the results as written (lengths as int keys; inf
-    and nan as strings)."""
+    """Measure a plan and write results.json, the needle answers (needle_answers.jsonl) and the plots to
+    `out` (default: the checkpoint's eval/ folder), replacing what was there only when all is done;
+    `device_map="auto"` spreads the model over the GPUs (perplexity.load_longrope_model). Returns the
+    results as written (lengths as int keys; inf and nan as strings)."""
     from .card import EVAL_DIR, EVAL_RESULTS
     from .outputs import atomic_folder
     from .perplexity import load_longrope_model
-    from .plots import factors_plot, passkey_heatmap, perplexity_plot
+    from .plots import accuracy_heatmap, factors_plot, perplexity_plot
 
     source, sets = plan.source, plan.sets
     checkpoint = next(iter(sets.values()))
@@ -324,9 +348,17 @@ def run_evaluation(plan: EvaluationPlan, *, out: Path | None = None, command: st
             "stride": plan.stride if plan.protocol == "sliding" else None,
             "perplexity": {name: {n: json_number(ppl) for n, ppl in by_length.items()}
                            for name, by_length in table.items()}}
-    if plan.passkey:
-        results["passkey"] = {"trials": plan.trials, "depths": plan.depths, "seed": plan.seed,
-                              "accuracy": passkey_accuracy(model, plan.tokenizer, sets, plan.passkey, on_step)}
+    answers: list[dict] = []
+    if plan.needle_items:
+        accuracy, answers = needle_accuracy(model, plan.tokenizer, plan.needle_sets, plan.needle_items,
+                                            plan.needle_lengths, plan.batch_size, on_step)
+        results["needles"] = {
+            "depths": plan.depths, "trials": plan.trials, "seed": plan.seed, "chat_template": plan.chat_template,
+            "haystack": plan.haystack, "source_window": checkpoint.model.original_max_position_embeddings
+            if SOURCE in plan.needle_sets else None,
+            "tasks": {task: {"description": NEEDLE_TASKS[task].description,
+                             "answer_tokens": NEEDLE_TASKS[task].answer_tokens, "accuracy": by_method}
+                      for task, by_method in accuracy.items()}}
     results["settings"] = {"command": command, "device": f"{device}, {str(model.dtype).replace('torch.', '')}",
                            "created": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
     out = Path(out) if out is not None else source.folder / EVAL_DIR
@@ -336,6 +368,8 @@ def run_evaluation(plan: EvaluationPlan, *, out: Path | None = None, command: st
         factors_plot(results["factors"], staging / "factors.png", f"{name}: LongRoPE factors")
         if "perplexity" in results:
             perplexity_plot(results["perplexity"]["perplexity"], staging / "perplexity.png", f"{name}: perplexity")
-        if "passkey" in results:
-            passkey_heatmap(results["passkey"]["accuracy"], staging / "passkey.png", f"{name}: passkey retrieval")
+        for task, measured in results.get("needles", {}).get("tasks", {}).items():
+            accuracy_heatmap(measured["accuracy"], staging / f"{task}.png", f"{name}: {task}")
+        if answers:
+            (staging / NEEDLE_ANSWERS).write_text("".join(json.dumps(answer) + "\n" for answer in answers))
     return results

@@ -24,12 +24,20 @@ The metadata keys that make llama.cpp apply exactly that and nothing more (src/l
     llama.rope.scaling.attn_factor              multiplies cos and sin: the long mscale
     llama.rope.scaling.original_context_length  the original window (read only by YaRN and longrope)
 
-Not written: llama.cpp's own `longrope` type (rope_factors_long/short) picks the set from the
-allocated context, not from the sequence (llama.cpp issue #24823), and its converter dropped
-longrope factors given under `rope_parameters` (issue #24820). One static long set is what every
-llama.cpp since PR #8676 reads the same way. It differs from the remote code: no n_hat and no
-short-window identity (inputs inside the original window use the long set too); the output's
-metadata says so under `longrope.differences`.
+One static long set is what every llama.cpp since PR #8676 reads the same way. It differs from the
+remote code: no n_hat and no short-window identity (inputs inside the original window use the long
+set too); the output's metadata says so under `longrope.differences`.
+
+Not written: llama.cpp's own `longrope` type. For a Llama of that type src/models/llama.cpp:61-67
+creates `rope_factors_long` / `rope_factors_short` instead of rope_freqs, and
+src/llama-model.cpp:2337-2350 picks the long set when the context's n_ctx_seq (`-c`, padded to a
+multiple of 256: src/llama-context.cpp:290) exceeds the original context length, else the short set,
+for every sequence: by the allocated context, not by the sequence (llama.cpp issue #24823). llama.cpp
+reads it so (tests/test_gguf.py), but with one attention factor for both sets the short set does not
+give back the source either, and measured it loses to the long set on short inputs (SmolLM2 16k,
+8,192 tokens at -c 8192: perplexity 22.16 against 21.99; BENCHMARKS.md). llama.cpp's converter
+writes no factors for a longrope Llama (conversion/base.py) and dropped longrope factors given under
+`rope_parameters` (issue #24820).
 
 Tensors are copied byte for byte (quantized ones stay as they are), by the kernel where it can
 (copy_file_range) or through one bounded buffer, so memory stays flat for any file size. The output

@@ -16,13 +16,16 @@ n_hat positions un-interpolated. For head dimension d, base b and i = 0 .. d/2 -
                      = p * theta_i / lambda_i           otherwise
     cos, sin         = mscale * cos(angle), mscale * sin(angle)
 
-All of it in float32 whatever the model's dtype (as transformers' own rotary embeddings do); cos and
-sin are cast to the dtype of the hidden states at the end.
+All of it in float32 whatever the model's dtype, also after the loaded model is cast (`.to(torch.bfloat16)`,
+`.half()`), where transformers' own rotary embeddings round their frequencies; cos and sin are cast to the
+dtype of the hidden states at the end.
 
 Two factor sets are kept: `short` for sequences that fit the original window and `long` for longer
-ones, each with its own mscale. A row of a batch is "long" once its largest position reaches the
-original window (max(position) + 1 > original_max_position_embeddings), the same rule as the built-in
-`longrope` type, but decided per row so that a row's output never depends on its batch-mates.
+ones, each with its own mscale. A sequence is "long" once its largest position reaches the original
+window (max(position) + 1 > original_max_position_embeddings), the same rule as the built-in `longrope`
+type, but decided per sequence so that its output never depends on its batch-mates: per row, and per
+document in rows packed with several documents (positions restarting, no attention mask), as transformers'
+attention mask keeps them apart. Packed rows cannot be continued from a cache (an error says so).
 The short set is lambda_i from `short_factor` (1.0: the source model exactly), or, for a source that
 already scales RoPE, the source's own frequencies (`short_set: "source"`). Defaults: short mscale 1.0,
 long mscale sqrt(1 + ln(s) / ln(original_max_position_embeddings)) with s = target / original.
@@ -107,7 +110,7 @@ def rope_inv_freq(base: float, dim: int, factors: torch.Tensor | list[float] | N
 # --- The source model's own RoPE -------------------------------------------------------------------
 # One function per `rope_type` a source may carry, each computing inv_freq [d/2] in float32 with the
 # same float32 operations as the function transformers registers for that type in ROPE_INIT_FUNCTIONS
-# (modeling_rope_utils.py; their bodies are the same from 5.3 to 5.24), so that a converted checkpoint
+# (modeling_rope_utils.py; their bodies are the same from 5.3 to 5.25), so that a converted checkpoint
 # of such a source is that source, bit for bit, inside the source's window.
 
 
@@ -202,23 +205,47 @@ def rotary_angles(
 ) -> torch.Tensor:
     """Angles [batch, seq, d/2] in float32: p * inv_freq, with the source's angles at positions < n_hat.
 
-    `position_ids` is [batch, seq]; `inv_freq` is [d/2] or one row per batch element [batch, d/2];
-    `source_inv_freq` is [d/2].
+    `position_ids` is [batch, seq]; `inv_freq` is [d/2], or per token [batch, seq, d/2] (or [batch, 1, d/2] per
+    row); `source_inv_freq` is [d/2].
     """
     positions = position_ids[..., None].float()
-    if inv_freq.dim() == 2:
-        inv_freq = inv_freq[:, None, :]
     angles = positions * inv_freq
     if n_hat > 0:
         angles = torch.where(positions < n_hat, positions * source_inv_freq, angles)
     return angles
 
 
+def document_index(position_ids: torch.Tensor) -> torch.Tensor:
+    """[batch, seq] long: which document of its row each token belongs to (0, 1, ...).
+
+    A document starts at the first token and wherever a position does not follow the one before it by 1: rows
+    packed with several documents, their positions restarting at 0 (DataCollatorWithFlattening). It is the rule
+    of transformers' `masking_utils.find_packed_sequence_indices` (the same in every supported release), by which
+    the attention mask keeps such documents apart when there is neither an attention mask nor a cache. (Flash
+    attention's varlen path starts one wherever the row's smallest position recurs: the same for documents that
+    each start at 0.)
+    """
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts.cumsum(-1) - 1
+
+
+def document_last_positions(position_ids: torch.Tensor, documents: torch.Tensor) -> torch.Tensor:
+    """[batch, seq]: for each token, the largest position of its document (`documents` from document_index)."""
+    largest = torch.zeros_like(position_ids).scatter_reduce(-1, documents, position_ids, "amax", include_self=False)
+    return largest.gather(-1, documents)
+
+
 class LongRoPEScaledRotaryEmbedding(nn.Module):
     """Rotary embedding with short/long per-dimension factors, n_hat and per-set attention scales.
 
-    Frequencies are float32 buffers (recomputed from the config, never saved); a load in bf16 or fp16
-    keeps them float32, as transformers does for its own rotary embeddings.
+    Frequencies are float32 buffers (recomputed from the config, never saved). A load in bf16 or fp16 keeps them
+    float32, as transformers does for its own rotary embeddings, and so does a cast of the loaded model
+    (`.to(torch.bfloat16)`, `.half()`): see `_apply`.
+
+    Which set a token uses: the long one once the largest position of its document reaches beyond the original
+    window; a row is one document unless its positions restart (see `document_index`). `factor_sets` overrides
+    that per row, or per token.
     """
 
     def __init__(self, config, device=None):
@@ -251,7 +278,7 @@ class LongRoPEScaledRotaryEmbedding(nn.Module):
         self.source_inv_freq = nn.Buffer(torch.empty_like(source, device=device), persistent=False)
         self.short_inv_freq = nn.Buffer(torch.empty_like(source, device=device), persistent=False)
         self.long_inv_freq = nn.Buffer(torch.empty_like(source, device=device), persistent=False)
-        self._forced_long_rows = None
+        self._long_tokens = None
         if self.source_inv_freq.device.type != "meta":
             self.reset_buffers()
 
@@ -288,38 +315,58 @@ class LongRoPEScaledRotaryEmbedding(nn.Module):
         if short_mscale is not None:
             self.short_mscale = float(short_mscale)
 
+    def _apply(self, fn, recurse=True):
+        """Moves and casts of the model (`.to()`, `.half()`, `.cuda()`, ...) go through here. Moves apply to the
+        frequency buffers, casts do not: rounded to bf16 they would move angles far (SmolLM2's searched 16k factors:
+        by up to 14.5 rad at position 16,383). A buffer the cast left in another dtype is the float32 one it held
+        (set_factors' values included), moved where the cast put it."""
+        held = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, moved in self._buffers.items():
+            if moved is not None and moved.dtype != torch.float32:
+                self._buffers[name] = held[name].to(moved.device)
+        return self
+
     def rows_are_long(self, position_ids: torch.Tensor) -> torch.Tensor:
         """[batch] bool: a row uses the long set once its largest position is beyond the original window."""
         return position_ids.amax(dim=-1) + 1 > self.original_max_position_embeddings
 
-    def angles_and_mscale(self, position_ids: torch.Tensor, long_rows: torch.Tensor):
-        """Per-row angles [batch, seq, d/2] and mscale [batch], float32, for the given choice of factor set."""
-        # .float(): a model cast with .to(torch.bfloat16) casts these buffers too; the math stays float32.
-        inv_freq = torch.where(long_rows[:, None], self.long_inv_freq.float(), self.short_inv_freq.float())
-        angles = rotary_angles(position_ids, inv_freq, self.source_inv_freq.float(), self.n_hat)
+    def tokens_are_long(self, position_ids: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch, seq] bool: a token uses the long set once the largest position of its document is beyond the
+        original window (a row is one document unless its positions restart; `documents`: their document_index)."""
+        documents = document_index(position_ids) if documents is None else documents
+        return document_last_positions(position_ids, documents) + 1 > self.original_max_position_embeddings
+
+    def angles_and_mscale(self, position_ids: torch.Tensor, long_tokens: torch.Tensor):
+        """Angles [batch, seq, d/2] and mscale [batch, seq] in float32 for `position_ids` [batch, seq], each token
+        with the factor set `long_tokens` gives it ([batch, seq] bool, or [batch, 1] per row; True: long)."""
+        inv_freq = torch.where(long_tokens[..., None], self.long_inv_freq, self.short_inv_freq)
+        angles = rotary_angles(position_ids, inv_freq, self.source_inv_freq, self.n_hat)
         mscales = torch.tensor([self.short_mscale, self.long_mscale], dtype=torch.float32, device=angles.device)
-        return angles, mscales[long_rows.long()]
+        return angles, mscales[long_tokens.long()]
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [batch, seq, d] in the dtype of `x` (the hidden states) for `position_ids` [batch, seq]."""
-        long_rows = self._forced_long_rows
-        if long_rows is None:
-            long_rows = self.rows_are_long(position_ids)
-        angles, mscale = self.angles_and_mscale(position_ids, long_rows)
+        long_tokens = self._long_tokens
+        if long_tokens is None:
+            long_tokens = self.tokens_are_long(position_ids)
+        long_tokens = long_tokens.to(position_ids.device)  # a model spread over devices moves only the arguments
+        angles, mscale = self.angles_and_mscale(position_ids, long_tokens)
         emb = torch.cat((angles, angles), dim=-1)
-        cos = emb.cos() * mscale[:, None, None]
-        sin = emb.sin() * mscale[:, None, None]
+        cos = emb.cos() * mscale[..., None]
+        sin = emb.sin() * mscale[..., None]
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
     @contextmanager
-    def forced_factor_set(self, long_rows: torch.Tensor):
-        """Use the given factor set per row, whatever the positions say (to rebuild a cache)."""
-        self._forced_long_rows = long_rows
+    def factor_sets(self, long_tokens: torch.Tensor | None):
+        """Inside: each token uses the set `long_tokens` gives it ([batch, seq] or [batch, 1] per row; True: long),
+        whatever its positions say (None: as they say)."""
+        before, self._long_tokens = self._long_tokens, long_tokens
         try:
             yield
         finally:
-            self._forced_long_rows = None
+            self._long_tokens = before
 
 
 def _init_longrope_weights(model: LlamaPreTrainedModel, module: nn.Module) -> None:
@@ -425,23 +472,40 @@ class LongRoPELlamaModel(LlamaModel):
         seen = None if generated is None else self._seen_in_generate(*generated, length=past_length + step.shape[1])
         seen_before = _recorded_prefix(cache, past_length, step_positions) if seen is None else seen.prefix(past_length)
         new_long = self.rotary_emb.rows_are_long(step_positions)
+        packed = False  # whether a row holds several documents (a 0-dim tensor: no device sync until needed)
+        if attention_mask is None and step.shape[1] > 1:
+            # Positions may restart inside a row (packed documents), which transformers then keeps apart (its mask
+            # when no cache is used, flash attention's varlen path), so each picks its own factor set, as alone.
+            # With a mask transformers attends across restarts, and one token is one document: a row is one.
+            documents = document_index(step_positions)
+            long_tokens = self.rotary_emb.tokens_are_long(step_positions, documents)
+            packed = (documents[:, -1] > 0).any()
+        else:
+            long_tokens = new_long[:, None]
         if past_length > 0:
+            if bool(packed) or bool(getattr(cache, "_longrope_packed", False)):
+                raise ValueError(
+                    "LongRoPE: packed documents (position_ids restarting inside a row) cannot be continued from a "
+                    "cache: transformers keeps them apart only in a forward without cache, which this step would "
+                    "then not equal. Run packed rows with use_cache=False, or one document per row.")
             self._keep_cache_on_one_factor_set(cache, new_long, step_positions, past_length, seen_before)
 
-        outputs = super().forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            **{CACHE_KEYWORD: cache},
-            **kwargs,
-        )
+        with self.rotary_emb.factor_sets(long_tokens):
+            outputs = super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                inputs_embeds=inputs_embeds,
+                **{CACHE_KEYWORD: cache},
+                **kwargs,
+            )
         returned = getattr(outputs, CACHE_KEYWORD, None)
         if returned is not None:  # what the next step needs, should it switch sets
             if seen is None and seen_before is not None:
                 seen = self._then(seen_before, input_ids, inputs_embeds, attention_mask, step_positions)
             returned._longrope_seen = seen
             returned._longrope_long_rows = new_long
+            returned._longrope_packed = packed
         return outputs
 
     def _then(self, seen: SeenInputs, input_ids, inputs_embeds, attention_mask, position_ids) -> SeenInputs:
@@ -500,7 +564,7 @@ class LongRoPELlamaModel(LlamaModel):
         if prefix.inputs_embeds is not None:
             inputs_embeds = torch.cat((prefix.inputs_embeds, self.embed_tokens(prefix.input_ids)), dim=1)
         fresh = DynamicCache(config=self.config)
-        with self.rotary_emb.forced_factor_set(new_long[rows]):
+        with self.rotary_emb.factor_sets(new_long[rows][:, None]):
             super().forward(
                 input_ids=prefix.input_ids if inputs_embeds is None else None,
                 inputs_embeds=inputs_embeds,

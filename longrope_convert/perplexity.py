@@ -47,7 +47,7 @@ def load_longrope_model(folder: str | Path, config: dict, device: str | torch.de
                         gpus: list[int] | None = None):
     """The shipped LongRoPE model on the weights in `folder`, configured by the config dict given
     (weights in `dtype`, default bf16 on CUDA and fp32 elsewhere; the rotary math is float32 in every
-    dtype; SDPA attention; eval mode).
+    dtype; SDPA attention; no Hub kernels; eval mode).
 
     On `device`, or with `device_map="auto"` spread by accelerate over the GPUs in `gpus` (all
     when None), layer by layer, for models that do not fit one GPU. Raises LongRoPEError when
@@ -68,8 +68,11 @@ def load_longrope_model(folder: str | Path, config: dict, device: str | torch.de
             placement["max_memory"] = {gpu: torch.cuda.mem_get_info(gpu)[0] for gpu in gpus}
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # use_kernels=False: transformers 5.25 defaults to Hub kernels (fetched at load: no network, no load), and
+    # candidates are scored with the rotary application every release runs by default.
     model = LongRoPELlamaForCausalLM.from_pretrained(
-        folder, config=LlamaConfig.from_dict(config), dtype=dtype, attn_implementation="sdpa", **placement)
+        folder, config=LlamaConfig.from_dict(config), dtype=dtype, attn_implementation="sdpa", use_kernels=False,
+        **placement)
     return (model if device_map is not None else model.to(device)).eval()
 
 

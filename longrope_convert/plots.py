@@ -58,22 +58,26 @@ def perplexity_plot(perplexities: dict[str, dict[int, float | str]], path: Path,
                          for method, by_length in perplexities.items()})
 
 
-def passkey_heatmap(accuracy: dict[str, dict[int, dict[float, float]]], path: Path, title: str) -> None:
-    """Passkey accuracy, one panel per method: rows are key depths, columns context lengths."""
+def accuracy_heatmap(accuracy: dict[str, dict[int, dict[float, float]]], path: Path, title: str) -> None:
+    """Accuracy of a needle task, one panel per method: rows are needle depths, columns the method's
+    context lengths."""
     plt = _figure()
     methods = list(accuracy)
     figure, axes = plt.subplots(1, len(methods), figsize=(2.6 * len(methods) + 1, 3.2), squeeze=False,
                                 layout="constrained")
     for axis, method in zip(axes[0], methods):
-        lengths = sorted(accuracy[method])
-        depths = sorted(accuracy[method][lengths[0]])
+        lengths = sorted(accuracy[method], key=int)
+        depths = sorted(accuracy[method][lengths[0]], key=float)
         grid = [[accuracy[method][n][d] for n in lengths] for d in depths]
         image = axis.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        axis.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
-        axis.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+        for row, values in enumerate(grid):
+            for column, value in enumerate(values):
+                axis.text(column, row, f"{value:.0%}", ha="center", va="center", fontsize=7)
+        axis.set_xticks(range(len(lengths)), [f"{int(n) // 1024}k" if int(n) % 1024 == 0 else str(n) for n in lengths])
+        axis.set_yticks(range(len(depths)), [f"{float(d):.0%}" for d in depths])
         axis.set_title(method, fontsize=9)
         axis.set_xlabel("length")
-    axes[0][0].set_ylabel("key depth")
+    axes[0][0].set_ylabel("needle depth")
     figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="accuracy")
     figure.suptitle(title, fontsize=10)
     _save(figure, path, {method: {str(n): {str(d): a for d, a in by_depth.items()} for n, by_depth in by_length.items()}

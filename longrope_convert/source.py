@@ -23,6 +23,11 @@ from .source_rope import BaseFactorSet, base_factor_set
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# The config keys vLLM takes as a model's window: it serves at most the smallest of them (model_max_length, when
+# present, instead), refusing a longer --max-model-len (vLLM 0.34.0, vllm/transformers_utils/
+# model_arch_config_convertor.py:375-408, derive_max_model_len_and_key; vllm/config/model.py:2701-2727).
+VLLM_WINDOW_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                    "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
 
 
 @dataclass

@@ -12,6 +12,16 @@ DATA = Path(__file__).parent / "data"
 TINY_WINDOW = 64
 
 
+def pytest_report_header(config) -> str:
+    """Name CI's transformers matrix in the output: the installed release, then the ones run in subprocesses."""
+    import transformers
+
+    from transformers_releases import RELEASES_UNDER_TEST
+
+    return (f"transformers {transformers.__version__} (installed: every test); modeling tests also under "
+            f"{', '.join(RELEASES_UNDER_TEST)} (test_transformers_releases.py)")
+
+
 def tiny_llama_config(**overrides) -> LlamaConfig:
     settings = dict(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -61,9 +61,10 @@ def _errors_only(level, text, user_data):
 
 
 def llama_cpp_forward(path: Path, ids: list[int], logits_at: range = range(0), batch_size: int = 512,
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Run llama.cpp over `ids` (one sequence, context = len(ids)) with its default settings (F16 K/V
-    cache, flash attention as it picks on CPU), as llama-cli or llama-perplexity would.
+                      n_ctx: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Run llama.cpp over `ids` (one sequence) in a context of `n_ctx` tokens (`-c`; default len(ids)) with
+    its default settings (F16 K/V cache, flash attention as it picks on CPU), as llama-cli or
+    llama-perplexity would.
 
     Returns the NLL of tokens 1 .. n-1 [n-1] (float64) and the logits at positions `logits_at`
     [len(logits_at), vocab] (float32).
@@ -75,7 +76,7 @@ def llama_cpp_forward(path: Path, ids: list[int], logits_at: range = range(0), b
     if not model:
         raise RuntimeError(f"llama.cpp could not load {path}")
     params = lc.llama_context_default_params()
-    params.n_ctx = len(ids)
+    params.n_ctx = n_ctx or len(ids)
     params.n_batch = params.n_ubatch = batch_size
     params.n_threads = params.n_threads_batch = os.cpu_count()
     context = lc.llama_init_from_model(model, params)
@@ -168,6 +169,29 @@ def write_llama_gguf(folder: Path, path: Path, context_length: int, rope_freqs: 
         elif name.endswith("k_proj.weight"):
             tensor = permute_for_llama_cpp(tensor, kv_heads)
         writer.add_tensor(names.get_name(name, try_suffixes=(".weight",)), tensor.float().numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def by_context_gguf(export: Path, long_factor: list[float], short_factor: list[float], output: Path) -> None:
+    """An extended GGUF (`longrope-convert gguf`: the long set as rope_freqs) rewritten as llama.cpp's own
+    `longrope` type: scaling type "longrope" and `rope_factors_long` / `rope_factors_short`, which llama.cpp's Llama
+    loader creates instead of rope_freqs and picks by the allocated context (longrope_convert/gguf.py says where).
+    Not something the tool writes: it loses on short inputs (BENCHMARKS.md, llama.cpp by context size)."""
+    reader = gguf.GGUFReader(export)
+    writer = gguf.GGUFWriter(output, "llama")
+    for name, entry in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        value = "longrope" if name == "llama.rope.scaling.type" else entry.contents()
+        writer.add_key_value(name, value, entry.types[0], sub_type=entry.types[-1] if len(entry.types) > 1 else None)
+    writer.add_tensor("rope_factors_long.weight", np.asarray(long_factor, dtype=np.float32))
+    writer.add_tensor("rope_factors_short.weight", np.asarray(short_factor, dtype=np.float32))
+    for tensor in reader.tensors:
+        if tensor.name != "rope_freqs.weight":
+            writer.add_tensor(tensor.name, np.array(tensor.data), raw_dtype=tensor.tensor_type)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

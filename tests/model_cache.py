@@ -52,7 +52,8 @@ def smollm2_folder() -> Path:
 
     gguf_file = smollm2_gguf()
     with tempfile.TemporaryDirectory(dir=folder.parent) as work:
-        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32,
+                                                     use_kernels=False)
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
         # The model was de-quantised on load; save it as the plain fp32 model it now is.
         model.hf_quantizer = None

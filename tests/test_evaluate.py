@@ -1,4 +1,4 @@
-"""Evaluation and reports: perplexity protocols, passkey, plots, model card, the eval command."""
+"""Evaluation and reports: perplexity protocols, needle tasks, plots, model card, the eval command."""
 
 import json
 import math
@@ -13,22 +13,20 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from conftest import DATA
-from longrope_convert.card import front_matter
+from longrope_convert.card import front_matter, needle_verdict
 from longrope_convert.convert import longrope_config
 from longrope_convert.errors import EvaluationError
 from longrope_convert.evaluate import (
-    PASSKEY_ANSWER_TOKENS,
     check_lengths,
-    passkey_prompt,
-    passkey_trials,
+    generate_batch,
     perplexity_by_length,
-    read_passkey,
     sliding_window_nll,
     sliding_windows,
 )
 from longrope_convert.factors import analytic_factor_set
+from longrope_convert.needles import NEEDLE_TASKS, build_item, item_seed, noise_haystack
 from longrope_convert.perplexity import document_ids, load_longrope_model, token_nll
-from longrope_convert.plots import factors_plot, passkey_heatmap, perplexity_plot, read_series
+from longrope_convert.plots import accuracy_heatmap, factors_plot, perplexity_plot, read_series
 from longrope_convert.source import read_source
 from test_convert import run_cli
 
@@ -117,58 +115,32 @@ def test_sliding_protocol_with_one_window_is_the_truncated_one(testbed_1024):
     assert sliding["m"][512] == pytest.approx(truncated["m"][512], rel=1e-6)
 
 
-@pytest.mark.parametrize("length", [1000, 4096])
-@pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 1.0])
-def test_passkey_prompt_has_the_key_at_depth_and_fits_the_length(length, depth):
-    tokenizer = AutoTokenizer.from_pretrained(TESTBED)
-    ids, key_at = passkey_prompt(tokenizer, length, depth, "48213")
-    passage = len(tokenizer(" The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "
-                            "again.", add_special_tokens=False).input_ids)
-    assert length - passage < ids.shape[1] <= length
-    assert tokenizer.decode(ids[0, key_at:]).lstrip().startswith("The pass key is 48213. Remember it.")
-    assert "48213" not in tokenizer.decode(ids[0, :key_at])
-    filler = ids.shape[1] - 60  # tokens of intro, key sentence and question are few
-    assert abs(key_at / ids.shape[1] - depth) <= 0.03 + 60 / filler
-    assert tokenizer.decode(ids[0]).endswith("What is the pass key? The pass key is")
-
-
-def test_passkey_trials_fit_prompt_and_answer_in_the_length_or_refuse():
-    tokenizer = AutoTokenizer.from_pretrained(TESTBED)
-    trials = passkey_trials(tokenizer, [136, 200, 513], [0.0, 0.5, 1.0], trials=2, seed=3)
-    assert sorted(trials) == [(n, d) for n in (136, 200, 513) for d in (0.0, 0.5, 1.0)]
-    for (length, _), prompts in trials.items():
-        assert len(prompts) == 2 and len({key for _, key in prompts}) == 2
-        assert all(ids.shape[1] + PASSKEY_ANSWER_TOKENS <= length for ids, _ in prompts)
-    again = passkey_trials(tokenizer, [136, 200, 513], [0.0, 0.5, 1.0], trials=2, seed=3)
-    assert all(torch.equal(ids, same) and key == same_key
-               for cell in trials for (ids, key), (same, same_key) in zip(trials[cell], again[cell]))
-    with pytest.raises(EvaluationError, match=r"^--passkey-lengths 135 is below the smallest passkey prompt, 136 "
-                                              r"tokens with this tokenizer"):
-        passkey_trials(tokenizer, [135], [0.0, 0.5, 1.0], trials=2, seed=3)
-
-
-@pytest.mark.parametrize("answer,key", [(" 48213.", "48213"), ("48213", "48213"), (" **48213**", "48213"),
-                                        (" 48 213", "48213"), (" 48,213!", "48213"), ("\n48213\nWhat", "48213"),
-                                        (" 482130", "482130"), (" unknown", None), (" 4821", "4821"),
-                                        (" 71432, 71432", "71432"), (" 71432 71432.", "71432"),
-                                        (" 71,432, 71,432", "71432"), ("\n71432\n71432", "71432")])
-def test_passkey_answers_are_read_from_generated_text(answer, key):
-    assert read_passkey(answer) == key
+@torch.inference_mode()
+def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(testbed_1024):
+    model, tokenizer, _ = testbed_1024
+    haystack = noise_haystack(tokenizer, 1024)
+    prompts = [build_item(tokenizer, NEEDLE_TASKS["passkey"], haystack, length, 0.5,
+                          item_seed(0, "passkey", length, 0.5, 0)).input_ids for length in (150, 256, 700, 1000)]
+    batched = generate_batch(model, tokenizer, prompts, 12)  # within the window of 256 and beyond, padded together
+    assert batched == [generate_batch(model, tokenizer, [prompt], 12)[0] for prompt in prompts]
+    assert len(set(batched)) > 1
 
 
 def test_lengths_are_checked_against_their_bounds():
-    check_lengths([2, 1024], [512], target=1024, protocol="truncated", stride=256, beyond_target=False)
-    check_lengths([4096], [], target=1024, protocol="truncated", stride=256, beyond_target=True)
-    check_lengths([256, 1024], [], target=1024, protocol="sliding", stride=255, beyond_target=False)
+    check_lengths([2, 1024], {"--passkey-lengths": [512]}, target=1024, protocol="truncated", stride=256,
+                  beyond_target=False)
+    check_lengths([4096], {}, target=1024, protocol="truncated", stride=256, beyond_target=True)
+    check_lengths([256, 1024], {}, target=1024, protocol="sliding", stride=255, beyond_target=False)
     for lengths, passkey, protocol, stride, message in [
             ([1], [], "truncated", 256, "--lengths 1: a length is at least 2 tokens"),
             ([-64], [], "truncated", 256, "--lengths -64: a length is at least 2 tokens"),
-            ([], [-100], "truncated", 256, "--passkey-lengths -100: a length is at least 2 tokens"),
+            ([], [-100], "truncated", 256, "--needle-lengths -100: a length is at least 2 tokens"),
             ([2048], [], "truncated", 256, "--lengths 2048 is beyond the checkpoint's target of 1,024 tokens"),
-            ([], [1025], "truncated", 256, "--passkey-lengths 1025 is beyond the checkpoint's target"),
+            ([], [1025], "truncated", 256, "--needle-lengths 1025 is beyond the checkpoint's target"),
             ([256, 1024], [], "sliding", 256, "--stride 256 must be smaller than the length 256")]:
         with pytest.raises(EvaluationError, match="^" + message):
-            check_lengths(lengths, passkey, target=1024, protocol=protocol, stride=stride, beyond_target=False)
+            check_lengths(lengths, {"--needle-lengths": passkey}, target=1024, protocol=protocol, stride=stride,
+                          beyond_target=False)
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +155,16 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     (["--lengths", "0"], "--lengths 0: a length is at least 2 tokens"),
     (["--lengths", "-64"], "--lengths -64: a length is at least 2 tokens"),
     (["--lengths", "4096"], "--lengths 4096 is beyond the checkpoint's target of 1,024 tokens; add --beyond-target"),
-    (["--passkey-lengths", "20"], "--passkey-lengths 20 is below the smallest passkey prompt, 136 tokens"),
+    (["--passkey-lengths", "20"], "--passkey-lengths 20 is below the smallest passkey prompt, 104 tokens with this "
+                                  "tokenizer (its text without haystack, and 10 answer tokens)"),
+    (["--needle-lengths", "300", "--data", DATA / "sherlock_adventures.jsonl"],
+     "--needle-lengths 300 is below the smallest niah_multikey prompt, 3"),
+    (["--needle-lengths", "1024", "--needles", "vt", "--baselines", "--data", DATA / "sherlock_adventures.jsonl"],
+     "the source's own window, 256 tokens (measured with --baselines), is below the smallest vt prompt, 48"),
+    (["--needle-lengths", "1024"], "--needle-lengths needs --data: the needle tasks hide their needles in its text"),
+    (["--needle-lengths", "600", "--needles", "niah_single,foo", "--data", DATA / "sherlock_adventures.jsonl"],
+     "--needles foo: no such task (tasks: niah_single, niah_multikey, niah_multivalue, niah_multiquery, vt, passkey)"),
+    (["--data", DATA / "sherlock_adventures.jsonl"], "--data needs --lengths (perplexity) or --needle-lengths"),
     (["--lengths", "256,1024", "--protocol", "sliding", "--stride", "256"], "--stride 256 must be smaller than"),
     (["--lengths", "256", "--data", "missing-folder/book.txt"], "data 'missing-folder/book.txt': no such file or folder"),
 ])
@@ -201,7 +182,7 @@ def test_plots_carry_their_series(tmp_path):
     assert read_series(tmp_path / "p.png") == {"LongRoPE": {"4096": 12.5, "8192": 11.0},
                                                "pi": {"4096": 12.5, "8192": 14.0}}
     accuracy = {"LongRoPE": {4096: {0.1: 1.0, 0.9: 0.5}}, "none": {4096: {0.1: 0.0, 0.9: 0.0}}}
-    passkey_heatmap(accuracy, tmp_path / "k.png", "t")
+    accuracy_heatmap(accuracy, tmp_path / "k.png", "t")
     assert read_series(tmp_path / "k.png")["LongRoPE"] == {"4096": {"0.1": 1.0, "0.9": 0.5}}
     factors_plot({"yarn": [1.0, 1.5, 2.0]}, tmp_path / "f.png", "t")
     assert read_series(tmp_path / "f.png") == {"yarn": [1.0, 1.5, 2.0]}
@@ -235,7 +216,7 @@ def test_inf_and_nan_perplexities_are_recorded_as_such(tiny_checkpoint, tmp_path
     table = results["perplexity"]["perplexity"]
     assert {v for by_length in table.values() for v in by_length.values()} == {value}
     assert read_series(folder / "eval" / "perplexity.png") == table
-    assert set(results["passkey"]["accuracy"]) == set(table)
+    assert set(results["needles"]["tasks"]["passkey"]["accuracy"]) == {*table, "source"}
     card = (folder / "README.md").read_text()
     assert f"| none | {value} | {value} |" in card.splitlines() and "inf: the perplexity overflows a double" in card
     assert f"| none | {value} | {value} |" in out.splitlines()
@@ -262,10 +243,54 @@ def test_eval_command_writes_results_plots_and_card(tmp_path):
     stored = json.loads((checkpoint / "eval" / "results.json").read_text())
     assert stored["perplexity"] == results["perplexity"]
     assert set(read_series(checkpoint / "eval" / "perplexity.png")) == set(table)
-    assert set(read_series(checkpoint / "eval" / "passkey.png")) == set(table)
+    assert set(read_series(checkpoint / "eval" / "passkey.png")) == {*table, "source"}
+    passkey = results["needles"]["tasks"]["passkey"]["accuracy"]
+    assert passkey["source"].keys() == {"256"} and all(by_length.keys() == {"512"} for name, by_length in
+                                                        passkey.items() if name != "source")
     assert set(read_series(checkpoint / "eval" / "factors.png")) == set(table)
     card = (checkpoint / "README.md").read_text()
     assert "## Evaluation" in card and "![perplexity](eval/perplexity.png)" in card
     assert front_matter(card) == front_matter(before)
     row = next(line for line in card.splitlines() if line.startswith("| none |"))
     assert f"{table['none']['1024']:.3f}" in row
+
+
+def test_eval_command_measures_the_needle_tasks(tiny_checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    done = subprocess.run([*CLI, "eval", str(tiny_checkpoint), "--needle-lengths", "1024", "--needles",
+                           "niah_single,niah_multivalue", "--data", str(DATA / "sherlock_adventures.jsonl"),
+                           "--depths", "0.5", "--trials", "1", "--out", str(out), "--json"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    needles = json.loads(done.stdout)["needles"]
+    assert needles["chat_template"] is False and needles["source_window"] is None  # no baselines: no source row
+    assert needles["haystack"].endswith("sherlock_adventures.jsonl:1")
+    assert list(needles["tasks"]) == ["niah_single", "niah_multivalue"]
+    for task, measured in needles["tasks"].items():
+        assert measured["answer_tokens"] == 128
+        assert measured["accuracy"] == {"LongRoPE (init:yarn)": {"1024": {"0.5": 0.0}}}  # 2.2M parameters
+        assert read_series(out / f"{task}.png") == measured["accuracy"]
+    answers = [json.loads(line) for line in (out / "needle_answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 2 and {a["score"] for a in answers} == {0.0}
+    assert all(len(a["answers"]) == (1 if a["task"] == "niah_single" else 4) for a in answers)
+
+
+def needle_results(source: float, checkpoint: dict[int, float], yarn: dict[int, float]) -> dict:
+    """results.json's needles with one task: the source's accuracy at its window of 256 tokens, the two methods'."""
+    accuracy = {"LongRoPE": {str(n): {"0.5": a} for n, a in checkpoint.items()},
+                "yarn": {str(n): {"0.5": a} for n, a in yarn.items()}, "source": {"256": {"0.5": source}}}
+    return {"depths": [0.5], "trials": 1, "seed": 0, "chat_template": True, "haystack": "books", "source_window": 256,
+            "tasks": {"niah_single": {"accuracy": accuracy}}}
+
+
+def test_the_verdict_ranks_methods_only_on_tasks_the_source_can_do():
+    assert needle_verdict(needle_results(0.25, {1024: 0.5}, {1024: 0.0})) == [
+        "At its own window (256 tokens) the source model scores under 50% on niah_single (25%): reported, not used "
+        "to rank the methods.", "No task is left to rank the methods with."]
+    assert needle_verdict(needle_results(1.0, {512: 0.75, 1024: 0.5}, {512: 0.5, 1024: 0.5})) == [
+        "At 512 tokens, on niah_single (the source scores at least 50% on it at its own window, 100%), LongRoPE "
+        "retrieves better than YaRN on the same prompts: 75% against 50%.",
+        "At 1,024 tokens, on niah_single (the source scores at least 50% on it at its own window, 100%), LongRoPE "
+        "retrieves as well as YaRN on the same prompts: 50% against 50%."]
+    no_baselines = {**needle_results(1.0, {1024: 1.0}, {}), "source_window": None}
+    assert needle_verdict(no_baselines) == []

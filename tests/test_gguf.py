@@ -17,7 +17,7 @@ import torch
 from huggingface_hub import constants
 from transformers import AutoTokenizer
 
-from llama_cpp_runtime import baseline_nll, llama_cpp_forward, write_llama_gguf
+from llama_cpp_runtime import baseline_nll, by_context_gguf, llama_cpp_forward, write_llama_gguf
 from longrope_convert import gguf as gguf_export
 from longrope_convert.convert import write_checkpoint
 from longrope_convert.factors import (
@@ -381,6 +381,33 @@ def test_llama_cpp_runs_a_llama3_style_gguf_extended_with_yarn_as_the_composed_l
     assert np.abs(logits - expected).max() <= 0.05
     without_attention_factor = longrope_reference(TESTBED, replace(factor_set, long_mscale=1.0), 512)(ids).logits[0]
     assert np.abs(logits - without_attention_factor.numpy()).max() > 1.0
+
+
+@pytest.mark.llama_cpp
+@torch.inference_mode()
+def test_llama_cpp_picks_longrope_factor_sets_for_a_llama_by_the_allocated_context(plain_gguf, sherlock_text, tmp_path):
+    """Why `gguf` writes rope_freqs and not llama.cpp's `longrope` type (longrope_convert/gguf.py): llama.cpp reads
+    that type for a Llama correctly, as src/llama-model.cpp:2337-2350 says (llama.cpp 0c1e57098): the short set when
+    the context (`-c`, padded to 256) is at most the original window, else the long set, for every position; the
+    attention factor for both. Measured: max |logit diff| 0.004 and 0.008 against the set expected, 3.2 against the
+    other one. What it gives a real model is in BENCHMARKS.md (llama.cpp by context size)."""
+    factor_set = load_factor_set(SHIPPED / "tiny-llama-256" / "2048.json")
+    assert factor_set.n_hat == 0  # llama.cpp has none
+    source = gguf_export.inspect_gguf(plain_gguf)
+    export = gguf_export.extend_gguf(source, tmp_path / "export.gguf", factor_set, factors_origin="shipped").output
+    output = tmp_path / "longrope-type.gguf"
+    by_context_gguf(export, factor_set.long_factor, factor_set.short_factor, output)
+    assert fields(output)["llama.rope.scaling.type"] == "longrope" and "rope_freqs.weight" not in tensors(output)
+
+    ids = document_ids(AutoTokenizer.from_pretrained(TESTBED), sherlock_text, 256)
+    # our model with one set at every position (a window below the input), the attention factor for both
+    expected = {"short": longrope_reference(TESTBED, replace(factor_set, long_factor=factor_set.short_factor), 16),
+                "long": longrope_reference(TESTBED, factor_set, 16)}
+    expected = {name: model(ids).logits[0].numpy() for name, model in expected.items()}
+    for n_ctx, used, other in ((256, "short", "long"), (512, "long", "short"), (2048, "long", "short")):
+        _, logits = llama_cpp_forward(output, ids[0].tolist(), logits_at=range(256), n_ctx=n_ctx)
+        assert np.abs(logits - expected[used]).max() <= 0.05, n_ctx
+        assert np.abs(logits - expected[other]).max() > 1.0, n_ctx
 
 
 def kl_divergence(reference: np.ndarray, other: np.ndarray) -> np.ndarray:

@@ -1,5 +1,5 @@
-"""The shipped modeling file: short identity in every dtype, built-in longrope parity, n_hat, per-row sets,
-cache switching.
+"""The shipped modeling file: short identity in every dtype and after casts, built-in longrope parity, n_hat,
+per-row sets, packed documents, cache switching.
 
 These tests also run under the oldest supported transformers release and one in the middle
 (test_transformers_releases.py): keep them fast and independent of the installed release.
@@ -82,6 +82,51 @@ def test_each_row_uses_its_own_factor_set(tiny_llama_dir):
     right_padded = torch.cat([long_row, torch.cat([short_row, torch.zeros(1, 40, dtype=torch.long)], 1)])
     logits = model(right_padded, attention_mask=mask.flip(-1)).logits
     assert relative_error(logits[1, :50], model(short_row).logits[0]) <= 1e-5
+
+
+def packed_row(*documents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One row packing `documents` ([1, length] each): ids [1, total] and positions restarting at 0 for each."""
+    return torch.cat(documents, 1), torch.cat([torch.arange(document.shape[1]) for document in documents])[None]
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@torch.no_grad()
+def test_packed_documents_each_use_their_own_factor_set(tiny_llama_dir, attn_implementation):
+    """A row packing a 50-token document and an 80-token one (positions restarting at 0, no mask, as
+    DataCollatorWithFlattening makes them), in either order: the short document is the source, bit for bit, the
+    long one uses the long set, each as if it ran alone. Eager attention gives the same bits packed as alone; SDPA
+    masks a packed row explicitly, so there the short document is compared with the source on the same row."""
+    source, model, _ = longrope_pair(tiny_llama_dir, n_hat=4)
+    source.set_attn_implementation(attn_implementation)
+    model.set_attn_implementation(attn_implementation)
+    short, long = left_padded(1, 50, padding=0, seed=8)[0], left_padded(1, 80, padding=0, seed=9)[0]
+    for order in ((short, long), (long, short)):
+        ids, positions = packed_row(*order)
+        logits = model(ids, position_ids=positions, use_cache=False).logits[0]
+        stock = source(ids, position_ids=positions, use_cache=False).logits[0]
+        short_tokens = slice(0, 50) if order[0] is short else slice(80, 130)
+        long_tokens = slice(50, 130) if order[0] is short else slice(0, 80)
+        assert torch.equal(logits[short_tokens], stock[short_tokens])
+        if attn_implementation == "eager":
+            assert torch.equal(logits[short_tokens], source(short).logits[0])
+        assert relative_error(logits[long_tokens], model(long).logits[0]) <= 1e-5
+
+
+@torch.no_grad()
+def test_packed_rows_are_not_continued_from_a_cache(tiny_llama_dir):
+    """transformers keeps packed documents apart only without a cache: a step after cached tokens that packs
+    documents, or that follows packed documents, is refused in one line."""
+    _, model, _ = longrope_pair(tiny_llama_dir)
+    first, second = left_padded(1, 50, padding=0, seed=10)[0], left_padded(1, 20, padding=0, seed=11)[0]
+    ids, positions = packed_row(first, second)
+    packed = model(ids, position_ids=positions, use_cache=True)  # allowed: nothing cached before it
+    with pytest.raises(ValueError, match="packed documents"):
+        model(second[:, -1:], position_ids=positions[:, -1:] + 1, use_cache=True,
+              **{CACHE_KEYWORD: getattr(packed, CACHE_KEYWORD)})
+    cached = model(first[:, :10], use_cache=True)
+    with pytest.raises(ValueError, match="packed documents"):
+        model(ids[:, 10:], position_ids=positions[:, 10:], use_cache=True,
+              **{CACHE_KEYWORD: getattr(cached, CACHE_KEYWORD)})
 
 
 def greedy_logits_vs_recompute(model, ids, mask, new_tokens, **generate_kwargs):
@@ -184,6 +229,65 @@ def test_half_precision_loads_keep_float32_rotary_math(tiny_llama_dir, tiny_conv
         assert torch.equal(cos_sin, expected.to(dtype))
     ids, mask = left_padded(2, TINY_WINDOW, padding=9, seed=7)
     assert torch.equal(model(ids, attention_mask=mask).logits, source(ids, attention_mask=mask).logits)
+    model.float(), source.float()  # then float32: the source's rounded weights in float32, its float32 inv_freq
+    assert torch.equal(model(ids, attention_mask=mask).logits, source(ids, attention_mask=mask).logits)
+
+
+# A cast of the model loaded in float32, and the dtype the source is loaded in to compare with (then cast to the
+# model's dtype with .float(), which leaves stock's float32 inv_freq alone).
+CASTS = {
+    "to(bfloat16)": (lambda model: model.to(torch.bfloat16), torch.bfloat16),
+    "bfloat16()": (lambda model: model.bfloat16(), torch.bfloat16),
+    "half()": (lambda model: model.half(), torch.float16),
+    "to(cpu, float16)": (lambda model: model.to("cpu", torch.float16), torch.float16),
+    "to(bfloat16).float()": (lambda model: model.to(torch.bfloat16).float(), torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("cast", CASTS)
+@torch.no_grad()
+def test_casts_of_the_loaded_model_keep_float32_rotary_math(tiny_llama_dir, tiny_converted_dir, cast):
+    """Load in float32, swap factors in as the search does, then cast: the frequencies stay the float32 ones, so the
+    angles at 16k are the float32 formula's, and inside the window the logits are the source's loaded in that
+    dtype (whose inv_freq stays float32), bit for bit."""
+    cast_model, source_dtype = CASTS[cast]
+    model = AutoModelForCausalLM.from_pretrained(tiny_converted_dir, trust_remote_code=True).eval()
+    long_factor = [1.5 * factor for factor in RAMP]
+    model.model.rotary_emb.set_factors(long_factor=long_factor, n_hat=6, long_mscale=1.25)
+    cast_model(model)
+    source = LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=source_dtype).eval()
+    if model.dtype != source_dtype:
+        source.float()
+    rotary = model.model.rotary_emb
+    assert {buffer.dtype for buffer in rotary.buffers()} == {torch.float32}
+
+    positions = torch.arange(16384)[None]
+    angles = torch.where(positions[..., None] < 6, positions[..., None].float() * rope_inv_freq(10000.0, 16),
+                         positions[..., None].float() * rope_inv_freq(10000.0, 16, long_factor))
+    angles = torch.cat((angles, angles), -1)
+    mscale = torch.tensor(1.25)
+    cos, sin = rotary(torch.zeros(1, dtype=model.dtype), positions)
+    assert torch.equal(cos, (angles.cos() * mscale).to(model.dtype))
+    assert torch.equal(sin, (angles.sin() * mscale).to(model.dtype))
+
+    ids, mask = left_padded(2, TINY_WINDOW, padding=9, seed=7)
+    assert torch.equal(model(ids, attention_mask=mask).logits, source(ids, attention_mask=mask).logits)
+
+
+def test_stock_llama_rounds_its_frequencies_when_cast(tiny_llama_dir):
+    """What README compares with: stock transformers keeps inv_freq float32 in a bf16 load, not in a cast."""
+    assert LlamaForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).model.rotary_emb.inv_freq.dtype == (
+        torch.float32)
+    assert LlamaForCausalLM.from_pretrained(tiny_llama_dir).to(torch.bfloat16).model.rotary_emb.inv_freq.dtype == (
+        torch.bfloat16)
+
+
+def test_moving_to_the_meta_device_keeps_float32_frequencies(tiny_converted_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_converted_dir, trust_remote_code=True)
+    model.to("meta", torch.bfloat16)
+    assert model.dtype == torch.bfloat16
+    assert {(buffer.device.type, buffer.dtype) for buffer in model.model.rotary_emb.buffers()} == {
+        ("meta", torch.float32)}
 
 
 def test_search_and_evaluation_loader_keeps_float32_angles_in_bf16(tiny_llama_dir):

@@ -1,16 +1,13 @@
 """The modeling tests under the oldest supported transformers release and one in the middle (5.17: what the
-GPU machine has), each in a subprocess with that release first on the path; the current release runs them in
-the main session."""
+GPU machine has), each in a subprocess with that release first on the path; the installed release (the newest
+pip picks for `transformers>=5.3,<6`) runs them in the main session. pytest's header names all three."""
 
 import pytest
 
-from transformers_releases import run_python
+from transformers_releases import RELEASES_UNDER_TEST, run_python
 
 MODELING_TESTS = ["tests/test_modeling.py", "tests/test_generate_parity.py", "tests/test_source_rope.py",
-                  "tests/test_readers.py"]
-
-
-RELEASES_UNDER_TEST = ["5.3.0", "5.17.0"]  # the oldest supported, and the GPU machine's
+                  "tests/test_readers.py", "tests/test_hub_kernels.py"]
 
 
 @pytest.mark.parametrize("version", RELEASES_UNDER_TEST)
@@ -43,3 +40,13 @@ def test_the_supported_range_is_stated_the_same_everywhere():
     assert f"`{LOADING_REQUIREMENT}`" in (REPOSITORY / "README.md").read_text()
     assert LOADING_REQUIREMENT in loading_snippet("me/model", "abc123").splitlines()[0]
     assert RELEASES_UNDER_TEST[0].startswith(f"{minimum}.")
+
+
+def test_the_installed_release_is_a_supported_one():
+    """The main session's release, the third of CI's matrix, is inside the supported range."""
+    import transformers
+    from packaging.requirements import Requirement
+
+    from longrope_convert.card import LOADING_REQUIREMENT
+
+    assert transformers.__version__ in Requirement(LOADING_REQUIREMENT).specifier
