@@ -35,7 +35,8 @@ from longrope_convert.convert import longrope_config
 from longrope_convert.factors import analytic_factor_set
 from longrope_convert.perplexity import document_ids, load_longrope_model, token_nll
 from longrope_convert.source import read_source
-from longrope_convert.testing import smollm2_folder
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test helpers
+from model_cache import smollm2_folder  # noqa: E402
 
 TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "sherlock_holmes_excerpt.txt"
 LLAMA3_VOCAB = 128_256

@@ -24,7 +24,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from longrope_convert.testing import smollm2_gguf
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test helpers
+from model_cache import smollm2_gguf  # noqa: E402
 from timed_command import time_command
 
 HIDDEN, FEED_FORWARD, HEADS, KV_HEADS, VOCAB = 4096, 14336, 32, 8, 128256

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from longrope_convert.convert import write_checkpoint
 from longrope_convert.factors import analytic_factor_set
 from longrope_convert.perplexity import document_ids
 from longrope_convert.source import read_source
-from longrope_convert.testing import smollm2_folder
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test helpers
+from model_cache import smollm2_folder  # noqa: E402
 
 TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "sherlock_holmes_excerpt.txt"
 

@@ -26,11 +26,11 @@ from transformers import AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from llama_cpp_runtime import by_context_gguf, llama_cpp_forward  # noqa: E402
+from model_cache import smollm2_folder, smollm2_gguf  # noqa: E402
 
 from longrope_convert import gguf as gguf_export  # noqa: E402
 from longrope_convert.factors import load_factor_set  # noqa: E402
 from longrope_convert.perplexity import document_ids  # noqa: E402
-from longrope_convert.testing import smollm2_folder, smollm2_gguf  # noqa: E402
 
 WINDOW, TARGET = 8192, 16384
 FACTORS = Path(__file__).resolve().parent.parent / "factors" / "SmolLM2-135M-Instruct" / f"{TARGET}.json"

@@ -12,11 +12,13 @@ from __future__ import annotations
 import argparse
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
 from longrope_convert.search_log import file_sha256
-from longrope_convert.testing import smollm2_folder
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test helpers
+from model_cache import smollm2_folder  # noqa: E402
 
 
 def main() -> None:

@@ -22,7 +22,9 @@ from pathlib import Path
 from longrope_convert.card import SOURCE, needle_table, needle_verdict
 from longrope_convert.evaluate import plan_evaluation, run_evaluation
 from longrope_convert.needles import RULER_TASKS
-from longrope_convert.testing import smollm2_folder
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the test helpers
+from model_cache import smollm2_folder  # noqa: E402
 
 KEPT = ("yarn", SOURCE)  # besides the checkpoint's own set
 

@@ -26,17 +26,13 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .factors import FACTORS_FILE, FactorSet, load_factor_set
+from .checkpoint_files import CARD_FILE, EVAL_DIR, FACTORS_FILE
+from .factors import FactorSet, load_factor_set
 from .outputs import read_marker, write_text_atomically
 from .source import VLLM_WINDOW_KEYS
 
-CARD_FILE = "README.md"
-EVAL_DIR = "eval"
 EVAL_RESULTS = "results.json"
 LICENSE_KEYS = ("license", "license_name", "license_link")
-# provenance methods of factors an evolutionary search produced; other "search:..." labels (a search
-# stopped before any evolution step, say) are reported as what they are
-EVOLUTION_METHODS = ("search", "search:short")
 SECTIONS = ("summary", "factors", "usage", "changes", "evaluation")  # in card order
 LEGACY_SIGNATURE = "by [LongRoPE](https://arxiv.org/abs/2402.13753), without fine-tuning."  # in every summary
 LEGACY_HEADINGS = {"## Factors": "factors", "## How to load": "usage", "## Evaluation": "evaluation"}
@@ -80,11 +76,6 @@ def hub_model_id(folder: Path) -> str | None:
     if folder.parent.name == "snapshots" and cached.startswith("models--"):
         return cached[len("models--"):].replace("--", "/")  # repo ids never contain "--"
     return None
-
-
-def searched_by_evolution(factor_set: FactorSet) -> bool:
-    """Whether the factors come from evolution steps of a search (provenance method in EVOLUTION_METHODS)."""
-    return factor_set.method in EVOLUTION_METHODS
 
 
 def model_card(factor_set: FactorSet, base_model: str | None, license_fields: dict[str, Any], repo: str,
@@ -206,7 +197,7 @@ def _changes_section(changes: Sequence[dict[str, Any]]) -> str:
 
 def _factors_section(factor_set: FactorSet, plotted: bool) -> str:
     provenance = factor_set.provenance
-    if searched_by_evolution(factor_set):
+    if factor_set.is_searched:
         how = (f"Factors **searched** (`{factor_set.method}`) by evolution on long-document perplexity at "
                f"{provenance.get('eval_length', factor_set.target_length):,} tokens.")
     elif factor_set.method.startswith("search"):

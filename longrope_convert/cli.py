@@ -17,9 +17,9 @@ from . import __version__
 from .convert import check_conversion_output, default_output, plan_conversion, write_checkpoint, write_planned
 from .errors import LongRoPEError
 from .evolution import PRESETS as SEARCH_PRESETS  # pure Python: `convert` still never imports torch
-from .hub import loading_snippet, push_folder
+from .fetch import open_source
 from .preflight import check_push, check_search_outputs
-from .source import open_source
+from .publish import loading_snippet, push_folder
 
 DEVICE_MAPS = ["auto"]  # accelerate's placement of a model over the GPUs it may use
 
@@ -224,7 +224,7 @@ def convert(ctx: click.Context, source: str, target: int, factors: str | None, r
         factors, search_summary = str(factors_file), {"factors": str(factors_file), **searched[1]}
     plan = plan_conversion(source, target=target, revision=revision, factors=factors, output=output,
                            overwrite=overwrite, copy_weights=copy_weights, repo=push_to, download=not dry_run,
-                           warn=status)
+                           status=status)
     if dry_run:
         summary = {**plan.summary(), "source": source, "revision": revision}
         summary["push"] = {"repo": push_to, "branch": branch or "main", "private": private, "files": len(plan.files),
@@ -248,11 +248,11 @@ def convert(ctx: click.Context, source: str, target: int, factors: str | None, r
     def write_ggufs(staging: Path) -> None:  # inside the staging folder: in place only when all are written
         for gguf_model in ggufs:
             written = extend_gguf(gguf_model, staging / gguf_model.path.name, factor_set,
-                                  factors_origin=plan.factors_origin, warn=status)
+                                  factors_origin=plan.factors_origin, status=status)
             status(f"wrote {gguf_model.path.name} in {written.seconds:.1f} s")
             gguf_results.append({**written.summary(), "output": str(plan.output / gguf_model.path.name)})
 
-    result = write_planned(plan, overwrite=overwrite, log=status, extra=write_ggufs if ggufs else None)
+    result = write_planned(plan, overwrite=overwrite, status=status, extra=write_ggufs if ggufs else None)
     status(f"wrote {result.output} in {result.seconds:.1f} s ({result.weight_mode} weights, "
            f"{result.weight_bytes / 1e9:.2f} GB)")
     summary = result.summary()
@@ -302,7 +302,7 @@ def search(source: str, target: int | None, revision: str | None, data: tuple[st
         return
     factor_set, summary = searched
     if convert_to is not None:
-        result = write_checkpoint(model, factor_set, convert_to, str(out), log=status)
+        result = write_checkpoint(model, factor_set, convert_to, str(out), status=status)
         status(f"wrote {result.output}")
     if as_json:
         click.echo(json.dumps({"factors": str(out), **summary}, indent=2))
@@ -344,7 +344,7 @@ def evaluate_and_refresh_card(checkpoint: Path, *, lengths: list[int], data: lis
 
 def _push(folder: Path, repo: str, private: bool, branch: str | None, commit_message: str | None) -> dict:
     """Push a folder, say what the commit did, and return its summary."""
-    pushed = push_folder(folder, repo, private=private, branch=branch, commit_message=commit_message, log=status)
+    pushed = push_folder(folder, repo, private=private, branch=branch, commit_message=commit_message, status=status)
     if pushed.deleted:
         status(f"deleted from {repo} in the same commit (files of an earlier conversion that this folder does not "
                f"have): {', '.join(pushed.deleted)}")
@@ -396,9 +396,9 @@ def gguf_command(source: Path, factors: str | None, target: int | None, output: 
     model = inspect_gguf(source)
     status(f"source: {source} ({model.fingerprint.num_hidden_layers} layers, head_dim {model.fingerprint.head_dim}, "
            f"context {model.context_length}" + (", own rope_freqs" if model.base_factors else "") + ")")
-    factor_set, origin = resolve_gguf_factors(model, factors, target, warn=status)
+    factor_set, origin = resolve_gguf_factors(model, factors, target, status=status)
     result = extend_gguf(model, output or default_gguf_output(source, factor_set.target_length), factor_set,
-                         factors_origin=origin, overwrite=overwrite, warn=status)
+                         factors_origin=origin, overwrite=overwrite, status=status)
     status(f"wrote {result.output} in {result.seconds:.1f} s (context {factor_set.target_length}, factors {origin}, "
            f"attention factor {factor_set.long_mscale:.4f}, {result.tensors} tensors copied, "
            f"{result.tensor_bytes / 1e9:.2f} GB)")

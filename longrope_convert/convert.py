@@ -9,7 +9,6 @@ are hard-linked (or copied, streaming) and never loaded: memory stays flat whate
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import shutil
@@ -19,33 +18,38 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .card import CARD_FILE, hub_model_id, model_card, source_license
+from .card import hub_model_id, model_card, source_license
+from .checkpoint_files import (
+    CARD_FILE,
+    COPIED_FILES,
+    COPIED_PATTERNS,
+    FACTORS_FILE,
+    MODELING_FILE,
+    is_conversion_output,
+    matches,
+)
 from .errors import LongRoPEError, OutputError
 from .factors import (
     ANALYTIC_METHODS,
-    FACTORS_FILE,
     FactorSet,
     analytic_factor_set,
     find_shipped_factor_set,
     load_factor_set,
     source_factor_set,
+    yarn_init_warning,
 )
+from .fetch import download_source, open_source
+from .hub import hub_cache, looks_like_repo_id
 from .outputs import MARKER, atomic_folder, check_output_folder, marker_text
-from .source import VLLM_WINDOW_KEYS, FolderFiles, SourceModel, open_source, read_json, read_source
+from .source import VLLM_WINDOW_KEYS, FolderFiles, SourceModel, read_json, read_source
 from .source_rope import DEFAULT_ROPE, longrope_attention_factor
 
-MODELING_FILE = "modeling_longrope_llama.py"
 # Copied, not imported: conversion never imports torch, so its memory stays flat.
 MODELING_SOURCE = Path(__file__).with_name(MODELING_FILE)
 AUTO_MAP = {
     "AutoModel": "modeling_longrope_llama.LongRoPELlamaModel",
     "AutoModelForCausalLM": "modeling_longrope_llama.LongRoPELlamaForCausalLM",
 }
-# Files of the source that travel with the weights (licences must: Llama's licence requires it).
-COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
-                "chat_template.json")
-COPIED_PATTERNS = ("LICENSE*", "USE_POLICY*", "NOTICE*")
 # Fields of a checkpoint's files that state its context window; those equal to the source's window
 # follow the new one. A tokenizer truncates to model_max_length; generate() stops at, and refuses
 # prompts longer than, max_length (meta-llama/Llama-2-7b-hf ships max_length 4096, its window);
@@ -117,7 +121,7 @@ class ConversionPlan:
 
 
 def resolve_factors(source: SourceModel, target: int, factors: str | None,
-                    warn: Callable[[str], None]) -> tuple[FactorSet, str]:
+                    status: Callable[[str], None]) -> tuple[FactorSet, str]:
     """The factor set to use and where it came from: a file, an analytic method, or the shipped ones; the
     analytic sets and the default YaRN init composed on the source's own RoPE (factors.compose). Raises
     LongRoPEError for a target the source already reaches, a file made for another source or target."""
@@ -125,9 +129,7 @@ def resolve_factors(source: SourceModel, target: int, factors: str | None,
     if factors in ANALYTIC_METHODS:
         return analytic_factor_set(factors, source.fingerprint, target), f"init:{factors}"
     if factors is not None:
-        if Path(factors).is_dir() and (Path(factors) / FACTORS_FILE).is_file():  # a converted checkpoint
-            factors = str(Path(factors) / FACTORS_FILE)
-        factor_set = load_factor_set(factors)
+        factor_set = load_factor_set(factors)  # a factor file, or a converted checkpoint's
         if not factor_set.model.matches(source.fingerprint):
             raise LongRoPEError(
                 f"{factors}: factors were made for {factor_set.model.name} ({_describe(factor_set.model)}), "
@@ -138,11 +140,8 @@ def resolve_factors(source: SourceModel, target: int, factors: str | None,
         return factor_set, str(factors)
     shipped = find_shipped_factor_set(source.fingerprint, target)
     if shipped is not None:
-        return shipped[0], f"shipped:{shipped[1].parent.name}/{shipped[1].name}"
-    warn(
-        f"WARNING: no searched factors ship for this model at {target} tokens; using the YaRN-derived init "
-        "(recorded as 'init:yarn', not searched). Run 'longrope-convert search' for searched factors."
-    )
+        return shipped
+    status(yarn_init_warning(target))
     return analytic_factor_set("yarn", source.fingerprint, target), "init:yarn"
 
 
@@ -234,7 +233,7 @@ def link_or_copy(source: Path, target: Path, copy: bool) -> str:
 
 def copied_file_names(names: list[str]) -> list[str]:
     """Which of the source's files travel with the weights."""
-    return [n for n in names if n in COPIED_FILES or any(fnmatch.fnmatch(n, p) for p in COPIED_PATTERNS)]
+    return [n for n in names if n in COPIED_FILES or matches(n, COPIED_PATTERNS)]
 
 
 def default_output(source_name: str, target: int) -> Path:
@@ -251,29 +250,31 @@ def base_model_id(source: SourceModel) -> str | None:
 
 
 def source_guards(source: SourceModel) -> tuple[dict[Path, str], dict[Path, str]]:
-    """(protected, read_only) for check_output_folder: the output may not be or contain the source or
-    any of its files (a Hub snapshot's links resolve to the cache blobs), nor lie inside the source."""
+    """(protected, read_only) for check_output_folder, the same for everything written while working on
+    `source` (a conversion, a search's factor file and log): the output may not be or contain the source or
+    any of its files (a Hub snapshot's links resolve to the cache blobs), nor lie inside the source or the
+    Hugging Face cache (where a Hub source's files are)."""
+    read_only = {hub_cache(): "the Hugging Face cache"}
     if not isinstance(source.files, FolderFiles):  # read remotely: nothing of it is on this machine yet
-        return {}, {}
+        return {}, read_only
     protected = {source.folder: "the source"}
     protected.update((source.folder / name, "a file of the source") for name in source.files.sizes)
-    return protected, {source.folder: "the source"}
+    return protected, {source.folder: "the source", **read_only}
 
 
-def check_conversion_output(source: SourceModel, output: Path, overwrite: bool) -> None:
-    """The output folder a conversion of `source` may write (outputs.check_output_folder): not the source,
-    none of its files, not inside it; an existing one only with `overwrite`, and only when it holds nothing
-    but what conversions and evaluations write (check_no_foreign_files). Raises OutputError."""
+def check_conversion_output(source: SourceModel, output: Path, overwrite: bool, option: str = "--output") -> None:
+    """The output folder (given with `option`) a conversion of `source` may write (outputs.check_output_folder):
+    not the source, none of its files, not inside it or the Hugging Face cache (source_guards); an existing one
+    only with `overwrite`, and only when it holds nothing but what conversions and evaluations write
+    (check_no_foreign_files). Raises OutputError."""
     protected, read_only = source_guards(source)
-    check_output_folder(output, overwrite=overwrite, protected=protected, read_only=read_only)
+    check_output_folder(output, overwrite=overwrite, protected=protected, read_only=read_only, option=option)
     check_no_foreign_files(output)
 
 
 def check_no_foreign_files(output: Path) -> None:
     """--overwrite replaces the whole output folder: refuse one that holds files no conversion or evaluation
     writes (a user's notes, another folder), naming them. Raises OutputError."""
-    from .hub import is_conversion_output
-
     output = Path(output)
     if not output.is_dir():
         return
@@ -337,8 +338,6 @@ def plan_checkpoint(source: SourceModel, factor_set: FactorSet, output: Path, fa
 def _same_file_system(source: SourceModel, output: Path) -> bool:
     """Whether the source's weights (a Hub source's: in the Hugging Face cache) and the output's nearest existing
     folder are on one file system, so that the weights can be hard-linked."""
-    from .hub import hub_cache
-
     where = source.folder if isinstance(source.files, FolderFiles) else hub_cache()
     existing = Path(output).absolute()
     while not existing.exists():
@@ -356,7 +355,7 @@ def _written(name: str, text: str) -> PlannedFile:
 def plan_conversion(source: str, *, target: int, revision: str | None = None, factors: str | None = None,
                     output: Path | None = None, overwrite: bool = False, copy_weights: bool = False,
                     repo: str | None = None, download: bool = True,
-                    warn: Callable[[str], None] = lambda message: None) -> ConversionPlan:
+                    status: Callable[[str], None] = lambda message: None) -> ConversionPlan:
     """Check everything a conversion of SOURCE (a folder or a Hub repo id) needs, and plan it.
 
     Order: the output location (before anything is read), the source's config and safetensors headers
@@ -365,16 +364,15 @@ def plan_conversion(source: str, *, target: int, revision: str | None = None, fa
     the plan is made again over the local copy; without it nothing is written anywhere (--dry-run).
     Raises LongRoPEError (SourceError, OutputError, FactorFileError) or the OSError met.
     """
-    from .hub import download_source, hub_cache, looks_like_repo_id
-
+    cache = {hub_cache(): "the Hugging Face cache"}
     if looks_like_repo_id(source):
-        name, guard = source, {hub_cache(): "the Hugging Face cache"}
+        name, guard = source, cache
     else:
         name, guard = Path(source).resolve().name, {Path(source): "the source"}
     output = Path(output or default_output(name, target))
-    check_output_folder(output, overwrite=overwrite, protected=guard, read_only=guard)
+    check_output_folder(output, overwrite=overwrite, protected=guard, read_only={**guard, **cache})
     model = open_source(source, revision, download=False)
-    factor_set, origin = resolve_factors(model, target, factors, warn)
+    factor_set, origin = resolve_factors(model, target, factors, status)
     plan = plan_checkpoint(model, factor_set, output, origin, copy_weights=copy_weights, repo=repo)
     if download and not isinstance(model.files, FolderFiles):
         model = read_source(download_source(source, revision, files=plan.source_files), name=source)
@@ -386,7 +384,7 @@ def plan_conversion(source: str, *, target: int, revision: str | None = None, fa
 
 
 def write_planned(plan: ConversionPlan, *, overwrite: bool = False,
-                  log: Callable[[str], None] = lambda message: None,
+                  status: Callable[[str], None] = lambda message: None,
                   extra: Callable[[Path], None] | None = None) -> ConversionResult:
     """Carry out a plan: assemble the output in a staging folder, check every file against the plan,
     let `extra(staging)` add files of its own (convert --gguf), then rename it into place (replacing an
@@ -403,7 +401,7 @@ def write_planned(plan: ConversionPlan, *, overwrite: bool = False,
                 (staging / item.name).write_text(item.text, encoding="utf-8")
                 continue
             if item.name in weights:
-                log(f"weights: {item.name}")
+                status(f"weights: {item.name}")
             mode = link_or_copy(folder / item.name, staging / item.name, copy=item.how == "copy")
             if item.name in weights:
                 weight_modes.add(mode)
@@ -427,8 +425,8 @@ def write_planned(plan: ConversionPlan, *, overwrite: bool = False,
 
 def write_checkpoint(source: SourceModel, factor_set: FactorSet, output: Path, factors_origin: str,
                      overwrite: bool = False, copy_weights: bool = False, repo: str | None = None,
-                     log: Callable[[str], None] = lambda message: None) -> ConversionResult:
+                     status: Callable[[str], None] = lambda message: None) -> ConversionResult:
     """Plan and write the converted checkpoint; `repo` is the name its model card loads it by (default:
     the folder). Raises as plan_checkpoint and write_planned do."""
     plan = plan_checkpoint(source, factor_set, output, factors_origin, copy_weights=copy_weights, repo=repo)
-    return write_planned(plan, overwrite=overwrite, log=log)
+    return write_planned(plan, overwrite=overwrite, status=status)

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .card import SOURCE, json_number, searched_by_evolution
+from .card import SOURCE, json_number
 from .errors import DataError, EvaluationError, LongRoPEError
 from .factors import FactorSet, baseline_factor_sets
 from .needles import (NEEDLE_TASKS, RULER_TASKS, Haystack, ItemTooShort, NeedleItem, build_items, chat_frame,
@@ -49,7 +49,7 @@ NEEDLE_ANSWERS = "needle_answers.jsonl"
 def comparison_sets(checkpoint: FactorSet, baselines: bool) -> dict[str, FactorSet]:
     """The checkpoint's own set first, then the baselines at the same target: the search's (the source's RoPE
     unchanged, "none", and every analytic set composed on it; factors.baseline_factor_sets)."""
-    label = "LongRoPE" if searched_by_evolution(checkpoint) else f"LongRoPE ({checkpoint.method})"
+    label = "LongRoPE" if checkpoint.is_searched else f"LongRoPE ({checkpoint.method})"
     sets = {label: checkpoint}
     if baselines:
         sets.update(baseline_factor_sets(checkpoint.model, checkpoint.target_length))
@@ -251,8 +251,9 @@ def plan_evaluation(folder: Path, *, data: list[str], lengths: list[int], baseli
     """
     from transformers import AutoTokenizer
 
+    from .checkpoint_files import FACTORS_FILE
     from .documents import read_documents
-    from .factors import FACTORS_FILE, load_factor_set
+    from .factors import load_factor_set
     from .perplexity import tokenized_documents
     from .preflight import check_evaluation_inputs
     from .source import read_source

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .checkpoint_files import FACTORS_FILE
 from .errors import LongRoPEError, RopeScalingError
 from .outputs import write_text_atomically
 from .source_rope import (
@@ -61,11 +62,13 @@ from .source_rope import (
     yarn_ramp,
 )
 
-FACTORS_FILE = "longrope_factors.json"  # its name inside a converted checkpoint
 FORMAT = "longrope-factors"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
 ANALYTIC_METHODS = ("pi", "ntk", "yarn", "llama3")
+# Provenance methods of factors an evolutionary search produced; other "search:..." labels (a search stopped
+# before any evolution step, say) are reported as what they are.
+SEARCHED_METHODS = ("search", "search:short")
 # Rotary angles are computed from float32 positions (as in stock transformers), which hold integers exactly
 # only up to 2**24: beyond it neighbouring positions share an angle.
 MAX_TARGET_LENGTH = 2**24
@@ -157,8 +160,9 @@ class FactorSet:
 
     @property
     def is_searched(self) -> bool:
-        """Found by an evolutionary search that evolved and beat every baseline it measured."""
-        return self.method in ("search", "search:short")
+        """Found by an evolutionary search that evolved and beat every baseline it measured (SEARCHED_METHODS):
+        what the model card, eval's labels and the README call searched."""
+        return self.method in SEARCHED_METHODS
 
     @property
     def keeps_source_inside_window(self) -> bool:
@@ -192,8 +196,14 @@ class FactorSet:
 
 
 def load_factor_set(path: str | Path) -> FactorSet:
-    """Read and strictly validate a factor file; any problem raises FactorFileError naming file and field."""
+    """Read and strictly validate a factor file, or the one inside a checkpoint folder converted by this tool
+    (FACTORS_FILE); any problem raises FactorFileError naming file and field."""
     path = Path(path)
+    if path.is_dir():
+        if not (path / FACTORS_FILE).is_file():
+            raise FactorFileError(f"'{path}' is a folder without {FACTORS_FILE}; give a factor file or a folder "
+                                  "written by longrope-convert")
+        path = path / FACTORS_FILE
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
@@ -406,14 +416,15 @@ def analytic_factor_set(method: str, model: ModelFingerprint, target_length: int
                    provenance={"method": f"init:{method}", "tool_version": __version__})
 
 
-def baseline_factor_sets(model: ModelFingerprint, target_length: int,
-                         methods: Sequence[str] = ANALYTIC_METHODS) -> dict[str, FactorSet]:
-    """What a searched set is compared with, on the same source and target: "none" (the source's own RoPE
-    carried past its window unchanged) and each analytic method composed on it (analytic_factor_set)."""
+def baseline_factor_sets(model: ModelFingerprint, target_length: int) -> dict[str, FactorSet]:
+    """What a searched set is compared with, on the same source and target, by the search and by eval
+    --baselines: "none" (the source's own RoPE carried past its window unchanged) and each of ANALYTIC_METHODS
+    composed on it (analytic_factor_set)."""
     source_set = source_factor_set(model, target_length)
     none = compose(source_set, [1.0] * len(source_set.long_factor), long_mscale=model.base_factor_set().long_mscale,
                    attention_scale="source", provenance={"method": "none"})
-    return {"none": none, **{method: analytic_factor_set(method, model, target_length) for method in methods}}
+    return {"none": none, **{method: analytic_factor_set(method, model, target_length)
+                               for method in ANALYTIC_METHODS}}
 
 
 def yarn_factors(scale: float, dim: int, base: float, original_length: int,
@@ -434,13 +445,21 @@ def shipped_factor_dir() -> Path:
 
 
 def find_shipped_factor_set(model: ModelFingerprint, target_length: int,
-                            directory: Path | None = None) -> tuple[FactorSet, Path] | None:
-    """The shipped factor file made for this model fingerprint and target length, if there is one."""
+                            directory: Path | None = None) -> tuple[FactorSet, str] | None:
+    """The shipped factor file made for this model fingerprint and target length, if there is one: its set and
+    where it came from ("shipped:<folder>/<file>")."""
     directory = directory or shipped_factor_dir()
     if not directory.is_dir():
         return None
     for path in sorted(directory.rglob("*.json")):
         factor_set = load_factor_set(path)
         if factor_set.target_length == target_length and factor_set.model.matches(model):
-            return factor_set, path
+            return factor_set, f"shipped:{path.parent.name}/{path.name}"
     return None
+
+
+def yarn_init_warning(target_length: int) -> str:
+    """What convert and gguf say when no searched factors ship for the model at `target_length` and they use the
+    YaRN-derived init instead."""
+    return (f"WARNING: no searched factors ship for this model at {target_length} tokens; using the YaRN-derived "
+            "init (recorded as 'init:yarn', not searched). Run 'longrope-convert search' for searched factors.")

@@ -41,7 +41,8 @@ writes no factors for a longrope Llama (conversion/base.py) and dropped longrope
 
 Tensors are copied byte for byte (quantized ones stay as they are), by the kernel where it can
 (copy_file_range) or through one bounded buffer, so memory stays flat for any file size. The output
-is written to a temporary file next to it and renamed at the end.
+is staged next to it and renamed at the end (outputs.atomic_file: what a killed run left is removed by
+the next one).
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -64,13 +64,16 @@ from .convert import default_output
 from .errors import LongRoPEError
 from .factors import (
     ANALYTIC_METHODS,
-    FACTORS_FILE,
     FactorSet,
     ModelFingerprint,
     analytic_factor_set,
     find_shipped_factor_set,
     load_factor_set,
+    yarn_init_warning,
 )
+from .fetch import download_matching
+from .hub import hub_cache, looks_like_repo_id
+from .outputs import atomic_file
 from .source_rope import DEFAULT_ROPE
 
 ARCHITECTURE = "llama"  # the only architecture whose graph applies rope_freqs as LongRoPE needs
@@ -241,7 +244,7 @@ def compose_on_source_rope(source: GGUFModel, extension: FactorSet) -> FactorSet
 
 
 def resolve_gguf_factors(source: GGUFModel, factors: str | None, target: int | None,
-                         warn: Callable[[str], None]) -> tuple[FactorSet, str]:
+                         status: Callable[[str], None]) -> tuple[FactorSet, str]:
     """The factor set to write into `source` and where it came from.
 
     `factors`: an analytic method (needs `target`; composed on the source's RoPE), a factor file, a
@@ -257,22 +260,15 @@ def resolve_gguf_factors(source: GGUFModel, factors: str | None, target: int | N
                             "with --target), or --target alone for the shipped searched factors")
         shipped = find_shipped_factor_set(source.fingerprint, target)
         if shipped is not None and source.base_factors is None:
-            return shipped[0], f"shipped:{shipped[1].parent.name}/{shipped[1].name}"
-        warn(f"WARNING: no searched factors ship for this model at {target} tokens; using the YaRN-derived init "
-             "(recorded as 'init:yarn', not searched). Run 'longrope-convert search' for searched factors.")
+            return shipped
+        status(yarn_init_warning(target))
         factors = "yarn"
     if factors in ANALYTIC_METHODS:
         if target is None:
             raise GGUFError(f"--factors {factors} needs --target")
         relative_to_now = replace(source.fingerprint, original_max_position_embeddings=source.context_length)
         return compose_on_source_rope(source, analytic_factor_set(factors, relative_to_now, target)), f"init:{factors}"
-    path = Path(factors)
-    if path.is_dir():
-        path = path / FACTORS_FILE
-        if not path.is_file():
-            raise GGUFError(f"'{factors}' is a folder without {FACTORS_FILE}; give a folder written by "
-                            "longrope-convert, a factor file or an analytic method")
-    factor_set = load_factor_set(path)
+    factor_set = load_factor_set(factors)  # a factor file, or a converted checkpoint's
     if target is not None and factor_set.target_length != target:
         raise GGUFError(f"{factors}: factors are for target {factor_set.target_length}, not --target {target}")
     return factor_set, str(factors)
@@ -329,39 +325,25 @@ def default_gguf_output(source: str | Path, target: int) -> Path:
 
 
 def extend_gguf(source: GGUFModel, output: str | Path, factor_set: FactorSet, *, factors_origin: str,
-                overwrite: bool = False, warn: Callable[[str], None] = lambda message: None) -> GGUFResult:
+                overwrite: bool = False, status: Callable[[str], None] = lambda message: None) -> GGUFResult:
     """Write `output`: the source GGUF with the long set of `factor_set` as rope_freqs and the keys above.
 
     Every tensor of the source is copied byte for byte (rope_freqs, if the source has one, is replaced);
     its metadata is kept except the RoPE keys this sets and `longrope.*` provenance it adds. The file is
-    written next to `output` under a temporary name and renamed at the end. Raises GGUFError when the
-    factors do not fit (`check_fits`) or `output` exists without `overwrite`.
+    staged next to `output` and renamed at the end (outputs.atomic_file, whose checks refuse the source
+    itself, a place inside the Hugging Face cache, a folder, and an existing file without `overwrite`).
+    Raises GGUFError when the factors do not fit (`check_fits`), OutputError for such an output.
     """
     started = time.perf_counter()
     check_fits(source, factor_set, factors_origin)
     output = Path(output)
-    if output.is_dir():
-        raise GGUFError(f"output '{output}' is a folder; give a file name (e.g. {output / source.path.name})")
-    if output.exists() and not overwrite:
-        raise GGUFError(f"output '{output}' already exists; pass --overwrite to replace it")
-    if output.exists() and output.resolve() == source.path.resolve():
-        raise GGUFError("output file must differ from the source file")
     own_short = source.base_factors or [1.0] * (source.fingerprint.head_dim // 2)
     if factor_set.n_hat or not _same_factors(factor_set.short_factor, own_short):
-        warn(f"WARNING: llama.cpp applies only the long factor set; this set's n_hat ({factor_set.n_hat}) and short "
-             "factors are not in the GGUF (see its metadata 'longrope.differences')")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(prefix=f".{output.name}.partial-", dir=output.parent)
-    os.close(handle)
-    try:
-        _write_extended(source, factor_set, factors_origin, Path(partial))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(partial, 0o666 & ~umask)  # mkstemp makes it private; the output is an ordinary file
-        os.replace(partial, output)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+        status(f"WARNING: llama.cpp applies only the long factor set; this set's n_hat ({factor_set.n_hat}) and "
+               "short factors are not in the GGUF (see its metadata 'longrope.differences')")
+    with atomic_file(output, overwrite=overwrite, protected={source.path: "the source GGUF"},
+                     read_only={hub_cache(): "the Hugging Face cache"}) as staging:
+        _write_extended(source, factor_set, factors_origin, staging)
     return GGUFResult(output=output, source=source.path, factor_set=factor_set, factors_origin=factors_origin,
                       tensors=source.tensor_count, tensor_bytes=source.tensor_bytes,
                       seconds=time.perf_counter() - started)
@@ -451,13 +433,8 @@ def source_ggufs(source: str, revision: str | None, folder: Path, pattern: str, 
     """The GGUF files of a convert SOURCE that match `pattern` (fnmatch on their paths inside the repo
     or folder), each checked against `factor_set`: from the local folder, or downloaded from the Hub
     repo into huggingface_hub's cache. Raises GGUFError when none matches or one does not fit."""
-    from .hub import hub_errors, looks_like_repo_id
-
     if looks_like_repo_id(source):
-        from huggingface_hub import snapshot_download
-
-        with hub_errors(source, revision):
-            folder = Path(snapshot_download(source, revision=revision, allow_patterns=[pattern]))
+        folder = download_matching(source, revision, pattern)
     paths = sorted(p for p in folder.rglob("*.gguf")
                    if p.is_file() and fnmatch.fnmatch(p.relative_to(folder).as_posix(), pattern))
     if not paths:

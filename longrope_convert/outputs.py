@@ -1,8 +1,9 @@
 """Where results go: checks on an output location, and folders and files written atomically.
 
-A result appears complete or not at all. It is assembled in a hidden staging folder (or file) next to
-its destination, `.<name>.partial-<pid>-<random>`, and renamed into place at the end; an output it
-replaces is first moved aside to `.<name>.old-<pid>-<random>`. The process id tells a later run what a
+Every writer goes through here: a conversion's folder (atomic_folder), a GGUF file (atomic_file), factor
+files, model cards and eval/ folders. A result appears complete or not at all. It is assembled in a
+hidden staging folder (or file) next to its destination, `.<name>.partial-<pid>-<random>`, and renamed
+into place at the end; a folder it replaces is first moved aside to `.<name>.old-<pid>-<random>`. The process id tells a later run what a
 killed one left behind: that run deletes it and, if the kill came between the two renames, puts the
 old output back. Folders written here carry a MARKER file, so that --overwrite replaces only a folder
 this tool wrote (or an empty one), never the user's own, and never a source.
@@ -61,13 +62,7 @@ def check_output_folder(output: Path, *, overwrite: bool, protected: Mapping[Pat
     names the output in messages. Raises OutputError, one line naming the path and the reason.
     """
     output = Path(output)
-    real = Path(os.path.realpath(output))
-    for path, what in (protected or {}).items():
-        kept = Path(os.path.realpath(path))
-        if real == kept or real in kept.parents:
-            verb = "is" if real == kept else "contains"
-            raise OutputError(f"{option} '{output}' {verb} {what} ('{path}'), which must not be replaced; "
-                              f"choose another {option}")
+    check_not_protected(output, protected or {}, option)
     check_outside(output, read_only or {}, option)
     # os.path's tests, unlike Path's, answer False for names the file system cannot even look up
     if os.path.islink(output):
@@ -82,6 +77,34 @@ def check_output_folder(output: Path, *, overwrite: bool, protected: Mapping[Pat
                               f"{MARKER} file); only such a folder, or an empty one, is replaced: remove it "
                               f"yourself or choose another {option}")
     check_writable_place(output)
+
+
+def check_output_file(output: Path, *, overwrite: bool, protected: Mapping[Path, str] | None = None,
+                      read_only: Mapping[Path, str] | None = None, option: str = "--output") -> None:
+    """Refuse, before anything is written, an output file that would harm the user's files: one of the
+    `protected` paths or inside a `read_only` folder (as for check_output_folder), a folder, or an existing
+    file without `overwrite`; the place must be writable. A symbolic link is replaced, never written
+    through. Raises OutputError, one line naming the path and the reason."""
+    output = Path(output)
+    check_not_protected(output, protected or {}, option)
+    check_outside(output, read_only or {}, option)
+    if os.path.isdir(output) and not os.path.islink(output):
+        raise OutputError(f"{option} '{output}' is a folder; give a file name")
+    if os.path.lexists(output) and not overwrite:
+        raise OutputError(f"{option} '{output}' already exists; pass --overwrite to replace it")
+    check_writable_place(output)
+
+
+def check_not_protected(path: Path, protected: Mapping[Path, str], option: str) -> None:
+    """`path` (given with `option`) is none of the `protected` paths ({path: what it is}) and contains none,
+    symlinks resolved. Raises OutputError."""
+    real = Path(os.path.realpath(path))
+    for kept_path, what in protected.items():
+        kept = Path(os.path.realpath(kept_path))
+        if real == kept or real in kept.parents:
+            verb = "is" if real == kept else "contains"
+            raise OutputError(f"{option} '{path}' {verb} {what} ('{kept_path}'), which must not be replaced; "
+                              f"choose another {option}")
 
 
 def check_outside(path: Path, read_only: Mapping[Path, str], option: str) -> None:
@@ -142,29 +165,53 @@ def atomic_folder(output: Path, *, overwrite: bool, protected: Mapping[Path, str
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        for folder in reversed(made):
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        _remove_folders(made)
         raise
+
+
+@contextmanager
+def atomic_file(output: Path, *, overwrite: bool, protected: Mapping[Path, str] | None = None,
+                read_only: Mapping[Path, str] | None = None, option: str = "--output") -> Iterator[Path]:
+    """Yield the path of an empty staging file that becomes `output` only if the block completes.
+
+    What killed runs left next to `output` is cleaned up first, then the output is checked
+    (check_output_file). The block writes the staging file; on any error or interruption it is removed,
+    with the parent folders made for it, and an existing output stays as it was. Raises OutputError or
+    the OSError met.
+    """
+    output = Path(output)
+    remove_stale_staging(output)
+    check_output_file(output, overwrite=overwrite, protected=protected, read_only=read_only, option=option)
+    with _staging_file(output) as staging:
+        yield staging
 
 
 def write_text_atomically(path: Path, text: str) -> None:
     """Write a UTF-8 text file that is at every moment the old file or the new one: a staging file
     next to it, renamed over it. Missing parent folders are made. Raises the OSError met."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(path)
-    handle = tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent,
-                                         prefix=_staging_prefix(path, "partial"), delete=False)
+    with _staging_file(path) as staging:
+        staging.write_text(text, encoding="utf-8")
+
+
+@contextmanager
+def _staging_file(destination: Path) -> Iterator[Path]:
+    """A staging file next to `destination` (missing parent folders made), renamed over it when the block
+    completes, removed with the folders made for it when the block fails."""
+    made = _make_folders(destination.parent)
+    staging = None
     try:
-        with handle:
-            handle.write(text)
-        os.chmod(handle.name, 0o666 & ~_umask())  # mkstemp makes it private
-        os.replace(handle.name, path)
+        handle, name = tempfile.mkstemp(prefix=_staging_prefix(destination, "partial"), dir=destination.parent)
+        os.close(handle)
+        staging = Path(name)
+        yield staging
+        os.chmod(staging, 0o666 & ~_umask())  # mkstemp makes it private; the output is an ordinary file
+        os.replace(staging, destination)
     except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
+        if staging is not None:
+            staging.unlink(missing_ok=True)
+        _remove_folders(made)
         raise
 
 
@@ -243,6 +290,15 @@ def _make_folders(folder: Path) -> list[Path]:
             folder.rmdir()
         raise
     return made
+
+
+def _remove_folders(made: list[Path]) -> None:
+    """Remove the folders _make_folders made, innermost first, as far as they are empty."""
+    for folder in reversed(made):
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def _umask() -> int:

@@ -52,39 +52,30 @@ def check_writable_file(path: Path, option: str) -> None:
     check_writable_place(path)
 
 
-def source_read_only(source) -> dict[Path, str]:
-    """The folders nothing may be written into while working on `source` (a source.SourceModel): the source
-    and, for any source, the Hugging Face cache (a Hub source's files live there)."""
-    from .convert import source_guards
-    from .hub import hub_cache
-
-    return {**source_guards(source)[1], hub_cache(): "the Hugging Face cache"}
-
-
 def check_search_inputs(source, data: Sequence[str], log_path: Path | None, resume: bool) -> None:
     """What a search needs before its model is loaded: the tokenizer, the data, a log it may write (outside
     the source and the Hugging Face cache)."""
+    from .convert import source_guards
+
     check_tokenizer(source.folder)
     check_data(data)
     if log_path is not None:
-        check_outside(log_path, source_read_only(source), "--resume" if resume else "--log")
+        check_outside(log_path, source_guards(source)[1], "--resume" if resume else "--log")
         if not resume:
             check_writable_file(log_path, "--log")
 
 
 def check_search_outputs(source, out: Path, convert_to: Path | None) -> None:
     """Where a search writes its results, checked before it starts: the factor file, and the converted
-    checkpoint of --convert-to (a new folder, outside the source)."""
-    from .convert import source_guards
+    checkpoint of --convert-to (a new folder, checked as convert checks its --output)."""
+    from .convert import check_conversion_output, source_guards
 
-    check_outside(out, source_read_only(source), "--out")
+    check_outside(out, source_guards(source)[1], "--out")
     check_writable_file(out, "--out")
     if convert_to is not None:
         if Path(convert_to).exists():
             raise OutputError(f"--convert-to '{convert_to}' already exists; give a new folder")
-        protected, read_only = source_guards(source)
-        check_output_folder(convert_to, overwrite=False, protected=protected, read_only=read_only,
-                            option="--convert-to")
+        check_conversion_output(source, convert_to, overwrite=False, option="--convert-to")
 
 
 def check_evaluation_inputs(checkpoint: Path, data: Sequence[str], out: Path | None) -> None:

@@ -403,15 +403,3 @@ class SearchRun:
     @property
     def is_main(self) -> bool:
         return self.workers.is_main
-
-
-def search_factors(*, source, data: list[str], target: int | None, log_path: Path, resume: bool = False,
-                   status: Callable[[str], None] = lambda message: None,
-                   on_evaluation: Callable[[], None] = lambda: None, **settings: Any) -> tuple[FactorSet, dict[str, Any]]:
-    """Search factors for `source` (a source.SourceModel) on `data` for `target` tokens: the factor set
-    to write (rank 0 writes it under torchrun) and the summary (method, warning, perplexities,
-    evaluations). `settings` are SearchRun's (documents, preset, max_evals, time_budget, seed, n_hat,
-    short, max_factor, baselines, device_map). Raises LongRoPEError as SearchRun and verdict do."""
-    run = SearchRun(source=source, data=data, target=target, log_path=log_path, resume=resume, status=status,
-                    **settings)
-    return run.execute(on_evaluation=on_evaluation)

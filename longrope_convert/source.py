@@ -1,13 +1,12 @@
 """The source checkpoint: its config (4.x- or 5.x-style RoPE keys) and its safetensors weights.
 
 Nothing here loads tensors: weights are checked by reading safetensors headers only, through a
-SourceFiles view, so that a local folder and a Hub repo read remotely (hub.HubFiles) are checked by
+SourceFiles view, so that a local folder and a Hub repo read remotely (fetch.HubFiles) are checked by
 the same code before anything is downloaded or written.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import math
 import re
@@ -16,12 +15,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from .checkpoint_files import SAFETENSORS_INDEX, pickle_files
 from .errors import LongRoPEError, RopeScalingError, SourceError
 from .factors import VERSION, FactorSet, ModelFingerprint, factor_set_from_json
 from .source_rope import BaseFactorSet, base_factor_set
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE_PATTERNS = ("*.bin", "*.pth", "*.pt", "*.ckpt", "consolidated.*")
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -141,26 +139,6 @@ def read_json(files: SourceFiles, name: str, folder: Path) -> Any:
         raise SourceError(f"{folder / name}: not a readable JSON file ({error})") from None
 
 
-def open_source(source: str, revision: str | None = None, download: bool = True) -> SourceModel:
-    """A local folder, or a Hub repo id. A Hub source's config and safetensors headers are read and
-    checked remotely first; then, with `download`, what conversion needs (only the weight files the
-    checks found) is downloaded into the Hub cache. Without `download` nothing is written. Offline
-    (HF_HUB_OFFLINE), the cache alone is read."""
-    from .hub import ALLOW_PATTERNS, WEIGHT_PATTERNS, HubFiles, download_source, hub_offline, looks_like_repo_id
-
-    if not looks_like_repo_id(source):
-        if revision is not None:
-            raise LongRoPEError(f"--revision applies to Hub repo ids; '{source}' is a local path")
-        return read_source(source)
-    if hub_offline():
-        return read_source(download_source(source, revision), name=source)
-    remote = describe_source(HubFiles(source, revision), source, Path(source))
-    if not download:
-        return remote
-    wanted = [p for p in ALLOW_PATTERNS if p not in WEIGHT_PATTERNS] + [path.name for path in remote.weight_files]
-    return read_source(download_source(source, revision, files=wanted), name=source)
-
-
 def describe_config(config: Any, name: str, folder: Path) -> SourceModel:
     """What a checkpoint's config.json says (no weights looked at yet)."""
     config_path = folder / "config.json"
@@ -268,7 +246,7 @@ def check_weights(source: SourceModel) -> list[str]:
         tensors = read_safetensors_header(files, "model.safetensors", folder)
         names = ["model.safetensors"]
     else:
-        pickles = [name for name in files.sizes if any(fnmatch.fnmatch(name, p) for p in PICKLE_PATTERNS)]
+        pickles = pickle_files(files.sizes)
         if pickles:
             raise SourceError(
                 f"source '{folder}' has only pickle weights ({', '.join(pickles[:3])}); longrope-convert never "

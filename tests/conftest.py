@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from longrope_convert.testing import smollm2_folder
+from model_cache import smollm2_folder
 
 DATA = Path(__file__).parent / "data"
 TINY_WINDOW = 64

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from longrope_convert.testing import cache_dir
+from model_cache import cache_dir
 
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"  # vendors llama.cpp 0c1e57098
 # Its one runtime dependency that torch and transformers do not already bring.

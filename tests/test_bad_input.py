@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 
 from conftest import TINY_WINDOW, edit_json
@@ -31,6 +32,7 @@ from longrope_convert.source import read_source
 
 TESTBED = Path(__file__).parent / "testbed" / "tiny-llama-256"
 TEXT = Path(__file__).parent / "data" / "sherlock_holmes_excerpt.txt"
+HF_CACHE = Path("hf-cache")  # under each test's tmp_path
 
 CASES = [
     # convert, on a random 2-layer Llama (window 64, output head not tied)
@@ -70,6 +72,7 @@ CASES = [
     ("convert", "impossible lengths", "factors for another target", "factors are for target 512, not --target 256"),
     ("convert", "unwritable places", "output is the source", "is the source"),
     ("convert", "unwritable places", "output inside the source", "lies inside the source"),
+    ("convert", "unwritable places", "output inside the Hugging Face cache", "lies inside the Hugging Face cache"),
     ("convert", "unwritable places", "output holds the source, --overwrite", "contains the source"),
     ("convert", "unwritable places", "output holds a linked weight file", "contains a file of the source"),
     ("convert", "unwritable places", "output not written by this tool", "was not written by longrope-convert"),
@@ -97,6 +100,8 @@ CASES = [
     ("search", "unwritable places", "--out is a folder", "--out '"),
     ("search", "unwritable places", "--convert-to exists", "already exists; give a new folder"),
     ("search", "unwritable places", "--convert-to inside the source", "lies inside the source"),
+    ("search", "unwritable places", "--convert-to inside the Hugging Face cache",
+     "converted' lies inside the Hugging Face cache"),
     ("search", "unwritable places", "--out inside the source", "factors.json' lies inside the source"),
     ("search", "unwritable places", "--log inside the source", "search.log.jsonl' lies inside the source"),
     ("search", "unwritable places", "log exists", "exists; pass --resume"),
@@ -215,6 +220,10 @@ def arrange(command: str, case: str, tmp_path: Path, tiny_llama_dir: Path, conve
         args[-1] = tiny
     elif case == "output inside the source":
         args[-1] = tiny / "longrope"
+    elif case in ("output inside the Hugging Face cache", "--convert-to inside the Hugging Face cache"):
+        inside = HF_CACHE / "models--org--tiny" / "converted"  # the test's HF_HUB_CACHE: see the test below
+        args += ["--convert-to", inside] if command == "search" else []
+        args[-1] = tmp_path / inside
     elif case == "output holds the source, --overwrite":  # the data-loss report: --output models --overwrite
         args[-1] = tmp_path
         args.append("--overwrite")
@@ -370,6 +379,7 @@ def test_bad_input_is_one_line_and_writes_nothing(command, kind, case, expected,
                                                   capfd, monkeypatch):
     args, how = arrange(command, case, tmp_path, tiny_llama_dir, converted)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / HF_CACHE))
     before = snapshot(tmp_path)
     if how == "here":
         monkeypatch.setattr(sys, "argv", ["longrope-convert", *map(str, args)])

@@ -14,11 +14,11 @@ from longrope_convert.card import (
     hub_model_id,
     model_card,
     refresh_card,
-    searched_by_evolution,
 )
+from longrope_convert.checkpoint_files import FACTORS_FILE
 from longrope_convert.convert import write_checkpoint
 from longrope_convert.evaluate import comparison_sets
-from longrope_convert.factors import FACTORS_FILE, analytic_factor_set, load_factor_set
+from longrope_convert.factors import analytic_factor_set, load_factor_set
 from longrope_convert.source import read_source
 
 ROOT = Path(__file__).parents[1]
@@ -50,10 +50,10 @@ def test_a_search_without_evolution_is_not_called_searched():
     card = model_card(stopped, None, {}, "me/x")
     assert "**not searched by evolution**" in card and "Factors **searched**" not in card
     assert f"**Warning:** {warning}" in card
-    assert not searched_by_evolution(stopped) and list(comparison_sets(stopped, baselines=False)) == [
+    assert not stopped.is_searched and list(comparison_sets(stopped, baselines=False)) == [
         "LongRoPE (search:no-evolution)"]
     short = replace(searched, provenance={**searched.provenance, "method": "search:short"})
-    assert searched_by_evolution(short) and "Factors **searched** (`search:short`) by evolution" in model_card(
+    assert short.is_searched and "Factors **searched** (`search:short`) by evolution" in model_card(
         short, None, {}, "me/x")
 
 

@@ -130,13 +130,16 @@ def test_unreadable_factor_files(tmp_path):
     (tmp_path / "broken.json").write_text("{not json")
     with pytest.raises(FactorFileError, match="broken.json: not a readable JSON file"):
         load_factor_set(tmp_path / "broken.json")
+    (tmp_path / "a-model").mkdir()  # a folder gives its longrope_factors.json, as a converted checkpoint has
+    with pytest.raises(FactorFileError, match="'.*a-model' is a folder without longrope_factors.json"):
+        load_factor_set(tmp_path / "a-model")
 
 
 def test_shipped_lookup_matches_fingerprint_and_target(tmp_path):
     (tmp_path / "llama3").mkdir()
     analytic_factor_set("ntk", LLAMA3_8B, 65536).save(tmp_path / "llama3" / "65536.json")
-    found, path = find_shipped_factor_set(LLAMA3_8B, 65536, tmp_path)
-    assert path.name == "65536.json" and found.method == "init:ntk"
+    found, origin = find_shipped_factor_set(LLAMA3_8B, 65536, tmp_path)
+    assert origin == "shipped:llama3/65536.json" and found.method == "init:ntk"
     assert find_shipped_factor_set(LLAMA3_8B, 32768, tmp_path) is None
     renamed = ModelFingerprint(**{**LLAMA3_8B.__dict__, "name": "a fine-tune of it"})
     assert find_shipped_factor_set(renamed, 65536, tmp_path) is not None

@@ -4,6 +4,9 @@ input, `convert --gguf`, and the result run by llama.cpp itself (llama-cpp-pytho
 import json
 import math
 import shutil
+import signal
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,6 +14,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from huggingface_hub import constants
 from transformers import AutoTokenizer
 
 from llama_cpp_runtime import baseline_nll, by_context_gguf, llama_cpp_forward, write_llama_gguf
@@ -25,7 +29,7 @@ from longrope_convert.factors import (
 )
 from longrope_convert.perplexity import document_ids, load_longrope_model, perplexity
 from longrope_convert.source import read_source
-from longrope_convert.testing import smollm2_gguf
+from model_cache import smollm2_gguf
 from conftest import edit_json
 from test_convert import leftovers, run_cli
 from test_hub import env, hub, publish, run  # noqa: F401 (fixtures)
@@ -106,7 +110,7 @@ def test_analytic_factors_compose_with_the_rope_freqs_a_gguf_already_has(llama3_
     base = llama3_factors(2.0, 64, 10000.0, 256)
     assert source.base_factors == pytest.approx(base, rel=1e-6) and source.context_length == 512
 
-    factor_set, origin = gguf_export.resolve_gguf_factors(source, "yarn", 2048, warn=pytest.fail)
+    factor_set, origin = gguf_export.resolve_gguf_factors(source, "yarn", 2048, status=pytest.fail)
     result = gguf_export.extend_gguf(source, tmp_path / "out.gguf", factor_set, factors_origin=origin)
 
     # YaRN's 4x is relative to the window the GGUF runs in now (512), on top of its llama3 factors.
@@ -123,7 +127,7 @@ def test_analytic_factors_compose_with_the_rope_freqs_a_gguf_already_has(llama3_
 
     # Extending the result again composes once more: its rope_freqs become the base.
     again = gguf_export.inspect_gguf(result.output)
-    twice, _ = gguf_export.resolve_gguf_factors(again, "pi", 4096, warn=pytest.fail)
+    twice, _ = gguf_export.resolve_gguf_factors(again, "pi", 4096, status=pytest.fail)
     assert twice.long_factor == pytest.approx([2.0 * f for f in expected], rel=1e-6)
 
 
@@ -131,7 +135,7 @@ def test_analytic_factors_for_a_plain_gguf_are_those_convert_writes_for_its_chec
     source = gguf_export.inspect_gguf(plain_gguf)
     assert source.base_factors is None and source.attention_factor == 1.0
     for method in ("pi", "ntk", "yarn", "llama3"):
-        factor_set, origin = gguf_export.resolve_gguf_factors(source, method, 1024, warn=pytest.fail)
+        factor_set, origin = gguf_export.resolve_gguf_factors(source, method, 1024, status=pytest.fail)
         checkpoint = analytic_factor_set(method, read_source(TESTBED).fingerprint, 1024)
         assert (factor_set.long_factor, factor_set.long_mscale) == (checkpoint.long_factor, checkpoint.long_mscale)
         assert origin == f"init:{method}" and factor_set.model.matches(checkpoint.model)
@@ -150,10 +154,10 @@ def test_a_factor_file_made_without_the_gguf_rope_freqs_is_refused(llama3_style_
 
 def test_a_factor_file_made_on_the_gguf_rope_freqs_is_written_as_it_is(llama3_style_gguf, tmp_path):
     source = gguf_export.inspect_gguf(llama3_style_gguf)
-    composed, _ = gguf_export.resolve_gguf_factors(source, "ntk", 1024, warn=pytest.fail)
+    composed, _ = gguf_export.resolve_gguf_factors(source, "ntk", 1024, status=pytest.fail)
     composed.save(tmp_path / "composed.json")
     factor_set, origin = gguf_export.resolve_gguf_factors(source, str(tmp_path / "composed.json"), None,
-                                                          warn=pytest.fail)
+                                                          status=pytest.fail)
     output = gguf_export.extend_gguf(source, tmp_path / "out.gguf", factor_set, factors_origin=origin).output
     assert tensors(output)["rope_freqs.weight"].data.tolist() == np.float32(composed.long_factor).tolist()
 
@@ -307,6 +311,44 @@ def test_an_existing_output_is_kept_unless_overwrite(plain_gguf, tmp_path, capfd
     assert code == 1 and "is a folder; give a file name" in error_line(err) and leftovers(tmp_path) == []
 
 
+def test_the_output_is_checked_as_every_output_is(plain_gguf, tmp_path, capfd, monkeypatch):
+    """outputs.check_output_file: never the source GGUF (even through a link), never inside the HF cache."""
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    source = tmp_path / plain_gguf.name
+    shutil.copy(plain_gguf, source)
+    (tmp_path / "link.gguf").symlink_to(source)
+    for output, message in ((source, "is the source GGUF"), (tmp_path / "link.gguf", "is the source GGUF"),
+                            (tmp_path / "hf-cache" / "x.gguf", "lies inside the Hugging Face cache")):
+        code, _, err = run_cli(capfd, monkeypatch, "gguf", source, "--factors", "yarn", "--target", 1024,
+                               "--output", output, "--overwrite")
+        assert code == 1 and message in error_line(err)
+    assert source.read_bytes() == plain_gguf.read_bytes() and not (tmp_path / "hf-cache").exists()
+
+
+def test_the_next_run_removes_what_a_killed_export_left(plain_gguf, tmp_path):
+    """A GGUF export killed half-way leaves its staging file; the next export next to it removes it."""
+    output = tmp_path / "extended.gguf"
+    killed = subprocess.run([sys.executable, "-c", """if True:
+        import os, signal, sys
+        from longrope_convert import cli, gguf
+
+        def write_half_and_die(source, factor_set, factors_origin, path):
+            path.write_bytes(b"half a GGUF")
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        gguf._write_extended = write_half_and_die
+        sys.argv = ["longrope-convert", "gguf", *sys.argv[1:]]
+        cli.main()
+        """, plain_gguf, "--factors", "yarn", "--target", "1024", "--output", output], capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    assert [p.name.startswith(".extended.gguf.partial-") for p in tmp_path.iterdir()] == [True]
+
+    source = gguf_export.inspect_gguf(plain_gguf)
+    factor_set, origin = gguf_export.resolve_gguf_factors(source, "yarn", 1024, status=pytest.fail)
+    gguf_export.extend_gguf(source, output, factor_set, factors_origin=origin)
+    assert [p.name for p in tmp_path.iterdir()] == [output.name] and fields(output)["llama.context_length"] == 1024
+
+
 # llama.cpp itself -----------------------------------------------------------------------------------
 
 def longrope_reference(folder: Path, factor_set, original_window: int):
@@ -331,7 +373,7 @@ def test_llama_cpp_runs_a_llama3_style_gguf_extended_with_yarn_as_the_composed_l
     measured 0.013 on logits up to ~15). Without the attention factor the difference is 3.8, with the
     llama3 base alone 11.4: the tolerance of 0.05 tells them apart."""
     source = gguf_export.inspect_gguf(llama3_style_gguf)
-    factor_set, origin = gguf_export.resolve_gguf_factors(source, "yarn", 2048, warn=pytest.fail)
+    factor_set, origin = gguf_export.resolve_gguf_factors(source, "yarn", 2048, status=pytest.fail)
     extended = gguf_export.extend_gguf(source, tmp_path / "tiny-2k.gguf", factor_set, factors_origin=origin).output
     ids = document_ids(AutoTokenizer.from_pretrained(TESTBED), sherlock_text, 2048)
     expected = longrope_reference(TESTBED, factor_set, 512)(ids).logits[0].numpy()

@@ -175,7 +175,8 @@ def test_one_command_searches_converts_evaluates_and_pushes(hub, env, tmp_path):
     assert card == (output / "README.md").read_text() and "## Evaluation" in card and f"`{method}`" in card
     assert "tom_sawyer_chapters.jsonl" in card  # the search data, from the provenance
     assert set(summary["eval"]["perplexity"]["perplexity"]) >= {"LongRoPE" if method == "search" else
-                                                               f"LongRoPE ({method})", "none", "pi", "ntk", "yarn"}
+                                                               f"LongRoPE ({method})", "none", "pi", "ntk", "yarn",
+                                                               "llama3"}
     assert "eval/results.json" in remote_files(hub, "me/tiny-searched")
     assert summary["push"]["repo"] == "me/tiny-searched"
 

@@ -10,6 +10,7 @@ import pytest
 from longrope_convert.errors import OutputError
 from longrope_convert.outputs import (
     MARKER,
+    atomic_file,
     atomic_folder,
     check_output_folder,
     marker_text,
@@ -125,3 +126,32 @@ def test_text_files_are_replaced_whole(tmp_path):
     with pytest.raises(UnicodeEncodeError):  # fails half-way through writing
         write_text_atomically(path, "second " * 10000 + "\ud800")
     assert path.read_text() == "first" and tree(tmp_path) == {"deep/factors.json": b"first"}
+
+
+def test_a_file_is_staged_checked_and_swept_as_a_folder_is(tmp_path):
+    output, pid = tmp_path / "made" / "model.gguf", dead_pid()
+    with pytest.raises(OSError):
+        with atomic_file(output, overwrite=False) as staging:
+            staging.write_bytes(b"half")
+            raise OSError(28, "No space left on device")
+    assert list(tmp_path.iterdir()) == []  # the parent folder made for it is gone too
+
+    output.parent.mkdir()
+    (output.parent / f".model.gguf.partial-{pid}-abc123").write_bytes(b"left by a killed run")
+    with atomic_file(output, overwrite=False) as staging:
+        staging.write_bytes(b"old")
+    assert tree(tmp_path) == {"made/model.gguf": b"old"}
+    with pytest.raises(OutputError, match="already exists; pass --overwrite"):
+        with atomic_file(output, overwrite=False):
+            pass
+    with pytest.raises(OutputError, match="is the source"):
+        with atomic_file(output, overwrite=True, protected={output: "the source"}):
+            pass
+    with pytest.raises(OutputError, match="is a folder; give a file name"):
+        with atomic_file(output.parent, overwrite=True):
+            pass
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_file(output, overwrite=True) as staging:
+            staging.write_bytes(b"new")
+            raise KeyboardInterrupt
+    assert tree(tmp_path) == {"made/model.gguf": b"old"}

