@@ -162,6 +162,9 @@ def longrope_config(source_config: dict[str, Any], factor_set: FactorSet) -> dic
     - vLLM applies `short_mscale` / `long_mscale`, and without them sqrt(1 + ln s / ln L) to both sets
       (`vllm_default_mscale`): they are written, equal to `attention_factor`, only when that default is
       not the attention factor, because transformers logs a warning about keys it does not use.
+
+    Only the shipped modeling file reads `longrope` (n_hat, n_hat_mscale, short_mscale, source_rope, short_set):
+    no other reader applies n_hat.
     """
     original = factor_set.model.original_max_position_embeddings
     config = {key: value for key, value in source_config.items() if key not in ("rope_parameters", "rope_scaling")}
@@ -180,6 +183,7 @@ def longrope_config(source_config: dict[str, Any], factor_set: FactorSet) -> dic
         config["rope_scaling"].update(short_mscale=factor_set.long_mscale, long_mscale=factor_set.long_mscale)
     config["longrope"] = {
         "n_hat": factor_set.n_hat,
+        "n_hat_mscale": factor_set.n_hat_mscale,
         "short_mscale": factor_set.short_mscale,
         "method": factor_set.method,
         "factors_file": FACTORS_FILE,

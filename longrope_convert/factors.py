@@ -1,16 +1,18 @@
 """LongRoPE factor sets: the file format, strict validation, model fingerprints, composition and analytic sets.
 
-A factor file is JSON (version 2; version-1 files, which predate the last two fields, are read as made
-for a source without RoPE scaling, short set "factors"):
+A factor file is JSON (version 3; version-1 files, which predate model.rope_scaling and short_set, are read
+as made for a source without RoPE scaling, short set "factors"; files before version 3 have no
+n_hat_mscale and are read as "row", which is what they were made with):
 
     {
-      "format": "longrope-factors", "version": 2,
+      "format": "longrope-factors", "version": 3,
       "model": {"architecture", "name", "head_dim", "rope_theta", "original_max_position_embeddings",
                 "num_hidden_layers", "hidden_size", "rope_scaling"},
       "target_length": 65536,
       "long_factor": [head_dim/2 floats >= 1, non-decreasing],
       "short_factor": [head_dim/2 floats >= 1],
-      "n_hat": 0, "long_mscale": 1.2, "short_mscale": 1.0, "short_set": "factors" | "source",
+      "n_hat": 0, "n_hat_mscale": "row" | "short",
+      "long_mscale": 1.2, "short_mscale": 1.0, "short_set": "factors" | "source",
       "provenance": {"method": "search" | "init:yarn" | ..., "data": [...], "evaluations": 0, ...}
     }
 
@@ -63,8 +65,11 @@ from .source_rope import (
 
 FACTORS_FILE = "longrope_factors.json"  # its name inside a converted checkpoint
 FORMAT = "longrope-factors"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+# The attention scale of the positions below n_hat (FactorSet.n_hat_mscale) in the sets this version makes:
+# the short set's, as LongRoPE's research code (see BENCHMARKS.md, "Search": both measured at 8x).
+N_HAT_MSCALE = "short"
 ANALYTIC_METHODS = ("pi", "ntk", "yarn", "llama3")
 # Rotary angles are computed from float32 positions (as in stock transformers), which hold integers exactly
 # only up to 2**24: beyond it neighbouring positions share an angle.
@@ -135,6 +140,13 @@ class FactorSet:
     short_set "source": inside the window the checkpoint computes the source's own RoPE exactly
     (model.base_factor_set().source_rope; short_factor then holds the same frequencies as factors, for readers
     without the shipped code); "factors": 1 / (short_factor_i * b^(2i/d)).
+
+    n_hat_mscale: the attention scale of the positions below n_hat (`longrope.n_hat_mscale` in a converted
+    config). "row": the scale of the set the row uses, so in a long row the long mscale (what the shipped
+    modeling file did before the key existed, and still does without it); "short": the short set's, so that
+    with the source's own short set they are the source's cos and sin exactly (LongRoPE's research code,
+    LlamaSPIScaledStartTokenRotaryEmbedding). The default is "row", what a set without the field means; the
+    sets this version makes get N_HAT_MSCALE (source_factor_set).
     """
 
     model: ModelFingerprint
@@ -146,6 +158,7 @@ class FactorSet:
     short_mscale: float = 1.0
     provenance: dict[str, Any] = field(default_factory=dict)
     short_set: str = "factors"
+    n_hat_mscale: str = "row"
 
     @property
     def scale(self) -> float:
@@ -177,6 +190,7 @@ class FactorSet:
             "long_factor": list(self.long_factor),
             "short_factor": list(self.short_factor),
             "n_hat": self.n_hat,
+            "n_hat_mscale": self.n_hat_mscale,
             "long_mscale": self.long_mscale,
             "short_mscale": self.short_mscale,
             "short_set": self.short_set,
@@ -204,7 +218,7 @@ def load_factor_set(path: str | Path) -> FactorSet:
 
 
 def factor_set_from_json(data: Any, origin: str = "<factors>") -> FactorSet:
-    """A factor set from a factor file's JSON (format in the module docstring), version 1 or 2. Raises
+    """A factor set from a factor file's JSON (format in the module docstring), version 1, 2 or 3. Raises
     FactorFileError naming `origin` and the first field that is missing, unknown or invalid."""
     def fail(field_name: str, problem: str) -> None:
         raise FactorFileError(f"{origin}: field '{field_name}': {problem}")
@@ -215,14 +229,16 @@ def factor_set_from_json(data: Any, origin: str = "<factors>") -> FactorSet:
     if "version" in data and version not in READABLE_VERSIONS:
         fail("version", f"unsupported version {version!r} (this tool reads {', '.join(map(str, READABLE_VERSIONS))})")
     expected = {"format", "version", "model", "target_length", "long_factor", "short_factor", "n_hat",
-                "long_mscale", "short_mscale", "provenance"} | ({"short_set"} if version == 2 else set())
+                "long_mscale", "short_mscale", "provenance"}
+    expected |= {"short_set"} if version in (2, 3) else set()
+    expected |= {"n_hat_mscale"} if version == 3 else set()
     _check_keys(data, expected, expected, "", fail)
     if data["format"] != FORMAT:
         fail("format", f"must be '{FORMAT}', got {data['format']!r}")
 
     model_fields = {"architecture": str, "name": str, "head_dim": int, "rope_theta": (int, float),
                     "original_max_position_embeddings": int, "num_hidden_layers": int, "hidden_size": int}
-    if version == 2:
+    if version in (2, 3):
         model_fields["rope_scaling"] = dict
     model = data["model"]
     if not isinstance(model, dict):
@@ -277,6 +293,9 @@ def factor_set_from_json(data: Any, origin: str = "<factors>") -> FactorSet:
         fail("n_hat", f"must be a non-negative integer, got {n_hat!r}")
     if n_hat >= fingerprint.original_max_position_embeddings:
         fail("n_hat", f"{n_hat} must be below the original window")
+    n_hat_mscale = data.get("n_hat_mscale", "row")
+    if n_hat_mscale not in ("row", "short"):
+        fail("n_hat_mscale", f"must be 'row' or 'short', got {n_hat_mscale!r}")
     for name in ("long_mscale", "short_mscale"):
         value = data[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -302,6 +321,7 @@ def factor_set_from_json(data: Any, origin: str = "<factors>") -> FactorSet:
         short_mscale=float(data["short_mscale"]),
         provenance=provenance,
         short_set=short_set,
+        n_hat_mscale=n_hat_mscale,
     )
 
 
@@ -325,7 +345,8 @@ def new_provenance(method: str, **fields: Any) -> dict[str, Any]:
 def source_factor_set(model: ModelFingerprint, target_length: int) -> FactorSet:
     """The source's own RoPE as a LongRoPE factor set for `target_length`, before any new factors: short set,
     short scale, n_hat and short_set the source's (its base factor set); long set the source's long factors;
-    long attention scale by the default rule of long_attention_scales. What compose() multiplies.
+    long attention scale by the default rule of long_attention_scales; the scale below n_hat a LongRoPE
+    source's, else N_HAT_MSCALE. What compose() multiplies.
 
     Raises LongRoPEError when `target_length` does not exceed the length the source already serves, and
     RopeScalingError for a source scaling that LongRoPE does not compose with.
@@ -344,7 +365,8 @@ def source_factor_set(model: ModelFingerprint, target_length: int) -> FactorSet:
                                      "attention_scale": rule}
     return FactorSet(model=model, target_length=target_length, long_factor=list(base.long_factor),
                      short_factor=list(base.short_factor), n_hat=base.n_hat, long_mscale=long_mscale,
-                     short_mscale=base.short_mscale, provenance=provenance, short_set=base.short_set)
+                     short_mscale=base.short_mscale, provenance=provenance, short_set=base.short_set,
+                     n_hat_mscale=base.n_hat_mscale or N_HAT_MSCALE)
 
 
 def compose(source_set: FactorSet, factors: Sequence[float], *, n_hat: int | None = None,

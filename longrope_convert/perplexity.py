@@ -82,6 +82,7 @@ def use_factor_set(model, factor_set: FactorSet) -> None:
     rotary.set_factors(
         long_factor=factor_set.long_factor, short_factor=None if source_short_set else factor_set.short_factor,
         n_hat=factor_set.n_hat, long_mscale=factor_set.long_mscale, short_mscale=factor_set.short_mscale)
+    rotary.n_hat_mscale = factor_set.n_hat_mscale
     if source_short_set:
         source_rope = factor_set.model.base_factor_set().source_rope
         if rotary.source_rope != source_rope:

@@ -11,6 +11,7 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from longrope_convert.factors import (
+    N_HAT_MSCALE,
     FactorFileError,
     ModelFingerprint,
     analytic_factor_set,
@@ -101,7 +102,9 @@ BAD_FILES = [
     ("model.rope_scale", 1, "model.rope_scale", "unknown field"),
     ("model.rope_scaling", 1, "model.rope_scaling", "wrong type"),
     ("short_set", "mine", "short_set", "'source' or 'factors'"),
-    ("version", 3, "version", "this tool reads 1, 2"),
+    ("version", 4, "version", "this tool reads 1, 2, 3"),
+    ("n_hat_mscale", "long", "n_hat_mscale", "'row' or 'short'"),
+    ("n_hat_mscale", DELETE, "n_hat_mscale", "missing"),
     ("provenance.mood", "happy", "provenance.mood", "unknown field"),
     ("n_hat", DELETE, "n_hat", "missing"),
     ("n_hat", -1, "n_hat", "non-negative"),
@@ -164,7 +167,17 @@ def test_version_1_files_are_read_as_made_for_an_unscaled_source():
     assert json.loads(shipped.read_text())["version"] == 1
     factor_set = load_factor_set(shipped)
     assert factor_set.model.rope_scaling == {"rope_type": "default"} and factor_set.short_set == "factors"
-    assert factor_set.to_json()["version"] == 2 and factor_set_from_json(factor_set.to_json()) == factor_set
+    assert factor_set.to_json()["version"] == 3 and factor_set_from_json(factor_set.to_json()) == factor_set
+
+
+def test_files_before_version_3_keep_the_scale_below_n_hat_they_were_made_with():
+    """Without n_hat_mscale a file means "row" (the long mscale below n_hat in long rows, as the shipped modeling
+    file applied it before the key existed); the sets this version makes record N_HAT_MSCALE."""
+    old = {key: value for key, value in valid_file_data().items() if key != "n_hat_mscale"}
+    assert factor_set_from_json({**old, "version": 2, "n_hat": 16}).n_hat_mscale == "row"
+    new = analytic_factor_set("yarn", LLAMA3_8B, 65536)
+    assert new.n_hat_mscale == N_HAT_MSCALE and new.to_json()["n_hat_mscale"] == N_HAT_MSCALE
+    assert factor_set_from_json({**new.to_json(), "n_hat_mscale": "row"}).n_hat_mscale == "row"
 
 
 def test_analytic_sets_compose_on_the_source_scaling():
