@@ -1,20 +1,47 @@
 """Evolutionary search of LongRoPE factors: the search space, its operators and the evolution loop.
 
 Pure Python, no torch: the evolution sees the model only through the `Fitness` protocol, so its
-budgets, racing and patience can be tested with a synthetic fitness in milliseconds.
+budgets, racing, operators and n_hat search can be tested with a synthetic fitness in milliseconds.
 
-Search space: lambda_i on a GRID = 0.01 grid within [low, high], non-decreasing in i; n_hat from
-N_HAT_CHOICES. Operators, as in LongRoPE's official search (microsoft/LongRoPE, evolution/algorithms):
-  mutation   each dimension with probability p is redrawn uniformly between its neighbours'
-             values (children stay monotone); n_hat moves to a neighbouring choice with probability p
-  crossover  each dimension comes from the second parent with probability p_c, n_hat from either;
-             children already seen or outside the space are redrawn (100 tries, then a mutation)
+Search space: lambda_i on a GRID = 0.01 grid within [low, high], non-decreasing in i; n_hat from the
+paper's choices {0, 1, 2, 4, ..., 32, 64, 128, 256} below the original window (n_hat_choices: a
+256-token window never gets n_hat 256).
+
+Where this follows LongRoPE and where it departs. [paper]: arXiv 2402.13753, section 3.2 and
+Algorithm 1. [released]: microsoft/LongRoPE evolution/algorithms/genetic_base.py and dim_mono.py
+(lambda only: the released search has no n_hat). [research]: the same repository at commit 2270c77b,
+evolution/GeneticAlgorithm.py with method dim_mono_n (lambda and n_hat).
+  initial     the PI, NTK, YaRN and llama3 sets on the grid, then mutants of them up to the population
+              size, all at the source's n_hat ([paper]: PI, NTK, YaRN and mutants; [released]: YaRN and
+              its mutants; llama3 is ours).
+  selection   each iteration the `parents` fittest of the population, then their children: (mu + lambda),
+              as [released].
+  mutation    each dimension with probability p is redrawn uniformly between its neighbours' values
+              (children stay monotone), as [released]; n_hat moves to a neighbouring choice with
+              probability p (ours). [released] redraws until the child is new; we try 100 times.
+  crossover   two parents drawn from the fitness-sorted parents; the child is the FITTER one with one
+              gene (a lambda_i, or n_hat) taken from the other, drawn uniformly among the single swaps
+              that give a new monotone candidate; when there is none, a mutant of the fitter parent, as
+              [released] falls back to. [released] walks the dimensions in order, taking each from the
+              second parent with probability 0.3 x 0.5, and returns the first new monotone state: a
+              single swap in most cases (81% of its children of related parents) but favouring low
+              dimensions, and now and then two or more swaps made on the way to a monotone state.
+  n_hat       [research] (try_start_token): every n_hat choice on 5 candidates drawn from the 10 fittest
+              of the initial population, and (try_start_token_mutate) 5 random choices on every mutated
+              child; a candidate's best variant joins the population when it beats the candidate. The
+              paper preset does exactly that (n_hat_sweep 5 of 10, n_hat_tries 5). The default preset
+              sweeps every choice on the fittest initial candidate, and tries 5 choices on each mutated
+              child that wins its race (scored on all documents; racing below): the children that lose
+              it are not kept, whatever their n_hat. [research]'s choices are {1, 2, 4, ..., 32, 48, 64}
+              for a 4k window; ours are the [paper]'s, below the window.
+  fitness     perplexity on all documents for every candidate, as [released]; the default preset races
+              (below), which [released] does not.
 Presets:
   paper    population 64, 32 parents, 16 mutations + 16 crossovers per iteration, 40 iterations,
-           p = 0.3, p_c = 0.3 x 0.5 (microsoft/LongRoPE's dim_mono hyper-parameters)
+           p = 0.3 ([released] dim_mono_llama.json and dim_mono.py), n_hat as [research]
   default  population 16, 3 parents, 12 mutations + 4 crossovers, p = 0.15, up to 60 iterations,
            stop after 10 without improvement; each child is first scored on one document and
-           finishes only if it would rank among the parents there ("racing")
+           finishes only if it would rank among the parents there ("racing"); n_hat as above
 """
 
 from __future__ import annotations
@@ -28,8 +55,14 @@ from typing import Protocol
 from .errors import LongRoPEError
 
 GRID = 0.01
-# n_hat, the number of first positions left un-interpolated, takes only these values (the official search's).
+# n_hat, the number of first positions left un-interpolated, takes only these values (the paper's, section 3.2).
 N_HAT_CHOICES = (0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256)
+
+
+def n_hat_choices(window: int) -> tuple[int, ...]:
+    """The n_hat choices for a model whose original window is `window` tokens: those below it (a converted
+    checkpoint refuses n_hat >= its original window: the long set would then never be used)."""
+    return tuple(choice for choice in N_HAT_CHOICES if choice < window)
 
 NLL = tuple[float, int]  # one document's (sum of token NLLs in nats, number of tokens scored)
 
@@ -42,19 +75,22 @@ class Preset:
     crossovers: int
     iterations: int
     mutation_p: float
-    crossover_p: float
     racing: bool  # score each child on one document first; finish it only if it would rank among the parents
     patience: int | None  # stop after this many iterations without improvement
+    n_hat_sweep: int  # every n_hat choice is tried on this many initial candidates, drawn from ...
+    n_hat_sweep_from: int  # ... this many of the fittest
+    n_hat_tries: int  # n_hat choices tried on each mutated child that is scored on all documents
 
 
 PRESETS = {
-    # microsoft/LongRoPE evolution/default_hyper_params/dim_mono_llama.json and algorithms/dim_mono.py
+    # microsoft/LongRoPE evolution/default_hyper_params/dim_mono_llama.json and algorithms/dim_mono.py; n_hat as
+    # its research code (commit 2270c77b, GeneticAlgorithm.py: try_start_token, try_start_token_mutate)
     "paper": Preset(population=64, parents=32, mutations=16, crossovers=16, iterations=40, mutation_p=0.3,
-                    crossover_p=0.3 * 0.5, racing=False, patience=None),
+                    racing=False, patience=None, n_hat_sweep=5, n_hat_sweep_from=10, n_hat_tries=5),
     # Tuned on the tiny testbed (benchmarks/search_efficiency.py): few parents and mostly mutations
     # exploit faster; racing spends a fraction of an evaluation on children that would not be parents.
     "default": Preset(population=16, parents=3, mutations=12, crossovers=4, iterations=60, mutation_p=0.15,
-                      crossover_p=0.3 * 0.5, racing=True, patience=10),
+                      racing=True, patience=10, n_hat_sweep=1, n_hat_sweep_from=1, n_hat_tries=5),
 }
 
 
@@ -114,9 +150,22 @@ class SearchSpace:
             n_hat = self.n_hat_choices[min(max(index, 0), len(self.n_hat_choices) - 1)]
         return Candidate(tuple(steps), n_hat)
 
-    def crossover(self, first: Candidate, second: Candidate, rng: random.Random, p: float) -> Candidate:
-        steps = tuple(b if rng.random() < p else a for a, b in zip(first.steps, second.steps))
-        return Candidate(steps, second.n_hat if rng.random() < 0.5 else first.n_hat)
+    def crossover(self, fitter: Candidate, other: Candidate, rng: random.Random,
+                  is_new: Callable[[Candidate], bool]) -> Candidate | None:
+        """The fitter parent with one gene (a lambda_i, or n_hat) taken from the other parent, drawn uniformly
+        among the single swaps that give a new candidate of the space; None when no swap does."""
+        swaps = [Candidate(fitter.steps[:i] + (step,) + fitter.steps[i + 1 :], fitter.n_hat)
+                 for i, step in enumerate(other.steps) if step != fitter.steps[i]]
+        if other.n_hat != fitter.n_hat:
+            swaps.append(Candidate(fitter.steps, other.n_hat))
+        valid = [child for child in swaps if self.contains(child) and is_new(child)]
+        return rng.choice(valid) if valid else None
+
+    def with_n_hats(self, candidate: Candidate, rng: random.Random, tries: int | None) -> list[Candidate]:
+        """The candidate with other n_hat choices: all of them (tries None), or `tries` drawn at random."""
+        others = [choice for choice in self.n_hat_choices if choice != candidate.n_hat]
+        picked = others if tries is None else rng.sample(others, min(tries, len(others)))
+        return [Candidate(candidate.steps, choice) for choice in picked]
 
 
 class Fitness(Protocol):
@@ -180,23 +229,37 @@ class Evolution:
         return len(self.results) / self.fitness.documents
 
     def run(self) -> SearchResult:
-        """Score the initial population, then evolve until the iterations, patience or a budget end it."""
+        """Score the initial population and sweep n_hat on its fittest, then evolve until the iterations,
+        patience or a budget end it."""
         preset = self.preset
         population = self._initial_population()
         in_time = self._score(self._affordable(population), race_against=None)
         population = [c for c in population if c in self.scores]
+        if in_time:
+            ranked = self._ranked(population)
+            fittest = ranked[: preset.n_hat_sweep_from]
+            swept = self.rng.sample(fittest, min(preset.n_hat_sweep, len(fittest)))
+            in_time, kept = self._try_n_hats(swept, None, race_against=ranked[: preset.parents])
+            population += kept
         stale, iterations, stopped_by = 0, 0, "iterations" if in_time else "time_budget"
         for _ in range(preset.iterations if in_time else 0):
             if self.max_evals is not None and self.evaluations + 1 > self.max_evals + 1e-9:
                 stopped_by = "max_evals"
                 break
-            parents = sorted(population, key=lambda c: (self.scores[c], c))[: preset.parents]
-            children = self._children(parents)
+            parents = self._ranked(population)[: preset.parents]
+            mutants, crossed = self._children(parents)
             before = self.best_perplexity
-            if not self._score(self._affordable(children), race_against=parents if preset.racing else None):
+            race_against = parents if preset.racing else None
+            in_time = self._score(self._affordable(mutants + crossed), race_against)
+            finished = [c for c in mutants + crossed if math.isfinite(self.scores.get(c, math.inf))]
+            if in_time:
+                in_time, kept = self._try_n_hats([c for c in mutants if c in finished], preset.n_hat_tries,
+                                                 race_against)
+                finished += kept
+            if not in_time:
                 stopped_by = "time_budget"
                 break
-            population = parents + [c for c in children if math.isfinite(self.scores.get(c, math.inf))]
+            population = parents + finished
             iterations += 1
             stale = 0 if self.best_perplexity < before * (1 - 1e-4) else stale + 1
             if preset.patience is not None and stale >= preset.patience:
@@ -207,6 +270,28 @@ class Evolution:
         return SearchResult(best=winner, best_perplexity=self.scores[winner] if winner else math.inf,
                             history=self.history, evaluations=self.evaluations, iterations=iterations,
                             stopped_by=stopped_by)
+
+    def _ranked(self, candidates: list[Candidate]) -> list[Candidate]:
+        """Fittest first (ties broken by the candidate, so that the order is deterministic)."""
+        return sorted(candidates, key=lambda c: (self.scores[c], c))
+
+    def _try_n_hats(self, candidates: list[Candidate], tries: int | None,
+                    race_against: list[Candidate] | None) -> tuple[bool, list[Candidate]]:
+        """Score each candidate with other n_hat choices (all, or `tries` at random: SearchSpace.with_n_hats),
+        raced when `race_against` is given; each candidate's best variant, when it beats the candidate, is
+        returned to join the population. The bool is False when keep_going stopped the fitness first."""
+        variants = {}
+        for candidate in candidates:
+            variants[candidate] = [v for v in self.space.with_n_hats(candidate, self.rng, tries) if v not in self.seen]
+            self.seen.update(variants[candidate])
+        in_time = self._score(self._affordable([v for new in variants.values() for v in new]), race_against)
+        kept = []
+        for candidate, new in variants.items():
+            scored = [v for v in new if math.isfinite(self.scores.get(v, math.inf))]
+            best = min(scored, key=lambda v: (self.scores[v], v), default=None)
+            if best is not None and self.scores[best] < self.scores[candidate]:
+                kept.append(best)
+        return in_time, kept
 
     def _affordable(self, candidates: list[Candidate]) -> list[Candidate]:
         """As many candidates as the evaluation budget allows (each may cost a full evaluation)."""
@@ -238,18 +323,24 @@ class Evolution:
             population.append(child)
         return population
 
-    def _children(self, parents: list[Candidate]) -> list[Candidate]:
+    def _children(self, parents: list[Candidate]) -> tuple[list[Candidate], list[Candidate]]:
+        """Mutants and crossovers of the parents (fittest first); each new."""
         rng, space, preset = self.rng, self.space, self.preset
-        children = []
+        mutants, crossed = [], []
         for _ in range(preset.mutations):
             child = self._new_child(lambda: space.mutate(rng.choice(parents), rng, preset.mutation_p))
-            children += [child] if child else []
+            mutants += [child] if child else []
         for _ in range(preset.crossovers):
-            first, second = sorted(rng.sample(parents, 2)) if len(parents) > 1 else (parents[0], parents[0])
-            child = self._new_child(lambda: space.crossover(first, second, rng, preset.crossover_p))
-            child = child or self._new_child(lambda: space.mutate(first, rng, preset.mutation_p))
-            children += [child] if child else []
-        return children
+            # indices into the fitness-sorted parents, as the official code draws them: the first is the fitter
+            first, second = sorted(rng.sample(range(len(parents)), 2)) if len(parents) > 1 else (0, 0)
+            fitter, other = parents[first], parents[second]
+            child = space.crossover(fitter, other, rng, lambda c: c not in self.seen)
+            if child is not None:
+                self.seen.add(child)
+            else:
+                child = self._new_child(lambda: space.mutate(fitter, rng, preset.mutation_p))
+            crossed += [child] if child else []
+        return mutants, crossed
 
     def _record(self, candidate: Candidate, doc: int, nll: NLL) -> None:
         if (candidate, doc) not in self.results:
@@ -261,6 +352,8 @@ class Evolution:
         those whose NLL on document 0 would rank them among the parents (the others score inf).
         False when keep_going stopped the fitness first: the candidates it finished are scored."""
         candidates = [c for c in candidates if c not in self.scores]
+        if not candidates:
+            return True
         docs = self.fitness.documents
         if race_against is not None and docs > 1:
             self.fitness.nll([(c, 0) for c in candidates], self._record, self.keep_going)

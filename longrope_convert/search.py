@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .errors import LongRoPEError
-from .evolution import N_HAT_CHOICES, NLL, PRESETS, Candidate, Evolution, SearchResult, SearchSpace, perplexity_of
+from .evolution import NLL, PRESETS, Candidate, Evolution, SearchResult, SearchSpace, n_hat_choices, perplexity_of
 from .factors import (
     ANALYTIC_METHODS,
     FactorSet,
@@ -59,11 +59,17 @@ class SearchTask:
         return replace(self.base, short_factor=candidate.factors, short_set="factors")
 
 
-def long_search_task(model: ModelFingerprint, target: int, n_hat: bool, high: float | None = None) -> SearchTask:
+def long_search_task(model: ModelFingerprint, target: int, n_hat: bool, high: float | None = None,
+                     n_hat_mscale: str | None = None) -> SearchTask:
     """Search long factors for `target` relative to the source's own (factors.compose): lambda within
     [1, high or 1.25 s] for the extension s = target / the length the source already serves, starting from the
-    analytic sets for that extension. Raises LongRoPEError for a target the source already reaches."""
+    analytic sets for that extension; with `n_hat`, n_hat among the choices below the original window. Every
+    candidate is scored with the attention scale below n_hat that its factor set will be written with:
+    `n_hat_mscale`, or the default of factors.source_factor_set. Raises LongRoPEError for a target the source
+    already reaches."""
     base_set = source_factor_set(model, target)
+    if n_hat_mscale is not None:
+        base_set = replace(base_set, n_hat_mscale=n_hat_mscale)
     base = model.base_factor_set()
     reach = base.max_position_embeddings
     scale = target / reach
@@ -71,7 +77,8 @@ def long_search_task(model: ModelFingerprint, target: int, n_hat: bool, high: fl
     # short factors), another n_hat would change the model inside its window, so the source's is kept.
     searched_n_hat = n_hat and base.short_is_source_rope
     space = SearchSpace.from_bounds(model.head_dim // 2, 1.0, high or 1.25 * scale,
-                                    N_HAT_CHOICES if searched_n_hat else (base.n_hat,))
+                                    n_hat_choices(base.original_max_position_embeddings) if searched_n_hat
+                                    else (base.n_hat,))
     initial = [space.snap(analytic_factors(method, scale, model.head_dim, model.rope_theta, reach)[0], base.n_hat)
                for method in ANALYTIC_METHODS]
     return SearchTask(base=base_set, long_mode=True, space=space, initial=initial,
@@ -260,6 +267,7 @@ def search_log_header(source, task: SearchTask, names: list[str], token_ids: lis
         "mode": "long" if task.long_mode else "short",
         "target_length": task.base.target_length,
         "base_long_factor": task.base.long_factor,
+        "n_hat_mscale": task.base.n_hat_mscale,  # what the candidates' scores mean for n_hat > 0
         "space": asdict(task.space),
         "documents": [{"name": name, "tokens_sha256": tokens_sha256(ids)} for name, ids in zip(names, token_ids)],
         "skipped_documents": skipped_documents,  # shorter than the evaluation length
@@ -281,7 +289,7 @@ class SearchRun:
                  preset: str = "default", max_evals: float | None = None, time_budget: float | None = None,
                  seed: int = 0, n_hat: bool = True, short: bool = False, max_factor: float | None = None,
                  resume: bool = False, baselines: bool = True, device_map: str | None = None,
-                 status: Callable[[str], None] = lambda message: None) -> None:
+                 n_hat_mscale: str | None = None, status: Callable[[str], None] = lambda message: None) -> None:
         from transformers import AutoTokenizer
 
         from .convert import longrope_config
@@ -294,7 +302,7 @@ class SearchRun:
         self.status = status if self.workers.is_main else (lambda message: None)
         self.source, self.preset_name, self.preset = source, preset, PRESETS[preset]
         self.max_evals, self.time_budget, self.seed, self.baselines = max_evals, time_budget, seed, baselines
-        self.task, self.eval_length = self._task(source, target, short, n_hat, max_factor)
+        self.task, self.eval_length = self._task(source, target, short, n_hat, max_factor, n_hat_mscale)
         self.data = list(data)
         tokenizer = AutoTokenizer.from_pretrained(source.folder)
         self.documents, self.document_names, skipped = tokenized_documents(
@@ -320,7 +328,8 @@ class SearchRun:
                                          self.workers.device, device_map=device_map, gpus=self.workers.gpus)
 
     @staticmethod
-    def _task(source, target: int | None, short: bool, n_hat: bool, max_factor: float | None):
+    def _task(source, target: int | None, short: bool, n_hat: bool, max_factor: float | None,
+              n_hat_mscale: str | None):
         stage = source.longrope
         if short:
             if stage is None:
@@ -331,13 +340,14 @@ class SearchRun:
             return short_search_task(stage, max_factor), stage.model.original_max_position_embeddings
         if target is None:
             raise LongRoPEError("--target is required (except with --short)")
-        return long_search_task(source.fingerprint, target, n_hat, max_factor), target
+        return long_search_task(source.fingerprint, target, n_hat, max_factor, n_hat_mscale), target
 
     @property
     def planned_document_evaluations(self) -> int:
         """At most this many document evaluations (fewer when children are raced out or patience stops it)."""
-        preset = self.preset
-        evaluations = preset.population + preset.iterations * (preset.mutations + preset.crossovers)
+        preset, n_hat_variants = self.preset, len(self.task.space.n_hat_choices) - 1
+        evaluations = (preset.population + preset.n_hat_sweep * n_hat_variants + preset.iterations * (
+            preset.mutations * (1 + min(preset.n_hat_tries, n_hat_variants)) + preset.crossovers))
         if self.max_evals is not None:
             evaluations = min(evaluations, math.ceil(self.max_evals))
         if self.baselines:
