@@ -7,8 +7,8 @@ Search space: lambda_i on a GRID = 0.01 grid within [low, high], non-decreasing 
 paper's choices {0, 1, 2, 4, ..., 32, 64, 128, 256} below the original window (n_hat_choices: a
 256-token window never gets n_hat 256).
 
-Where this follows LongRoPE and where it departs. [paper]: arXiv 2402.13753, section 3.2 and
-Algorithm 1. [released]: microsoft/LongRoPE evolution/algorithms/genetic_base.py and dim_mono.py
+Where this follows LongRoPE and where it departs. [paper]: arXiv 2402.13753, section 3.2 (search space and
+Algorithm 1). [released]: microsoft/LongRoPE evolution/algorithms/genetic_base.py and dim_mono.py
 (lambda only: the released search has no n_hat). [research]: the same repository at commit 2270c77b,
 evolution/GeneticAlgorithm.py with method dim_mono_n (lambda and n_hat).
   initial     the PI, NTK, YaRN and llama3 sets on the grid, then mutants of them up to the population
@@ -17,14 +17,16 @@ evolution/GeneticAlgorithm.py with method dim_mono_n (lambda and n_hat).
   selection   each iteration the `parents` fittest of the population, then their children: (mu + lambda),
               as [released].
   mutation    each dimension with probability p is redrawn uniformly between its neighbours' values
-              (children stay monotone), as [released]; n_hat moves to a neighbouring choice with
-              probability p (ours). [released] redraws until the child is new; we try 100 times.
+              (children stay monotone), as [research] (mutate_valid_alpha, p = 0.3); [released] redraws
+              every dimension in turn whenever it mutates (its 0.3 only skips passes). Both redraw until
+              the child is new; we try 100 times. n_hat moves to a neighbouring choice with probability p
+              (ours: [research] mutates its n_hat slot like a factor).
   crossover   two parents drawn from the fitness-sorted parents; the child is the FITTER one with one
               gene (a lambda_i, or n_hat) taken from the other, drawn uniformly among the single swaps
               that give a new monotone candidate; when there is none, a mutant of the fitter parent, as
               [released] falls back to. [released] walks the dimensions in order, taking each from the
-              second parent with probability 0.3 x 0.5, and returns the first new monotone state: a
-              single swap in most cases (81% of its children of related parents) but favouring low
+              second parent with probability 0.3 x 0.5, and returns the first new monotone state: for
+              parents that differ in a few genes, a single swap in most cases, but favouring low
               dimensions, and now and then two or more swaps made on the way to a monotone state.
   n_hat       [research] (try_start_token): every n_hat choice on 5 candidates drawn from the 10 fittest
               of the initial population, and (try_start_token_mutate) 5 random choices on every mutated
@@ -55,7 +57,7 @@ from typing import Protocol
 from .errors import LongRoPEError
 
 GRID = 0.01
-# n_hat, the number of first positions left un-interpolated, takes only these values (the paper's, section 3.2).
+# n_hat, the number of first positions left un-interpolated, takes only these values (the paper's search space).
 N_HAT_CHOICES = (0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256)
 
 
