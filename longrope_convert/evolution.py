@@ -31,11 +31,13 @@ evolution/GeneticAlgorithm.py with method dim_mono_n (lambda and n_hat).
   n_hat       [research] (try_start_token): every n_hat choice on 5 candidates drawn from the 10 fittest
               of the initial population, and (try_start_token_mutate) 5 random choices on every mutated
               child; a candidate's best variant joins the population when it beats the candidate. The
-              paper preset does exactly that (n_hat_sweep 5 of 10, n_hat_tries 5). The default preset
-              sweeps every choice on the fittest initial candidate, and tries 5 choices on each mutated
-              child that wins its race (scored on all documents; racing below): the children that lose
-              it are not kept, whatever their n_hat. [research]'s choices are {1, 2, 4, ..., 32, 48, 64}
-              for a 4k window; ours are the [paper]'s, below the window.
+              paper preset does that (n_hat_sweep 5 of 10, n_hat_tries 5), except that the variant
+              replaces its candidate (the same lambda with a worse n_hat) instead of joining beside it.
+              The default preset sweeps every choice on the fittest initial candidate and tries 5 on
+              each mutated child that wins its race (the others are not kept, whatever their n_hat),
+              racing the variants too: all are scored on document 0, and only a candidate's best there,
+              if it beats the candidate there, on all documents. [research]'s choices are {1, 2, 4, ...,
+              32, 48, 64} for a 4k window; ours are the [paper]'s, below the window.
   fitness     perplexity on all documents for every candidate, as [released]; the default preset races
               (below), which [released] does not.
 Presets:
@@ -241,8 +243,8 @@ class Evolution:
             ranked = self._ranked(population)
             fittest = ranked[: preset.n_hat_sweep_from]
             swept = self.rng.sample(fittest, min(preset.n_hat_sweep, len(fittest)))
-            in_time, kept = self._try_n_hats(swept, None, race_against=ranked[: preset.parents])
-            population += kept
+            in_time, better = self._try_n_hats(swept, None)
+            population = [better.get(c, c) for c in population]
         stale, iterations, stopped_by = 0, 0, "iterations" if in_time else "time_budget"
         for _ in range(preset.iterations if in_time else 0):
             if self.max_evals is not None and self.evaluations + 1 > self.max_evals + 1e-9:
@@ -255,9 +257,8 @@ class Evolution:
             in_time = self._score(self._affordable(mutants + crossed), race_against)
             finished = [c for c in mutants + crossed if math.isfinite(self.scores.get(c, math.inf))]
             if in_time:
-                in_time, kept = self._try_n_hats([c for c in mutants if c in finished], preset.n_hat_tries,
-                                                 race_against)
-                finished += kept
+                in_time, better = self._try_n_hats([c for c in mutants if c in finished], preset.n_hat_tries)
+                finished = [better.get(c, c) for c in finished]
             if not in_time:
                 stopped_by = "time_budget"
                 break
@@ -277,23 +278,34 @@ class Evolution:
         """Fittest first (ties broken by the candidate, so that the order is deterministic)."""
         return sorted(candidates, key=lambda c: (self.scores[c], c))
 
-    def _try_n_hats(self, candidates: list[Candidate], tries: int | None,
-                    race_against: list[Candidate] | None) -> tuple[bool, list[Candidate]]:
-        """Score each candidate with other n_hat choices (all, or `tries` at random: SearchSpace.with_n_hats),
-        raced when `race_against` is given; each candidate's best variant, when it beats the candidate, is
-        returned to join the population. The bool is False when keep_going stopped the fitness first."""
+    def _try_n_hats(self, candidates: list[Candidate], tries: int | None) -> tuple[bool, dict[Candidate, Candidate]]:
+        """Each candidate with other n_hat choices (all, or `tries` at random: SearchSpace.with_n_hats); returns
+        {candidate: its best variant} for the variants that beat their candidate, and False first when keep_going
+        stopped the fitness. With racing, every variant is scored on document 0 and only each candidate's best
+        there, if it beats the candidate there, on all documents (only one variant per candidate can be kept)."""
         variants = {}
         for candidate in candidates:
             variants[candidate] = [v for v in self.space.with_n_hats(candidate, self.rng, tries) if v not in self.seen]
             self.seen.update(variants[candidate])
-        in_time = self._score(self._affordable([v for new in variants.values() for v in new]), race_against)
-        kept = []
+        affordable = self._affordable([v for new in variants.values() for v in new])
+        variants = {candidate: [v for v in new if v in affordable] for candidate, new in variants.items()}
+        finalists = affordable
+        if self.preset.racing and self.fitness.documents > 1:
+            if not self._probe(affordable):
+                return False, {}
+            finalists = []
+            for candidate, new in variants.items():
+                best = min(new, key=lambda v: (self.probe[v], v), default=None)
+                finalists += [best] if best is not None and self.probe[best] < self.probe[candidate] else []
+            self.scores.update((v, math.inf) for v in affordable if v not in finalists)
+        in_time = self._finish(finalists)
+        better = {}
         for candidate, new in variants.items():
             scored = [v for v in new if math.isfinite(self.scores.get(v, math.inf))]
             best = min(scored, key=lambda v: (self.scores[v], v), default=None)
             if best is not None and self.scores[best] < self.scores[candidate]:
-                kept.append(best)
-        return in_time, kept
+                better[candidate] = best
+        return in_time, better
 
     def _affordable(self, candidates: list[Candidate]) -> list[Candidate]:
         """As many candidates as the evaluation budget allows (each may cost a full evaluation)."""
@@ -354,24 +366,31 @@ class Evolution:
         those whose NLL on document 0 would rank them among the parents (the others score inf).
         False when keep_going stopped the fitness first: the candidates it finished are scored."""
         candidates = [c for c in candidates if c not in self.scores]
-        if not candidates:
-            return True
+        if race_against is None or self.fitness.documents == 1:
+            return self._finish(candidates)
+        if not self._probe(candidates):
+            return False
+        bar = sorted(self.probe[p] for p in race_against)[min(self.preset.parents, len(race_against)) - 1]
+        self.scores.update((c, math.inf) for c in candidates if self.probe[c] > bar)
+        return self._finish([c for c in candidates if self.probe[c] <= bar])
+
+    def _probe(self, candidates: list[Candidate]) -> bool:
+        """Mean NLL on document 0 of the candidates (`probe`); False when keep_going stopped the fitness first."""
+        self.fitness.nll([(c, 0) for c in candidates if (c, 0) not in self.results], self._record, self.keep_going)
+        if any((c, 0) not in self.results for c in candidates):
+            return False
+        for candidate in candidates:
+            nll, tokens = self.results[(candidate, 0)]
+            self.probe[candidate] = nll / tokens
+        return True
+
+    def _finish(self, candidates: list[Candidate]) -> bool:
+        """Full-fitness perplexity of the candidates (`scores`); False when keep_going stopped the fitness first:
+        the candidates it finished are scored."""
         docs = self.fitness.documents
-        if race_against is not None and docs > 1:
-            self.fitness.nll([(c, 0) for c in candidates], self._record, self.keep_going)
-            if any((c, 0) not in self.results for c in candidates):
-                return False
-            for candidate in candidates:
-                nll, tokens = self.results[(candidate, 0)]
-                self.probe[candidate] = nll / tokens
-            bar = sorted(self.probe[p] for p in race_against)[min(self.preset.parents, len(race_against)) - 1]
-            finalists = [c for c in candidates if self.probe[c] <= bar]
-            self.scores.update((c, math.inf) for c in candidates if self.probe[c] > bar)
-        else:
-            finalists = candidates
-        self.fitness.nll([(c, doc) for c in finalists for doc in range(docs) if (c, doc) not in self.results],
+        self.fitness.nll([(c, doc) for c in candidates for doc in range(docs) if (c, doc) not in self.results],
                          self._record, self.keep_going)
-        for candidate in finalists:
+        for candidate in candidates:
             if any((candidate, doc) not in self.results for doc in range(docs)):
                 return False
             self.scores[candidate] = perplexity_of(self.results[(candidate, doc)] for doc in range(docs))

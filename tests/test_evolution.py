@@ -220,7 +220,7 @@ def test_n_hat_choices_stay_below_the_window_and_nothing_beyond_it_is_written():
 
 def test_n_hat_is_swept_on_the_fittest_initial_candidate_and_tried_on_mutated_children():
     """As LongRoPE's research code: every n_hat choice on the fittest initial candidates, some on each mutated child
-    scored on all documents (every one without racing); a variant joins only when it beats its candidate."""
+    scored on all documents (every one without racing); a variant is kept only when it beats its candidate."""
     preset = Preset(population=6, parents=2, mutations=3, crossovers=1, iterations=2, mutation_p=0.3, racing=False,
                     patience=None, n_hat_sweep=1, n_hat_sweep_from=1, n_hat_tries=2)
     evolution, fitness = setup(preset=preset, documents=2)  # the fitness prefers n_hat 8
@@ -230,9 +230,23 @@ def test_n_hat_is_swept_on_the_fittest_initial_candidate_and_tried_on_mutated_ch
     assert candidates[6:19] == [replace(fittest, n_hat=n) for n in evolution.space.n_hat_choices if n != 0]
     # each iteration: 3 mutants, 2 variants of each (fewer when a variant was seen before), 1 crossover
     assert 6 + 13 + 2 * (3 + 3 * 1 + 1) <= result.evaluations <= 6 + 13 + 2 * (3 + 3 * 2 + 1)
-    assert result.best.n_hat == 8
+    assert min(candidates[6:19], key=evolution.scores.get) == replace(fittest, n_hat=8)  # the fitness's optimum
     without_n_hat = SearchSpace.from_bounds(8, 1.0, 8.0, n_hat_choices=(0,))
     fitness = QuadraticFitness(without_n_hat, documents=2)
     evolution = Evolution(without_n_hat, [without_n_hat.snap([1.0] * 8), without_n_hat.snap([8.0] * 8)], preset,
                           fitness, seed=0)
     assert evolution.run().evaluations == 6 + 2 * (3 + 1)
+
+
+def test_raced_n_hat_variants_finish_only_the_best_one_on_document_0():
+    """Only one variant of a candidate can be kept, so with racing only its best on document 0, and only if that
+    beats the candidate there, is scored on the other documents."""
+    evolution, fitness = setup(max_evals=80)  # 16 initial candidates on 3 documents, then the n_hat sweep
+    evolution.run()
+    initial = list(dict.fromkeys(candidate for candidate, _ in fitness.requests))[:16]
+    fittest = min(initial, key=lambda c: evolution.scores[c])
+    sweep = fitness.requests[48 : 48 + 13]
+    assert sweep == [(replace(fittest, n_hat=n), 0) for n in evolution.space.n_hat_choices if n != 0]
+    finished = {c for c, doc in fitness.requests if doc == 2 and c.steps == fittest.steps and c != fittest}
+    best = min((c for c, _ in sweep), key=lambda c: evolution.probe[c])
+    assert finished == {best} and best.n_hat == 8  # the fitness prefers n_hat 8
