@@ -34,6 +34,21 @@ HELD_OUT = DATA / "sherlock_adventures.jsonl"
 CLI = [sys.executable, "-m", "longrope_convert"]
 
 
+def critical_dimension(head_dim: int, rope_theta: float, window: int) -> int:
+    """LongRoPE2's critical dimension (arXiv 2502.20082), ceil(d/2 log_theta(L / 2 pi)) - 1 of the d/2 (counted
+    from 0): the last whose period fits in the window L; those beyond it never turn a full period there."""
+    return math.ceil(head_dim / 2 * math.log(window / (2 * math.pi)) / math.log(rope_theta)) - 1
+
+
+def test_the_llama3_shaped_testbed_has_llama_3_8b_s_shape_where_rope_scaling_matters():
+    """tests/testbed/tiny-llama3-256: 64 factors, grouped KV, and the critical dimension of Llama-3-8B at 8k."""
+    config = json.loads((TESTBED.parent / "tiny-llama3-256" / "config.json").read_text())
+    assert config["head_dim"] == 128 and config["num_key_value_heads"] < config["num_attention_heads"]
+    assert critical_dimension(128, 500000.0, 8192) == 34  # Llama-3-8B
+    assert critical_dimension(config["head_dim"], config["rope_parameters"]["rope_theta"],
+                              config["max_position_embeddings"]) == 34
+
+
 def model_with(folder, factor_set):
     source = read_source(folder)
     return load_longrope_model(folder, longrope_config(source.config, factor_set))
