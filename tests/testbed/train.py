@@ -1,7 +1,7 @@
 """Train the tiny Llama testbeds: small RoPE models with a 256-token window.
 
     python tests/testbed/train.py --corpus ../shared/corpus --output tests/testbed/tiny-llama-256
-    python tests/testbed/train.py --corpus ../shared/corpus --shape tiny-llama3-256 \
+    python tests/testbed/train.py --corpus ../shared/corpus --shape tiny-llama3-256 --threads 1 \
         --output tests/testbed/tiny-llama3-256
 
 Fast, real models for the search: trained on the public-domain corpus (every book except the two
@@ -19,7 +19,8 @@ fails, and the factor sets differ. Shapes (SHAPES):
                     give 34.
 
 Deterministic: fixed seeds and data order; the weights are bit-identical for the same torch
-version and thread count (--threads, default 2). About 10 minutes on 2 CPU cores.
+version and thread count (--threads, default 2). tiny-llama-256: about 10 minutes on 2 CPU cores;
+tiny-llama3-256: 39 minutes on one thread of the shared machine (load 6-10), final loss 4.164.
 """
 
 from __future__ import annotations
