@@ -3,6 +3,7 @@
     python benchmarks/search_quality.py --before /work/wt/e4bb5fa --work ~/search-quality \\
         [--testbeds tiny-llama-256 tiny-llama3-256] [--seeds 0 1 2] [--paper-seeds 0] [--jobs 2]
         [--variants before after no-n-hat paper row] [--reuse LOG ...]
+    python benchmarks/search_quality.py --work ~/search-cost --variants default critical --issue18 /work/wt/a8868b3
 
 Each variant (VARIANTS) searches each testbed (tests/testbed/<name>, window 256) for 2048 tokens on the
 search text, 4 chapters of Tom Sawyer (tests/data/tom_sawyer_chapters.jsonl), once per seed; every
@@ -11,18 +12,25 @@ Holmes (tests/data/sherlock_adventures.jsonl), BOS + the first 2047 tokens of ea
 sees the evaluation text, and the testbeds never saw either book.
 
 One document forward = one (setting, document) evaluation the search asked for = one line of its
-search log when nothing is replayed: baselines, raced probes, n_hat sweeps and the attention-scale
-confirmations all count. For each searched lambda the table also gives the best n_hat on the search
-text among every choice (an exhaustive sweep done here, not counted in the search's forwards): a search
-that finds it has searched n_hat as well as any strategy can for that lambda.
+search log when nothing is replayed: baselines, raced probes, n_hat sweeps, confirmations of finalists and
+the attention-scale confirmations all count. For each searched lambda of the issue-18 variants the second table
+also gives the best n_hat on the search text among every choice (an exhaustive sweep done here, not counted in
+the search's forwards): a search that finds it has searched n_hat as well as any strategy can for that lambda.
+
+The cost table (variants default, critical and whatever else is asked for, with the paper preset and issue 18's
+default where their results are in --work) gives, per run, the document forwards and the best perplexity on
+all 4 search documents reached within 300 and 600 forwards and at the end (from the log, in its order: exact
+for runs without --reuse), and the held-out perplexity of what each run wrote; then every analytic set on both
+texts at its own attention scale and at LongRoPE's sqrt(1 + ln s / ln L) (what vLLM applies without
+short_mscale / long_mscale).
 
 Every search runs in its own process, with one thread, `--jobs` of them at a time: the "before" variant
-with the code of the checkout given by --before (e.g. `git worktree add /work/wt/e4bb5fa e4bb5fa`), the
-others with this checkout's. Results stay in --work: a search whose result file exists is not run
-again, an interrupted one resumes from its log; new variants (a line in VARIANTS, a new search option)
-reuse what is there. --reuse takes evaluations from other search logs of the same model, data and
-scale below n_hat (an evaluation is a pure function of setting and document on one machine and thread
-count), so only the time changes.
+with the code of the checkout given by --before (e.g. `git worktree add /work/wt/e4bb5fa e4bb5fa`), issue 18's
+variants with --issue18's (a8868b3), the others with this checkout's. Results stay in --work: a search whose
+result file exists is not run again, an interrupted one resumes from its log; new variants (a line in
+VARIANTS, a new search option) reuse what is there. --reuse takes evaluations from other search logs of the
+same model, data and scale below n_hat (an evaluation is a pure function of setting and document on one machine
+and thread count), so only the time changes.
 """
 
 from __future__ import annotations
@@ -48,22 +56,28 @@ TARGET, DOCUMENTS = 2048, 4
 @dataclass(frozen=True)
 class Variant:
     label: str
-    code: str  # "before": the --before checkout; "after": this one
+    code: str  # "before": the --before checkout; "issue18": the --issue18 checkout; "this": this one
     preset: str = "default"
     settings: dict[str, Any] = field(default_factory=dict)  # SearchRun keyword arguments
     paper_seeds: bool = False  # run with --paper-seeds instead of --seeds
+    n_hat_sweeps: bool = True  # score every n_hat choice on its lambda at both scales (the second table)
 
 
 VARIANTS = {
     "before": Variant("before the fixes (e4bb5fa), default preset", "before"),
-    "after": Variant("after, default preset", "after"),
-    "no-n-hat": Variant("after, default preset, --no-n-hat", "after", settings={"n_hat": False}),
-    "row": Variant("after, default preset, long mscale below n̂ (n_hat_mscale row)", "after",
+    "after": Variant("after, default preset", "issue18"),
+    "no-n-hat": Variant("after, default preset, --no-n-hat", "issue18", settings={"n_hat": False}),
+    "row": Variant("after, default preset, long mscale below n̂ (n_hat_mscale row)", "issue18",
                    settings={"n_hat_mscale": "row"}),
-    "paper": Variant("after, --preset paper", "after", preset="paper", paper_seeds=True),
+    "paper": Variant("after, --preset paper", "issue18", preset="paper", paper_seeds=True),
+    # issue 21: the default preset's budget, racing and confirmation, in each search space
+    "default": Variant("default preset, full space", "this", settings={"space": "full"}, n_hat_sweeps=False),
+    "critical": Variant("default preset, critical space", "this", settings={"space": "critical"},
+                        n_hat_sweeps=False),
 }
 # "row" is left out unless asked for: the second table measures both scales on every searched lambda for less.
 DEFAULT_VARIANTS = ("before", "after", "no-n-hat", "paper")
+COST_VARIANTS = ("default", "critical")  # the cost table's own; it shows "paper" and "after" too when in --work
 BASELINES = {"none": "none (RoPE unchanged)", "pi": "PI", "ntk": "NTK", "yarn": "YaRN", "llama3": "llama3"}
 
 
@@ -123,13 +137,15 @@ def stage(job: dict[str, Any]) -> str | None:
     result = Path(job["result"])
     if not result.exists():
         return "search"
-    return None if "sweeps" in json.loads(result.read_text()) else "score"
+    done = json.loads(result.read_text())
+    return None if "held_out" in done and ("sweeps" in done or not job["n_hat_sweeps"]) else "score"
 
 
-def launch(jobs: list[dict[str, Any]], parallel: int, before: Path | None) -> None:
+def launch(jobs: list[dict[str, Any]], parallel: int, checkouts: dict[str, Path]) -> None:
     """Search, then score, every job not done yet, `parallel` processes at a time, each on one thread: a search
-    with its variant's code, the scoring with this checkout's. A process still running from an earlier launch
-    (its .pid file names a live process of that job) is waited for, not started again."""
+    with its variant's code (`checkouts`: "before", "issue18"), the scoring with this checkout's. A process still
+    running from an earlier launch (its .pid file names a live process of that job) is waited for, not started
+    again."""
     waiting = [job for job in jobs if stage(job)]
     running: dict[int, dict] = {}  # process id -> job
     children: dict[int, subprocess.Popen] = {}
@@ -140,7 +156,7 @@ def launch(jobs: list[dict[str, Any]], parallel: int, before: Path | None) -> No
             pid = int(pid_file.read_text()) if pid_file.exists() else None
             if pid is None or not runs_job(pid, job):
                 step = stage(job)
-                code = before if step == "search" and job["code"] == "before" else ROOT
+                code = checkouts.get(job["code"], ROOT) if step == "search" else ROOT
                 env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1"}
                 with open(Path(job["result"]).with_suffix(".stderr"), "a") as stderr:
                     process = subprocess.Popen([sys.executable, __file__, f"--{step}-one", json.dumps(job)], env=env,
@@ -210,6 +226,9 @@ def score_one(job: dict[str, Any]) -> None:
     result = json.loads(path.read_text())
     factor_set = factor_set_from_json(result["factor_set"])
     result["held_out"] = scorer.perplexity(factor_set, "evaluation")
+    if not job["n_hat_sweeps"]:
+        path.write_text(json.dumps(result, indent=1))
+        return
     unscaled = replace(factor_set, n_hat=0)
     at_zero = {"search": scorer.perplexity(unscaled, "search"), "evaluation": scorer.perplexity(unscaled, "evaluation")}
     sweeps = {}
@@ -261,10 +280,92 @@ def table(testbed: str, variants: dict[str, Variant], results: dict[str, dict[in
     return "\n".join(lines)
 
 
+FORWARD_MARKS = (300, 600)  # the cost table's "best within" columns
+COST_ROWS = ("default", "critical", "after", "paper", "before")  # in this order, those with results in --work
+
+
+def best_within(log: Path, marks: tuple[int, ...] = FORWARD_MARKS) -> dict[str, float | None]:
+    """The best perplexity on every search document among the candidates a search log has scored on all of them,
+    after each mark of document forwards (the log's lines, baselines included, in order) and at the end."""
+    from longrope_convert.evolution import perplexity_of
+
+    header, *lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    documents, scored, best, reached = len(header["documents"]), {}, None, {}
+    for forwards, entry in enumerate(lines, 1):
+        if not entry["setting"].startswith("baseline:"):
+            scored.setdefault(entry["setting"], {})[entry["doc"]] = (entry["nll_sum"], entry["tokens"])
+            if len(scored[entry["setting"]]) == documents:
+                perplexity = perplexity_of(scored[entry["setting"]].values())
+                best = perplexity if best is None else min(best, perplexity)
+        if forwards in marks:
+            reached[str(forwards)] = best
+    return {**{str(mark): reached.get(str(mark), best) for mark in marks}, "end": best}
+
+
+def median_text(values: list[float | None], digits: int = 3) -> str:
+    known = [v for v in values if v is not None]
+    return f"{statistics.median(known):.{digits}f}" if known else "–"
+
+
+def cost_table(testbed: str, results: dict[str, dict[int, dict]], logs: dict[str, dict[int, Path]],
+               baselines: dict[str, dict[str, float]], critical: int, dims: int) -> str:
+    """Issue 21's table of one testbed: per search (COST_ROWS with results), the document forwards, the best search
+    perplexity within FORWARD_MARKS forwards and at the end, and the held-out perplexity, each seed and the median;
+    the held-out median against the paper preset's and the best of PI, NTK and YaRN; then the classic sets."""
+    classic = min(baselines[name]["held_out"] for name in ("pi", "ntk", "yarn"))
+    paper = results.get("paper") or {}
+    paper_held_out = statistics.median(run["held_out"] for run in paper.values()) if paper else None
+    marks = " / ".join(map(str, FORWARD_MARKS))
+    lines = [f"**{testbed}**, 256 → 2048 tokens (critical dimension {critical} of {dims})\n",
+             f"| search | seeds | document forwards | best search ppl within {marks} forwards, at the end (median) "
+             "| search ppl per seed | held-out ppl per seed | held-out median | ÷ paper's | ÷ best of PI/NTK/YaRN |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name in (name for name in COST_ROWS if results.get(name)):
+        runs, seeds = results[name], sorted(results[name])
+        within = [best_within(logs[name][seed]) for seed in seeds]
+        held_out = statistics.median(runs[s]["held_out"] for s in seeds)
+        searched = " / ".join(f"{runs[s]['best_perplexity']:.3f}" for s in seeds)
+        held_out_each = " / ".join(f"{runs[s]['held_out']:.3f}" for s in seeds)
+        best = " / ".join(median_text([w[key] for w in within]) for key in (*map(str, FORWARD_MARKS), "end"))
+        to_paper = f"{held_out / paper_held_out:.4f}" if paper_held_out else "–"
+        lines.append(f"| {VARIANTS[name].label} | {', '.join(map(str, seeds))} "
+                     f"| {' / '.join(str(runs[s]['forwards']) for s in seeds)} | {best} | {searched} "
+                     f"| {held_out_each} | **{held_out:.3f}** | {to_paper} | {held_out / classic:.4f} |")
+    for name, label in BASELINES.items():
+        measured = baselines[name]
+        lines.append(f"| {label} | | 0 | | {measured['search']:.3f} | | {measured['held_out']:.3f} | "
+                     f"| {measured['held_out'] / classic:.4f} |")
+    return "\n".join(lines)
+
+
+def analytic_table(testbed: str, scorer: Scorer, cache: Path) -> str:
+    """Every analytic set (factors.ANALYTIC_METHODS) on both texts at its own attention scale and at LongRoPE's
+    sqrt(1 + ln s / ln L): what decides the init of a conversion without searched factors. Cached in `cache`."""
+    from longrope_convert.factors import ANALYTIC_METHODS, analytic_factor_set
+    from longrope_convert.source_rope import longrope_attention_factor
+
+    measured = json.loads(cache.read_text()) if cache.exists() else {}
+    longrope_scale = longrope_attention_factor(TARGET / 256, 256)
+    lines = [f"**{testbed}**: analytic sets at 8x (perplexity; attention scale in brackets)\n",
+             f"| set | own scale: held-out | own scale: search text | LongRoPE's scale ({longrope_scale:.4f}): "
+             "held-out | LongRoPE's scale: search text |", "|---|---|---|---|---|"]
+    for method in ANALYTIC_METHODS:
+        own = analytic_factor_set(method, scorer.source.fingerprint, TARGET)
+        for key, factor_set in ((method, own), (f"{method}@longrope", replace(own, long_mscale=longrope_scale))):
+            if key not in measured:
+                measured[key] = {text: scorer.perplexity(factor_set, text) for text in ("evaluation", "search")}
+                cache.write_text(json.dumps(measured, indent=1))
+        mine, theirs = measured[method], measured[f"{method}@longrope"]
+        lines.append(f"| {method} ({own.long_mscale:.4f}) | {mine['evaluation']:.3f} | {mine['search']:.3f} "
+                     f"| {theirs['evaluation']:.3f} | {theirs['search']:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--before", type=Path, default=None, help="checkout of the code before the fixes")
+    parser.add_argument("--issue18", type=Path, default=None, help="checkout of issue 18's code (a8868b3)")
     parser.add_argument("--testbeds", nargs="+", default=["tiny-llama-256", "tiny-llama3-256"])
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -281,24 +382,27 @@ def main() -> None:
     if args.work is None:
         parser.error("--work is required")
     variants = {name: VARIANTS[name] for name in args.variants}
-    if any(v.code == "before" for v in variants.values()) and args.before is None:
-        parser.error("the 'before' variant needs --before (a checkout of the code before the fixes)")
+    checkouts = {name: path for name, path in (("before", args.before), ("issue18", args.issue18)) if path}
+    for name, variant in variants.items():
+        if variant.code != "this" and variant.code not in checkouts:
+            parser.error(f"the '{name}' variant needs --{variant.code} (a checkout of that code)")
     args.work.mkdir(parents=True, exist_ok=True)
-    # seed by seed (the paper preset last), so that a run cut short has every variant at its first seeds
+    # seed by seed (the paper preset last), so that a run cut short has every variant at its first seeds on every
+    # testbed
     runs = sorted(((name, seed) for name, variant in variants.items()
                    for seed in (args.paper_seeds if variant.paper_seeds else args.seeds)),
                   key=lambda run: (variants[run[0]].paper_seeds, run[1]))
     jobs = []
-    for testbed in args.testbeds:
-        for name, seed in runs:
-            variant, stem = variants[name], args.work / f"{testbed}-{name}-{seed}"
-            jobs.append({"testbed": testbed, "code": variant.code, "preset": variant.preset, "seed": seed,
-                         "settings": variant.settings, "log": str(stem.with_suffix(".log.jsonl")),
-                         "result": str(stem.with_suffix(".json")), "reuse": [str(p) for p in args.reuse],
-                         "variant": name})
-    launch(jobs, args.jobs, args.before)
+    for (name, seed), testbed in ((run, testbed) for run in runs for testbed in args.testbeds):
+        variant, stem = variants[name], args.work / f"{testbed}-{name}-{seed}"
+        jobs.append({"testbed": testbed, "code": variant.code, "preset": variant.preset, "seed": seed,
+                     "settings": variant.settings, "log": str(stem.with_suffix(".log.jsonl")),
+                     "result": str(stem.with_suffix(".json")), "reuse": [str(p) for p in args.reuse],
+                     "variant": name, "n_hat_sweeps": variant.n_hat_sweeps})
+    launch(jobs, args.jobs, checkouts)
 
     from longrope_convert.factors import baseline_factor_sets
+    from longrope_convert.source_rope import critical_dimension
 
     report = []
     for testbed in args.testbeds:
@@ -309,7 +413,21 @@ def main() -> None:
         baselines = {name: {"held_out": scorer.perplexity(factor_set, "evaluation"),
                             "search": scorer.perplexity(factor_set, "search")}
                      for name, factor_set in baseline_factor_sets(scorer.source.fingerprint, TARGET).items()}
-        report.append(table(testbed, variants, results, baselines))
+        if any(name in COST_VARIANTS for name in variants):
+            # the cost table also shows the other searches whose scored results are in --work
+            logs: dict[str, dict[int, Path]] = {}
+            for result in sorted(args.work.glob(f"{testbed}-*-*.json")):
+                name, seed = result.stem[len(testbed) + 1 :].rsplit("-", 1)
+                scored = json.loads(result.read_text())
+                if name in COST_ROWS and "held_out" in scored and result.with_suffix(".log.jsonl").exists():
+                    results.setdefault(name, {})[int(seed)] = scored
+                    logs.setdefault(name, {})[int(seed)] = result.with_suffix(".log.jsonl")
+            model = scorer.source.fingerprint
+            critical = critical_dimension(model.head_dim, model.rope_theta, model.original_max_position_embeddings)
+            report.append(cost_table(testbed, results, logs, baselines, critical, model.head_dim // 2))
+            report.append(analytic_table(testbed, scorer, args.work / f"{testbed}-analytic.json"))
+        else:
+            report.append(table(testbed, variants, results, baselines))
         print(report[-1] + "\n", flush=True)
     (args.work / "table.md").write_text("\n\n".join(report) + "\n")
     print(f"(also in {args.work / 'table.md'}; the machine's load: {os.getloadavg()})")

@@ -35,8 +35,13 @@ theta_i = b^(-2i/d), i = 0 .. d/2 - 1:
                                                   `yarn` type, which interpolates inv_freq, not lambda)
     llama3  lambda_i = 1 for wavelength < L/4, s for wavelength > L, else 1 / ((1 - a)/s + a)
             with a = (L / wavelength - 1) / 3    (transformers' llama3 type, low 1, high 4)
+    ntk-cd  lambda_i = s^(i / c) below c, s from c on
+    yarn-cd lambda_i as yarn, with the ramp's upper end moved to c (s from c on; yarn's is at c + 1)
 
-each with the source's long attention scale times the method's own (1, or YaRN's 0.1 ln s + 1).
+where c is LongRoPE2's critical dimension of theta at L (source_rope.critical_dimension): NTK and YaRN moved to
+it, as LongRoPE2 (arXiv 2502.20082) moves them; ntk-cd is the ramp below c of its search space
+(evolution.SearchSpace) with every dimension above it at s. Each set has the source's long attention scale
+times the method's own (1, or YaRN's 0.1 ln s + 1 for yarn and yarn-cd).
 """
 
 from __future__ import annotations
@@ -57,6 +62,8 @@ from .source_rope import (
     DEFAULT_ROPE,
     BaseFactorSet,
     base_factor_set,
+    critical_dimension,
+    critical_ramp,
     llama3_factors,
     long_attention_scales,
     monotone_factors,
@@ -70,13 +77,15 @@ READABLE_VERSIONS = (1, 2, 3)
 # The attention scale of the positions below n_hat (FactorSet.n_hat_mscale) in the sets this version makes:
 # the short set's, as LongRoPE's research code (see BENCHMARKS.md, "Search": both measured at 8x).
 N_HAT_MSCALE = "short"
-ANALYTIC_METHODS = ("pi", "ntk", "yarn", "llama3")
+ANALYTIC_METHODS = ("pi", "ntk", "yarn", "llama3", "ntk-cd", "yarn-cd")
+# What searches and `eval --baselines` compare with: the classic sets.
+CLASSIC_METHODS = ("pi", "ntk", "yarn", "llama3")
 # Rotary angles are computed from float32 positions (as in stock transformers), which hold integers exactly
 # only up to 2**24: beyond it neighbouring positions share an angle.
 MAX_TARGET_LENGTH = 2**24
 PROVENANCE_FIELDS = {
     "method": "how the factors were made: 'search', 'search:short', 'search:no-evolution', 'baseline:<name>', "
-              "'init:<pi|ntk|yarn|llama3>', ...",
+              "'init:<pi|ntk|yarn|llama3|ntk-cd|yarn-cd>', ...",
     "warning": "one sentence on why the method is not a plain 'search', when it is not",
     "source": "the model the factors were made for (folder or Hub id)",
     "data": "documents used (paths or dataset ids)",
@@ -86,6 +95,10 @@ PROVENANCE_FIELDS = {
     "best_perplexity": "fitness of the chosen factors",
     "baseline_perplexities": "fitness of the analytic sets on the same data",
     "preset": "search preset",
+    "space": "search space: 'full' (every lambda searched) or 'critical' (LongRoPE2: lambda >= the extension from "
+             "its critical dimension on, a geometric ramp below it), with that dimension",
+    "windows": "the documents as windows of the evaluation length, when --data had fewer long documents than "
+               "--documents ('NAME#window2': its second window)",
     "budget": "search budget (evaluations, seconds)",
     "seed": "random seed",
     "base_factors": "factors of an earlier stage that these compose with (version-1 files)",
@@ -409,8 +422,13 @@ def analytic_factors(method: str, scale: float, head_dim: int, rope_theta: float
         return [scale] * half, 1.0
     if method == "ntk":
         return monotone_factors([scale ** (2 * i / (head_dim - 2)) for i in range(half)]), 1.0
+    critical = critical_dimension(head_dim, rope_theta, window)
     if method == "yarn":
         return yarn_factors(scale, head_dim, rope_theta, window), 0.1 * math.log(scale) + 1.0
+    if method == "yarn-cd":
+        return yarn_factors(scale, head_dim, rope_theta, window, end=critical), 0.1 * math.log(scale) + 1.0
+    if method == "ntk-cd":
+        return critical_ramp(scale, critical, half), 1.0
     return monotone_factors(llama3_factors(scale, head_dim, rope_theta, window)), 1.0
 
 
@@ -429,7 +447,7 @@ def analytic_factor_set(method: str, model: ModelFingerprint, target_length: int
 
 
 def baseline_factor_sets(model: ModelFingerprint, target_length: int,
-                         methods: Sequence[str] = ANALYTIC_METHODS) -> dict[str, FactorSet]:
+                         methods: Sequence[str] = CLASSIC_METHODS) -> dict[str, FactorSet]:
     """What a searched set is compared with, on the same source and target: "none" (the source's own RoPE
     carried past its window unchanged) and each analytic method composed on it (analytic_factor_set)."""
     source_set = source_factor_set(model, target_length)
@@ -439,11 +457,11 @@ def baseline_factor_sets(model: ModelFingerprint, target_length: int,
 
 
 def yarn_factors(scale: float, dim: int, base: float, original_length: int,
-                 beta_fast: float = 32, beta_slow: float = 1) -> list[float]:
+                 beta_fast: float = 32, beta_slow: float = 1, end: int | None = None) -> list[float]:
     """LongRoPE's official YaRN init: lambda ramps linearly from 1 (fast dims) to s (slow dims) along YaRN's
-    ramp (source_rope.yarn_ramp). Not transformers' `yarn` type, which ramps inv_freq instead
-    (source_rope.yarn_base)."""
-    extrapolations = [1.0 - r for r in yarn_ramp(dim, base, original_length, beta_fast, beta_slow)]
+    ramp (source_rope.yarn_ramp, whose upper end `end` moves). Not transformers' `yarn` type, which ramps
+    inv_freq instead (source_rope.yarn_base)."""
+    extrapolations = [1.0 - r for r in yarn_ramp(dim, base, original_length, beta_fast, beta_slow, end=end)]
     return monotone_factors([scale * (1.0 - extrapolate) + extrapolate for extrapolate in extrapolations])
 
 

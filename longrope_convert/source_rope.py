@@ -227,10 +227,11 @@ def llama3_factors(factor: float, head_dim: int, rope_theta: float, original_max
 
 
 def yarn_ramp(head_dim: int, rope_theta: float, original_max_position_embeddings: int, beta_fast: float = 32,
-              beta_slow: float = 1, truncate: bool = True) -> list[float]:
+              beta_slow: float = 1, truncate: bool = True, end: int | None = None) -> list[float]:
     """YaRN's ramp r_i in [0, 1] over the d/2 dimensions: 0 up to the dimension that turns `beta_fast` times over
     the original window (kept), 1 from the one that turns `beta_slow` times (interpolated), linear between; with
-    `truncate` the ends are rounded outwards to whole dimensions (transformers' find_correction_range)."""
+    `truncate` the ends are rounded outwards to whole dimensions (transformers' find_correction_range). `end`
+    moves the upper end to that dimension (factors' yarn-cd: the critical dimension)."""
 
     def correction_dim(rotations: float) -> float:
         return (head_dim * math.log(original_max_position_embeddings / (rotations * 2 * math.pi))
@@ -239,10 +240,30 @@ def yarn_ramp(head_dim: int, rope_theta: float, original_max_position_embeddings
     low, high = correction_dim(beta_fast), correction_dim(beta_slow)
     if truncate:
         low, high = math.floor(low), math.ceil(high)
+    if end is not None:
+        low, high = min(low, end), end
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001  # as transformers: no division by zero
     return [min(max((i - low) / (high - low), 0.0), 1.0) for i in range(head_dim // 2)]
+
+
+def critical_dimension(head_dim: int, rope_theta: float, window: int) -> int:
+    """LongRoPE2's critical dimension (arXiv 2502.20082): of the d/2 frequency dimensions (counted from 0), the last
+    whose period 2 pi b^(2i/d) is shorter than the pretraining window L, ceil(d/2 log_b(L / 2 pi)) - 1, as the
+    released search computes it (microsoft/LongRoPE PR #23, evolution/search.py at 5e669a53: `critical_dim`).
+    Dimensions up to it turned full periods in pretraining; those beyond it never did, and LongRoPE2 gives them
+    lambda >= the extension. Llama-3-8B (d 128, b 500,000, L 8,192): 34 of 64; SmolLM2 (d 64, b 100,000, L 8,192):
+    19 of 32. Clamped to [0, d/2 - 1], so that at least the slowest dimension is beyond it."""
+    dimension = math.ceil(head_dim / 2 * math.log(window / (2 * math.pi)) / math.log(rope_theta)) - 1
+    return min(max(dimension, 0), head_dim // 2 - 1)
+
+
+def critical_ramp(top: float, critical: int, half: int) -> list[float]:
+    """lambda_i = top^(i / critical) below the critical dimension, `top` from it on ([half] floats): the geometric
+    ramp that LongRoPE2's search gives the dimensions below it (`ntk_left` in the released dim_mono.py), continuous
+    at the critical dimension."""
+    return [top ** (i / critical) if i < critical else top for i in range(half)]
 
 
 def longrope_attention_factor(scale: float, original_max_position_embeddings: int) -> float:
