@@ -19,6 +19,7 @@ from .errors import LongRoPEError
 from .evolution import DEFAULT_SPACE  # pure Python: `convert` still never imports torch
 from .evolution import PRESETS as SEARCH_PRESETS
 from .evolution import SPACES as SEARCH_SPACES
+from .factors import ANALYTIC_METHODS, DEFAULT_INIT
 from .hub import loading_snippet, push_folder
 from .preflight import check_push, check_search_outputs
 from .source import open_source
@@ -160,10 +161,10 @@ def run_search(model, *, data: list[str], target: int | None, out: Path, log_pat
 @cli.command(epilog=EXAMPLES)
 @click.argument("source")
 @click.option("--target", type=click.IntRange(min=1), required=True, help="New context window in tokens.")
-@click.option("--factors", "factors", default=None, metavar="FILE|FOLDER|pi|ntk|yarn|llama3|ntk-cd|yarn-cd",
+@click.option("--factors", "factors", default=None, metavar="|".join(("FILE", "FOLDER", *ANALYTIC_METHODS)),
               help="Factor file (or a folder converted by longrope-convert: its factor file), or an analytic method. "
-                   "Default: shipped searched factors for this model and target, else the YaRN-derived init (with a "
-                   "warning).")
+                   f"Default: shipped searched factors for this model and target, else the {DEFAULT_INIT} init (with "
+                   "a warning).")
 @click.option("--revision", default=None, help="Branch, tag or commit of a Hub SOURCE.")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="Output folder. Default: ./<source name>-longrope-<target> (16k for 16384).")
@@ -386,7 +387,7 @@ Examples:
   longrope-convert gguf model.Q8_0.gguf --factors ./model-longrope-64k --output model-64k.Q8_0.gguf
 """)
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--factors", default=None, metavar="FILE|FOLDER|pi|ntk|yarn|llama3|ntk-cd|yarn-cd",
+@click.option("--factors", default=None, metavar="|".join(("FILE", "FOLDER", *ANALYTIC_METHODS)),
               help="Factor file, folder converted by longrope-convert, or an analytic method (with --target; "
                    "composed on the GGUF's own RoPE). Default: shipped searched factors for this model and target.")
 @click.option("--target", type=click.IntRange(min=1), default=None, help="New context length in tokens.")

@@ -23,9 +23,11 @@ from .card import CARD_FILE, hub_model_id, model_card, source_license
 from .errors import LongRoPEError, OutputError
 from .factors import (
     ANALYTIC_METHODS,
+    DEFAULT_INIT,
     FACTORS_FILE,
     FactorSet,
     analytic_factor_set,
+    default_init_warning,
     find_shipped_factor_set,
     load_factor_set,
     source_factor_set,
@@ -117,7 +119,7 @@ class ConversionPlan:
 def resolve_factors(source: SourceModel, target: int, factors: str | None,
                     warn: Callable[[str], None]) -> tuple[FactorSet, str]:
     """The factor set to use and where it came from: a file, an analytic method, or the shipped ones; the
-    analytic sets and the default YaRN init composed on the source's own RoPE (factors.compose). Raises
+    analytic sets and the default init (factors.DEFAULT_INIT) composed on the source's own RoPE (factors.compose). Raises
     LongRoPEError for a target the source already reaches, a file made for another source or target."""
     source_factor_set(source.fingerprint, target)  # refuses a target within the source's window
     if factors in ANALYTIC_METHODS:
@@ -137,11 +139,8 @@ def resolve_factors(source: SourceModel, target: int, factors: str | None,
     shipped = find_shipped_factor_set(source.fingerprint, target)
     if shipped is not None:
         return shipped[0], f"shipped:{shipped[1].parent.name}/{shipped[1].name}"
-    warn(
-        f"WARNING: no searched factors ship for this model at {target} tokens; using the YaRN-derived init "
-        "(recorded as 'init:yarn', not searched). Run 'longrope-convert search' for searched factors."
-    )
-    return analytic_factor_set("yarn", source.fingerprint, target), "init:yarn"
+    warn(default_init_warning(target))
+    return analytic_factor_set(DEFAULT_INIT, source.fingerprint, target), f"init:{DEFAULT_INIT}"
 
 
 def _describe(model) -> str:

@@ -78,8 +78,12 @@ READABLE_VERSIONS = (1, 2, 3)
 # the short set's, as LongRoPE's research code (see BENCHMARKS.md, "Search": both measured at 8x).
 N_HAT_MSCALE = "short"
 ANALYTIC_METHODS = ("pi", "ntk", "yarn", "llama3", "ntk-cd", "yarn-cd")
-# What searches and `eval --baselines` compare with: the classic sets.
+# What searches compare with: the classic sets.
 CLASSIC_METHODS = ("pi", "ntk", "yarn", "llama3")
+# What a conversion gets without searched factors (`init:llama3`, never presented as searched): of the analytic sets,
+# the one with the lowest perplexity at 8x on held-out text on both testbeds, at its own attention scale (1), which
+# measured better there than LongRoPE's sqrt(1 + ln s / ln L) (BENCHMARKS.md, "Search: cost").
+DEFAULT_INIT = "llama3"
 # Rotary angles are computed from float32 positions (as in stock transformers), which hold integers exactly
 # only up to 2**24: beyond it neighbouring positions share an angle.
 MAX_TARGET_LENGTH = 2**24
@@ -444,6 +448,13 @@ def analytic_factor_set(method: str, model: ModelFingerprint, target_length: int
     # No timestamp: the same inputs give a byte-identical file (and an unchanged push).
     return compose(source_set, factors, long_mscale=base.long_mscale * mscale, attention_scale=f"source x {method}",
                    provenance={"method": f"init:{method}", "tool_version": __version__})
+
+
+def default_init_warning(target_length: int) -> str:
+    """The line a conversion prints when it falls back to DEFAULT_INIT."""
+    return (f"WARNING: no searched factors ship for this model at {target_length} tokens; using the {DEFAULT_INIT} "
+            f"init (recorded as 'init:{DEFAULT_INIT}', not searched). Run 'longrope-convert search' for searched "
+            "factors.")
 
 
 def baseline_factor_sets(model: ModelFingerprint, target_length: int,

@@ -95,7 +95,7 @@ def test_model_card_inherits_the_source_licence(tiny_source, tmp_path, capfd, mo
     assert front_matter(card) == {"license": "other", "license_name": "llama3",  # a local source: no base_model
                                   "license_link": "LICENSE", "library_name": "transformers",
                                   "pipeline_tag": "text-generation", "tags": ["longrope", "long-context", "llama"]}
-    assert "Source card" not in card and "**not searched**: `init:yarn`" in card
+    assert "Source card" not in card and "**not searched**: `init:llama3`" in card
     assert (tmp_path / "out" / "LICENSE").read_text() == "the licence text"
 
 
@@ -162,7 +162,7 @@ def test_both_config_styles_are_read(tiny_source, style):
     assert config["rope_theta"] == 500000.0 and "rope_parameters" not in config
 
 
-def test_shipped_factors_are_found_else_yarn_with_a_warning(tiny_source, tmp_path, capfd, monkeypatch):
+def test_shipped_factors_are_found_else_the_llama3_init_with_a_warning(tiny_source, tmp_path, capfd, monkeypatch):
     shipped = tmp_path / "shipped" / "tiny"
     shipped.mkdir(parents=True)
     fingerprint = read_source(tiny_source).fingerprint
@@ -175,9 +175,9 @@ def test_shipped_factors_are_found_else_yarn_with_a_warning(tiny_source, tmp_pat
                                                         "n_hat": 0}
     assert "WARNING" not in err
     code, out, err = run_cli(capfd, monkeypatch, tiny_source, "--target", 512, "--output", tmp_path / "b", "--json")
-    assert code == 0 and json.loads(out)["factors"]["method"] == "init:yarn"
+    assert code == 0 and json.loads(out)["factors"]["method"] == "init:llama3"
     assert "WARNING: no searched factors ship for this model at 512 tokens" in err
-    assert load_factor_set(tmp_path / "b" / "longrope_factors.json").method == "init:yarn"
+    assert load_factor_set(tmp_path / "b" / "longrope_factors.json").method == "init:llama3"
 
 
 def test_overwrite_replaces_and_a_failed_run_keeps_the_old_output(tiny_source, tmp_path, capfd, monkeypatch):

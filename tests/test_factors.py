@@ -11,6 +11,7 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from longrope_convert.factors import (
+    ANALYTIC_METHODS,
     N_HAT_MSCALE,
     FactorFileError,
     ModelFingerprint,
@@ -23,6 +24,7 @@ from longrope_convert.factors import (
     source_factor_set,
 )
 from longrope_convert.modeling_longrope_llama import rope_inv_freq
+from longrope_convert.source_rope import critical_dimension
 
 LLAMA3_8B = ModelFingerprint(architecture="LlamaForCausalLM", name="Meta-Llama-3-8B", head_dim=128,
                              rope_theta=500000.0, original_max_position_embeddings=8192, num_hidden_layers=32,
@@ -63,8 +65,33 @@ def test_yarn_set_ramps_from_extrapolation_to_interpolation():
     assert math.isclose(factor_set.long_mscale, 0.1 * math.log(8) + 1)
 
 
+def test_the_critical_dimension_is_longrope2_s():
+    """ceil(d/2 log_theta(L / 2 pi)) - 1, as LongRoPE2's released search computes it: the last dimension whose period
+    is shorter than the window. Llama-3-8B's config (head_dim 128, rope_theta 500000, window 8192): 34 of 64;
+    SmolLM2-135M's (64, 100000, 8192): 19 of 32; the testbeds' (64, 10000, 256): 12, and (128, 900, 256): 34."""
+    assert critical_dimension(128, 500000.0, 8192) == 34
+    assert critical_dimension(64, 100000.0, 8192) == 19
+    assert critical_dimension(64, 10000.0, 256) == 12 and critical_dimension(128, 900.0, 256) == 34
+    for head_dim, theta, window in ((128, 500000.0, 8192), (64, 100000.0, 8192), (64, 10000.0, 256)):
+        c = critical_dimension(head_dim, theta, window)
+        period = [2 * math.pi * theta ** (2 * i / head_dim) for i in range(head_dim // 2)]
+        assert period[c] < window <= period[c + 1]
+    assert critical_dimension(64, 10000.0, 4) == 0 and critical_dimension(64, 2.0, 10**9) == 31  # clamped
+
+
+def test_ntk_and_yarn_moved_to_the_critical_dimension():
+    """ntk-cd: s^(i/34) below Llama-3-8B's critical dimension 34, s from it on (NTK reaches s at the last); yarn-cd:
+    YaRN's ramp with its upper end at 34 instead of 35, its attention scale kept."""
+    ntk = analytic_factor_set("ntk-cd", LLAMA3_8B, 65536).long_factor
+    assert ntk == pytest.approx([8 ** (i / 34) for i in range(34)] + [8.0] * 30, rel=1e-12)
+    yarn, moved = (analytic_factor_set(m, LLAMA3_8B, 65536) for m in ("yarn", "yarn-cd"))
+    assert yarn.long_factor[34] < 8.0 and moved.long_factor[34:] == [8.0] * 30
+    assert moved.long_factor[:19] == [1.0] * 19 and math.isclose(moved.long_factor[20], 1 + 7 * 2 / 16)
+    assert moved.long_mscale == yarn.long_mscale and moved.method == "init:yarn-cd"
+
+
 def test_analytic_sets_are_valid_files(tmp_path):
-    for method in ("pi", "ntk", "yarn", "llama3"):
+    for method in ANALYTIC_METHODS:
         factor_set = analytic_factor_set(method, LLAMA3_8B, 65536)
         factor_set.save(tmp_path / f"{method}.json")
         loaded = load_factor_set(tmp_path / f"{method}.json")
