@@ -149,7 +149,7 @@ def _usage_section(factor_set: FactorSet, repo: str, revision: str | None, confi
            if factor_set.keeps_source_inside_window else
            "- inputs within the original window use this checkpoint's own short factors, not the source's RoPE "
            "(`longrope_factors.json`);\n") +
-        f"- the first n̂ = {factor_set.n_hat} positions keep their original rotary angles;\n"
+        f"- the first n̂ = {factor_set.n_hat} positions keep their original rotary angles{_n_hat_scale(factor_set)};\n"
         "- each sequence of a batch uses the short or the long factors according to its own length;\n"
         "- cached generation that crosses the original window rebuilds the cache once with the long factors, so "
         "every cached step equals a forward without cache, to float rounding as with a stock Llama's own cache "
@@ -185,6 +185,15 @@ def _vllm_text(factor_set: FactorSet, repo: str, config: dict[str, Any]) -> str:
                  "from them (this set's is not vLLM's default); transformers does not use them and loads the model as "
                  "described.")
     return text + "\n"
+
+
+def _n_hat_scale(factor_set: FactorSet) -> str:
+    """How the first n_hat positions are scaled in long inputs (`longrope.n_hat_mscale`), when there are any."""
+    if not factor_set.n_hat:
+        return ""
+    if factor_set.n_hat_mscale == "short":
+        return f", with the short attention scale ({factor_set.short_mscale:.4f})"
+    return f", with the long attention scale ({factor_set.long_mscale:.4f}) in long inputs"
 
 
 def _changes_section(changes: Sequence[dict[str, Any]]) -> str:

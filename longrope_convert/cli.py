@@ -16,7 +16,10 @@ import click
 from . import __version__
 from .convert import check_conversion_output, default_output, plan_conversion, write_checkpoint, write_planned
 from .errors import LongRoPEError
-from .evolution import PRESETS as SEARCH_PRESETS  # pure Python: `convert` still never imports torch
+from .evolution import DEFAULT_SPACE  # pure Python: `convert` still never imports torch
+from .evolution import PRESETS as SEARCH_PRESETS
+from .evolution import SPACES as SEARCH_SPACES
+from .factors import ANALYTIC_METHODS, DEFAULT_INIT
 from .fetch import open_source
 from .preflight import check_push, check_search_outputs
 from .publish import loading_snippet, push_folder
@@ -82,10 +85,14 @@ def search_options(command):
         click.option("--documents", type=click.IntRange(min=1), default=4, show_default=True,
                      help="Documents per evaluation (the first ones at least as long as the evaluation length)."),
         click.option("--preset", type=click.Choice(list(SEARCH_PRESETS)), default="default", show_default=True,
-                     help="'paper': the official hyper-parameters; 'default': far fewer evaluations."),
+                     help="'paper': the official hyper-parameters; 'default': far fewer evaluations (at most "
+                          f"{SEARCH_PRESETS['default'].max_evals:g})."),
+        click.option("--space", type=click.Choice(list(SEARCH_SPACES)), default=None,
+                     help=f"'full': every factor searched; 'critical': LongRoPE2's space, factors >= the extension "
+                          f"from the critical dimension on and a ramp below it. Default: {DEFAULT_SPACE}."),
         click.option("--max-evals", type=click.FloatRange(min=1), default=None, callback=_finite,
                      help="Budget in evaluations (one candidate on all documents; baselines not counted), never "
-                          "exceeded."),
+                          "exceeded; replaces the preset's."),
         click.option("--time-budget", type=click.FloatRange(min=1), default=None, callback=_finite,
                      help="Budget in seconds from the first evaluation (baselines included), checked before every "
                           "document evaluation; the best so far is written."),
@@ -108,8 +115,8 @@ def search_options(command):
     return command
 
 
-SEARCH_SETTINGS = ("documents", "preset", "max_evals", "time_budget", "seed", "n_hat", "max_factor", "baselines",
-                   "device_map")
+SEARCH_SETTINGS = ("documents", "preset", "space", "max_evals", "time_budget", "seed", "n_hat", "max_factor",
+                   "baselines", "device_map")
 
 
 def run_search(model, *, data: list[str], target: int | None, out: Path, log_path: Path | None,
@@ -154,10 +161,10 @@ def run_search(model, *, data: list[str], target: int | None, out: Path, log_pat
 @cli.command(epilog=EXAMPLES)
 @click.argument("source")
 @click.option("--target", type=click.IntRange(min=1), required=True, help="New context window in tokens.")
-@click.option("--factors", "factors", default=None, metavar="FILE|FOLDER|pi|ntk|yarn|llama3",
+@click.option("--factors", "factors", default=None, metavar="|".join(("FILE", "FOLDER", *ANALYTIC_METHODS)),
               help="Factor file (or a folder converted by longrope-convert: its factor file), or an analytic method. "
-                   "Default: shipped searched factors for this model and target, else the YaRN-derived init (with a "
-                   "warning).")
+                   f"Default: shipped searched factors for this model and target, else the {DEFAULT_INIT} init (with "
+                   "a warning).")
 @click.option("--revision", default=None, help="Branch, tag or commit of a Hub SOURCE.")
 @click.option("--output", type=click.Path(path_type=Path), default=None,
               help="Output folder. Default: ./<source name>-longrope-<target> (16k for 16384).")
@@ -380,7 +387,7 @@ Examples:
   longrope-convert gguf model.Q8_0.gguf --factors ./model-longrope-64k --output model-64k.Q8_0.gguf
 """)
 @click.argument("source", type=click.Path(path_type=Path))
-@click.option("--factors", default=None, metavar="FILE|FOLDER|pi|ntk|yarn|llama3",
+@click.option("--factors", default=None, metavar="|".join(("FILE", "FOLDER", *ANALYTIC_METHODS)),
               help="Factor file, folder converted by longrope-convert, or an analytic method (with --target; "
                    "composed on the GGUF's own RoPE). Default: shipped searched factors for this model and target.")
 @click.option("--target", type=click.IntRange(min=1), default=None, help="New context length in tokens.")

@@ -31,8 +31,10 @@ from .checkpoint_files import (
 from .errors import LongRoPEError, OutputError
 from .factors import (
     ANALYTIC_METHODS,
+    DEFAULT_INIT,
     FactorSet,
     analytic_factor_set,
+    default_init_warning,
     find_shipped_factor_set,
     load_factor_set,
     source_factor_set,
@@ -123,7 +125,7 @@ class ConversionPlan:
 def resolve_factors(source: SourceModel, target: int, factors: str | None,
                     status: Callable[[str], None]) -> tuple[FactorSet, str]:
     """The factor set to use and where it came from: a file, an analytic method, or the shipped ones; the
-    analytic sets and the default YaRN init composed on the source's own RoPE (factors.compose). Raises
+    analytic sets and the default init (factors.DEFAULT_INIT) composed on the source's own RoPE (factors.compose). Raises
     LongRoPEError for a target the source already reaches, a file made for another source or target."""
     source_factor_set(source.fingerprint, target)  # refuses a target within the source's window
     if factors in ANALYTIC_METHODS:
@@ -141,8 +143,8 @@ def resolve_factors(source: SourceModel, target: int, factors: str | None,
     shipped = find_shipped_factor_set(source.fingerprint, target)
     if shipped is not None:
         return shipped
-    status(yarn_init_warning(target))
-    return analytic_factor_set("yarn", source.fingerprint, target), "init:yarn"
+    status(default_init_warning(target))
+    return analytic_factor_set(DEFAULT_INIT, source.fingerprint, target), f"init:{DEFAULT_INIT}"
 
 
 def _describe(model) -> str:
@@ -168,6 +170,9 @@ def longrope_config(source_config: dict[str, Any], factor_set: FactorSet) -> dic
       (`vllm_default_mscale`): they are written, equal to `attention_factor`, only when that default is
       not the attention factor, because transformers (and vLLM through it) logs a warning about keys it
       does not use. There a warning is the price of vLLM applying the attention factor transformers does.
+
+    Only the shipped modeling file reads `longrope` (n_hat, n_hat_mscale, short_mscale, source_rope, short_set):
+    no other reader applies n_hat.
     """
     original = factor_set.model.original_max_position_embeddings
     config = {key: value for key, value in source_config.items() if key not in ("rope_parameters", "rope_scaling")}
@@ -186,6 +191,7 @@ def longrope_config(source_config: dict[str, Any], factor_set: FactorSet) -> dic
         config["rope_scaling"].update(short_mscale=factor_set.long_mscale, long_mscale=factor_set.long_mscale)
     config["longrope"] = {
         "n_hat": factor_set.n_hat,
+        "n_hat_mscale": factor_set.n_hat_mscale,
         "short_mscale": factor_set.short_mscale,
         "method": factor_set.method,
         "factors_file": FACTORS_FILE,

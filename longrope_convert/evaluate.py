@@ -60,7 +60,8 @@ def _effective_settings(factor_set: FactorSet, length: int) -> tuple:
     """What the model computes with at this length: identical settings give identical results."""
     if length <= factor_set.model.original_max_position_embeddings:
         return ("short", tuple(factor_set.short_factor), factor_set.short_mscale, factor_set.n_hat)
-    return ("long", tuple(factor_set.long_factor), factor_set.long_mscale, factor_set.n_hat)
+    below_n_hat = factor_set.short_mscale if factor_set.n_hat_mscale == "short" else factor_set.long_mscale
+    return ("long", tuple(factor_set.long_factor), factor_set.long_mscale, factor_set.n_hat, below_n_hat)
 
 
 def sliding_windows(total: int, length: int, stride: int) -> list[tuple[int, int, int]]:

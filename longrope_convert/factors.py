@@ -1,16 +1,18 @@
 """LongRoPE factor sets: the file format, strict validation, model fingerprints, composition and analytic sets.
 
-A factor file is JSON (version 2; version-1 files, which predate the last two fields, are read as made
-for a source without RoPE scaling, short set "factors"):
+A factor file is JSON (version 3; version-1 files, which predate model.rope_scaling and short_set, are read
+as made for a source without RoPE scaling, short set "factors"; files before version 3 have no
+n_hat_mscale and are read as "row", which is what they were made with):
 
     {
-      "format": "longrope-factors", "version": 2,
+      "format": "longrope-factors", "version": 3,
       "model": {"architecture", "name", "head_dim", "rope_theta", "original_max_position_embeddings",
                 "num_hidden_layers", "hidden_size", "rope_scaling"},
       "target_length": 65536,
       "long_factor": [head_dim/2 floats >= 1, non-decreasing],
       "short_factor": [head_dim/2 floats >= 1],
-      "n_hat": 0, "long_mscale": 1.2, "short_mscale": 1.0, "short_set": "factors" | "source",
+      "n_hat": 0, "n_hat_mscale": "row" | "short",
+      "long_mscale": 1.2, "short_mscale": 1.0, "short_set": "factors" | "source",
       "provenance": {"method": "search" | "init:yarn" | ..., "data": [...], "evaluations": 0, ...}
     }
 
@@ -33,8 +35,13 @@ theta_i = b^(-2i/d), i = 0 .. d/2 - 1:
                                                   `yarn` type, which interpolates inv_freq, not lambda)
     llama3  lambda_i = 1 for wavelength < L/4, s for wavelength > L, else 1 / ((1 - a)/s + a)
             with a = (L / wavelength - 1) / 3    (transformers' llama3 type, low 1, high 4)
+    ntk-cd  lambda_i = s^(i / c) below c, s from c on
+    yarn-cd lambda_i as yarn, with the ramp's upper end moved to c (s from c on; yarn's is at c + 1)
 
-each with the source's long attention scale times the method's own (1, or YaRN's 0.1 ln s + 1).
+where c is LongRoPE2's critical dimension of theta at L (source_rope.critical_dimension): NTK and YaRN moved to
+it, as LongRoPE2 (arXiv 2502.20082) moves them; ntk-cd is the ramp below c of its search space
+(evolution.SearchSpace) with every dimension above it at s. Each set has the source's long attention scale
+times the method's own (1, or YaRN's 0.1 ln s + 1 for yarn and yarn-cd).
 """
 
 from __future__ import annotations
@@ -56,6 +63,8 @@ from .source_rope import (
     DEFAULT_ROPE,
     BaseFactorSet,
     base_factor_set,
+    critical_dimension,
+    critical_ramp,
     llama3_factors,
     long_attention_scales,
     monotone_factors,
@@ -63,18 +72,27 @@ from .source_rope import (
 )
 
 FORMAT = "longrope-factors"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
-ANALYTIC_METHODS = ("pi", "ntk", "yarn", "llama3")
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+# The attention scale of the positions below n_hat (FactorSet.n_hat_mscale) in the sets this version makes:
+# the short set's, as LongRoPE's research code (see BENCHMARKS.md, "Search": both measured at 8x).
+N_HAT_MSCALE = "short"
+ANALYTIC_METHODS = ("pi", "ntk", "yarn", "llama3", "ntk-cd", "yarn-cd")
 # Provenance methods of factors an evolutionary search produced; other "search:..." labels (a search stopped
 # before any evolution step, say) are reported as what they are.
 SEARCHED_METHODS = ("search", "search:short")
+# What searches and `eval --baselines` compare with: the classic sets.
+CLASSIC_METHODS = ("pi", "ntk", "yarn", "llama3")
+# What a conversion gets without searched factors (`init:llama3`, never presented as searched): of the analytic sets,
+# the one with the lowest perplexity at 8x on held-out text on both testbeds, at its own attention scale (1), which
+# measured better there than LongRoPE's sqrt(1 + ln s / ln L) (BENCHMARKS.md, "Search: cost").
+DEFAULT_INIT = "llama3"
 # Rotary angles are computed from float32 positions (as in stock transformers), which hold integers exactly
 # only up to 2**24: beyond it neighbouring positions share an angle.
 MAX_TARGET_LENGTH = 2**24
 PROVENANCE_FIELDS = {
     "method": "how the factors were made: 'search', 'search:short', 'search:no-evolution', 'baseline:<name>', "
-              "'init:<pi|ntk|yarn|llama3>', ...",
+              "'init:<pi|ntk|yarn|llama3|ntk-cd|yarn-cd>', ...",
     "warning": "one sentence on why the method is not a plain 'search', when it is not",
     "source": "the model the factors were made for (folder or Hub id)",
     "data": "documents used (paths or dataset ids)",
@@ -84,6 +102,10 @@ PROVENANCE_FIELDS = {
     "best_perplexity": "fitness of the chosen factors",
     "baseline_perplexities": "fitness of the analytic sets on the same data",
     "preset": "search preset",
+    "space": "search space: 'full' (every lambda searched) or 'critical' (LongRoPE2: lambda >= the extension from "
+             "its critical dimension on, a geometric ramp below it), with that dimension",
+    "windows": "the documents as windows of the evaluation length, when --data had fewer long documents than "
+               "--documents ('NAME#window2': its second window)",
     "budget": "search budget (evaluations, seconds)",
     "seed": "random seed",
     "base_factors": "factors of an earlier stage that these compose with (version-1 files)",
@@ -138,6 +160,13 @@ class FactorSet:
     short_set "source": inside the window the checkpoint computes the source's own RoPE exactly
     (model.base_factor_set().source_rope; short_factor then holds the same frequencies as factors, for readers
     without the shipped code); "factors": 1 / (short_factor_i * b^(2i/d)).
+
+    n_hat_mscale: the attention scale of the positions below n_hat (`longrope.n_hat_mscale` in a converted
+    config). "row": the scale of the set the row uses, so in a long row the long mscale (what the shipped
+    modeling file did before the key existed, and still does without it); "short": the short set's, so that
+    with the source's own short set they are the source's cos and sin exactly (LongRoPE's research code,
+    LlamaSPIScaledStartTokenRotaryEmbedding). The default is "row", what a set without the field means; the
+    sets this version makes get N_HAT_MSCALE (source_factor_set).
     """
 
     model: ModelFingerprint
@@ -149,6 +178,7 @@ class FactorSet:
     short_mscale: float = 1.0
     provenance: dict[str, Any] = field(default_factory=dict)
     short_set: str = "factors"
+    n_hat_mscale: str = "row"
 
     @property
     def scale(self) -> float:
@@ -181,6 +211,7 @@ class FactorSet:
             "long_factor": list(self.long_factor),
             "short_factor": list(self.short_factor),
             "n_hat": self.n_hat,
+            "n_hat_mscale": self.n_hat_mscale,
             "long_mscale": self.long_mscale,
             "short_mscale": self.short_mscale,
             "short_set": self.short_set,
@@ -214,7 +245,7 @@ def load_factor_set(path: str | Path) -> FactorSet:
 
 
 def factor_set_from_json(data: Any, origin: str = "<factors>") -> FactorSet:
-    """A factor set from a factor file's JSON (format in the module docstring), version 1 or 2. Raises
+    """A factor set from a factor file's JSON (format in the module docstring), version 1, 2 or 3. Raises
     FactorFileError naming `origin` and the first field that is missing, unknown or invalid."""
     def fail(field_name: str, problem: str) -> None:
         raise FactorFileError(f"{origin}: field '{field_name}': {problem}")
@@ -225,14 +256,16 @@ def factor_set_from_json(data: Any, origin: str = "<factors>") -> FactorSet:
     if "version" in data and version not in READABLE_VERSIONS:
         fail("version", f"unsupported version {version!r} (this tool reads {', '.join(map(str, READABLE_VERSIONS))})")
     expected = {"format", "version", "model", "target_length", "long_factor", "short_factor", "n_hat",
-                "long_mscale", "short_mscale", "provenance"} | ({"short_set"} if version == 2 else set())
+                "long_mscale", "short_mscale", "provenance"}
+    expected |= {"short_set"} if version in (2, 3) else set()
+    expected |= {"n_hat_mscale"} if version == 3 else set()
     _check_keys(data, expected, expected, "", fail)
     if data["format"] != FORMAT:
         fail("format", f"must be '{FORMAT}', got {data['format']!r}")
 
     model_fields = {"architecture": str, "name": str, "head_dim": int, "rope_theta": (int, float),
                     "original_max_position_embeddings": int, "num_hidden_layers": int, "hidden_size": int}
-    if version == 2:
+    if version in (2, 3):
         model_fields["rope_scaling"] = dict
     model = data["model"]
     if not isinstance(model, dict):
@@ -287,6 +320,9 @@ def factor_set_from_json(data: Any, origin: str = "<factors>") -> FactorSet:
         fail("n_hat", f"must be a non-negative integer, got {n_hat!r}")
     if n_hat >= fingerprint.original_max_position_embeddings:
         fail("n_hat", f"{n_hat} must be below the original window")
+    n_hat_mscale = data.get("n_hat_mscale", "row")
+    if n_hat_mscale not in ("row", "short"):
+        fail("n_hat_mscale", f"must be 'row' or 'short', got {n_hat_mscale!r}")
     for name in ("long_mscale", "short_mscale"):
         value = data[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -312,6 +348,7 @@ def factor_set_from_json(data: Any, origin: str = "<factors>") -> FactorSet:
         short_mscale=float(data["short_mscale"]),
         provenance=provenance,
         short_set=short_set,
+        n_hat_mscale=n_hat_mscale,
     )
 
 
@@ -335,7 +372,8 @@ def new_provenance(method: str, **fields: Any) -> dict[str, Any]:
 def source_factor_set(model: ModelFingerprint, target_length: int) -> FactorSet:
     """The source's own RoPE as a LongRoPE factor set for `target_length`, before any new factors: short set,
     short scale, n_hat and short_set the source's (its base factor set); long set the source's long factors;
-    long attention scale by the default rule of long_attention_scales. What compose() multiplies.
+    long attention scale by the default rule of long_attention_scales; the scale below n_hat a LongRoPE
+    source's, else N_HAT_MSCALE. What compose() multiplies.
 
     Raises LongRoPEError when `target_length` does not exceed the length the source already serves, and
     RopeScalingError for a source scaling that LongRoPE does not compose with.
@@ -354,7 +392,8 @@ def source_factor_set(model: ModelFingerprint, target_length: int) -> FactorSet:
                                      "attention_scale": rule}
     return FactorSet(model=model, target_length=target_length, long_factor=list(base.long_factor),
                      short_factor=list(base.short_factor), n_hat=base.n_hat, long_mscale=long_mscale,
-                     short_mscale=base.short_mscale, provenance=provenance, short_set=base.short_set)
+                     short_mscale=base.short_mscale, provenance=provenance, short_set=base.short_set,
+                     n_hat_mscale=base.n_hat_mscale or N_HAT_MSCALE)
 
 
 def compose(source_set: FactorSet, factors: Sequence[float], *, n_hat: int | None = None,
@@ -397,8 +436,13 @@ def analytic_factors(method: str, scale: float, head_dim: int, rope_theta: float
         return [scale] * half, 1.0
     if method == "ntk":
         return monotone_factors([scale ** (2 * i / (head_dim - 2)) for i in range(half)]), 1.0
+    critical = critical_dimension(head_dim, rope_theta, window)
     if method == "yarn":
         return yarn_factors(scale, head_dim, rope_theta, window), 0.1 * math.log(scale) + 1.0
+    if method == "yarn-cd":
+        return yarn_factors(scale, head_dim, rope_theta, window, end=critical), 0.1 * math.log(scale) + 1.0
+    if method == "ntk-cd":
+        return critical_ramp(scale, critical, half), 1.0
     return monotone_factors(llama3_factors(scale, head_dim, rope_theta, window)), 1.0
 
 
@@ -416,7 +460,15 @@ def analytic_factor_set(method: str, model: ModelFingerprint, target_length: int
                    provenance={"method": f"init:{method}", "tool_version": __version__})
 
 
-def baseline_factor_sets(model: ModelFingerprint, target_length: int) -> dict[str, FactorSet]:
+def default_init_warning(target_length: int) -> str:
+    """The line a conversion prints when it falls back to DEFAULT_INIT."""
+    return (f"WARNING: no searched factors ship for this model at {target_length} tokens; using the {DEFAULT_INIT} "
+            f"init (recorded as 'init:{DEFAULT_INIT}', not searched). Run 'longrope-convert search' for searched "
+            "factors.")
+
+
+def baseline_factor_sets(model: ModelFingerprint, target_length: int,
+                         methods: Sequence[str] = CLASSIC_METHODS) -> dict[str, FactorSet]:
     """What a searched set is compared with, on the same source and target, by the search and by eval
     --baselines: "none" (the source's own RoPE carried past its window unchanged) and each of ANALYTIC_METHODS
     composed on it (analytic_factor_set)."""
@@ -428,11 +480,11 @@ def baseline_factor_sets(model: ModelFingerprint, target_length: int) -> dict[st
 
 
 def yarn_factors(scale: float, dim: int, base: float, original_length: int,
-                 beta_fast: float = 32, beta_slow: float = 1) -> list[float]:
+                 beta_fast: float = 32, beta_slow: float = 1, end: int | None = None) -> list[float]:
     """LongRoPE's official YaRN init: lambda ramps linearly from 1 (fast dims) to s (slow dims) along YaRN's
-    ramp (source_rope.yarn_ramp). Not transformers' `yarn` type, which ramps inv_freq instead
-    (source_rope.yarn_base)."""
-    extrapolations = [1.0 - r for r in yarn_ramp(dim, base, original_length, beta_fast, beta_slow)]
+    ramp (source_rope.yarn_ramp, whose upper end `end` moves). Not transformers' `yarn` type, which ramps
+    inv_freq instead (source_rope.yarn_base)."""
+    extrapolations = [1.0 - r for r in yarn_ramp(dim, base, original_length, beta_fast, beta_slow, end=end)]
     return monotone_factors([scale * (1.0 - extrapolate) + extrapolate for extrapolate in extrapolations])
 
 
@@ -456,10 +508,3 @@ def find_shipped_factor_set(model: ModelFingerprint, target_length: int,
         if factor_set.target_length == target_length and factor_set.model.matches(model):
             return factor_set, f"shipped:{path.parent.name}/{path.name}"
     return None
-
-
-def yarn_init_warning(target_length: int) -> str:
-    """What convert and gguf say when no searched factors ship for the model at `target_length` and they use the
-    YaRN-derived init instead."""
-    return (f"WARNING: no searched factors ship for this model at {target_length} tokens; using the YaRN-derived "
-            "init (recorded as 'init:yarn', not searched). Run 'longrope-convert search' for searched factors.")

@@ -64,12 +64,13 @@ from .convert import default_output
 from .errors import LongRoPEError
 from .factors import (
     ANALYTIC_METHODS,
+    DEFAULT_INIT,
     FactorSet,
     ModelFingerprint,
     analytic_factor_set,
+    default_init_warning,
     find_shipped_factor_set,
     load_factor_set,
-    yarn_init_warning,
 )
 from .fetch import download_matching
 from .hub import hub_cache, looks_like_repo_id
@@ -249,20 +250,20 @@ def resolve_gguf_factors(source: GGUFModel, factors: str | None, target: int | N
 
     `factors`: an analytic method (needs `target`; composed on the source's RoPE), a factor file, a
     folder converted by longrope-convert (its factor file), or None for the shipped searched factors
-    of this model at `target` (else the YaRN init, with a warning). Factor files are absolute;
+    of this model at `target` (else factors.DEFAULT_INIT, with a warning). Factor files are absolute;
     `check_fits` decides whether they fit this source.
     """
     if target is not None and target <= source.context_length:
         raise GGUFError(f"--target {target} must be larger than the GGUF's context length {source.context_length}")
     if factors is None:
         if target is None:
-            raise GGUFError("give --factors (a factor file, a converted checkpoint folder, or pi|ntk|yarn|llama3 "
+            raise GGUFError("give --factors (a factor file, a converted checkpoint folder, or an analytic method "
                             "with --target), or --target alone for the shipped searched factors")
         shipped = find_shipped_factor_set(source.fingerprint, target)
         if shipped is not None and source.base_factors is None:
             return shipped
-        status(yarn_init_warning(target))
-        factors = "yarn"
+        status(default_init_warning(target))
+        factors = DEFAULT_INIT
     if factors in ANALYTIC_METHODS:
         if target is None:
             raise GGUFError(f"--factors {factors} needs --target")

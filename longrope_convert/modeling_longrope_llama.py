@@ -16,6 +16,12 @@ n_hat positions un-interpolated. For head dimension d, base b and i = 0 .. d/2 -
                      = p * theta_i / lambda_i           otherwise
     cos, sin         = mscale * cos(angle), mscale * sin(angle)
 
+where mscale is the attention scale of the factor set the sequence uses (its row, or its document in a
+packed row). Below n_hat it is the short set's instead when `longrope.n_hat_mscale` is "short" (with the
+source's own short set, the first positions are then the source's cos and sin exactly, as LongRoPE's
+research code keeps them), and the sequence's set's when it is "row" or absent (checkpoints written before
+the key existed).
+
 All of it in float32 whatever the model's dtype, also after the loaded model is cast (`.to(torch.bfloat16)`,
 `.half()`), where transformers' own rotary embeddings round their frequencies; cos and sin are cast to the
 dtype of the hidden states at the end.
@@ -44,9 +50,9 @@ what it has seen, token ids or embeddings.
 Config: the standard `rope_scaling` (read by transformers as `rope_parameters`) with
 `rope_type: "longrope"`, `long_factor`, `short_factor`, `original_max_position_embeddings`, `factor`
 and `attention_factor` (the long mscale), plus a top-level `longrope` dict that stock transformers
-ignores: `n_hat`, `short_mscale`, and for sources that already scale RoPE `source_rope` (the source's
-RoPE parameters as transformers names them, without rope_theta) and `short_set` ("source" or
-"factors", the default).
+ignores: `n_hat`, `n_hat_mscale` ("row", the default, or "short"), `short_mscale`, and for sources that
+already scale RoPE `source_rope` (the source's RoPE parameters as transformers names them, without
+rope_theta) and `short_set` ("source" or "factors", the default).
 """
 
 import inspect
@@ -262,6 +268,9 @@ class LongRoPEScaledRotaryEmbedding(nn.Module):
         )
         self.short_mscale = float(extras.get("short_mscale", 1.0))
         self.n_hat = int(extras.get("n_hat", 0))
+        self.n_hat_mscale = extras.get("n_hat_mscale", "row")
+        if self.n_hat_mscale not in ("row", "short"):
+            raise ValueError(f"LongRoPE: longrope.n_hat_mscale must be 'row' or 'short', got {self.n_hat_mscale!r}")
         self.source_rope = dict(extras.get("source_rope") or {"rope_type": "default"})
         self.short_set = extras.get("short_set", "factors")
         if self.short_set not in ("source", "factors"):
@@ -354,8 +363,11 @@ class LongRoPEScaledRotaryEmbedding(nn.Module):
         long_tokens = long_tokens.to(position_ids.device)  # a model spread over devices moves only the arguments
         angles, mscale = self.angles_and_mscale(position_ids, long_tokens)
         emb = torch.cat((angles, angles), dim=-1)
-        cos = emb.cos() * mscale[..., None]
-        sin = emb.sin() * mscale[..., None]
+        mscale = mscale[..., None]  # [batch, seq, 1]
+        if self.n_hat_mscale == "short" and self.n_hat > 0:
+            mscale = torch.where(position_ids[..., None] < self.n_hat, self.short_mscale, mscale)
+        cos = emb.cos() * mscale
+        sin = emb.sin() * mscale
         return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
     @contextmanager

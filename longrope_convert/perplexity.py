@@ -19,26 +19,40 @@ from .errors import LongRoPEError
 from .factors import FactorSet
 
 
-def tokenized_documents(tokenizer, documents: Iterable[Document], length: int,
-                        limit: int | None = None) -> tuple[list[torch.Tensor], list[str], int]:
+def tokenized_documents(tokenizer, documents: Iterable[Document], length: int, limit: int | None = None,
+                        windows: bool = False) -> tuple[list[torch.Tensor], list[str], int]:
     """Up to `limit` documents of at least `length` tokens, each as BOS + its first length - 1 tokens.
 
     Returns (token id tensors [1, length], their names, how many documents were skipped: shorter ones,
     and empty or whitespace-only ones, which are no documents at all). Iteration stops at the
-    `limit`-th document kept, so a streamed dataset is read no further than needed.
+    `limit`-th document kept, so a streamed dataset is read no further than needed. With `windows`, when the
+    data has fewer such documents than `limit`, the long ones give more: BOS + their next length - 1 tokens
+    each ("NAME#window2", ...), the documents' second windows first, then their third ones, until `limit`.
     """
-    kept, names, skipped = [], [], 0
+    kept, names, skipped, texts = [], [], 0, []
     if limit == 0:
         return kept, names, skipped  # without pulling a document from the stream
     for document in documents:
-        ids = document_ids(tokenizer, document.text, length) if document.text.strip() else None
+        ids = document_ids(tokenizer, document.text, None if windows else length) if document.text.strip() else None
         if ids is None or ids.shape[1] < length:
             skipped += 1
             continue
-        kept.append(ids)
+        kept.append(ids[:, :length])
         names.append(document.name)
+        if windows:  # the text's tokens after BOS, for more windows
+            texts.append(ids[0, 1:] if tokenizer.bos_token_id is not None else ids[0])
         if len(kept) == limit:
-            break
+            return kept, names, skipped
+    step, window, sources = length - (tokenizer.bos_token_id is not None), 1, list(zip(texts, names))
+    while windows and limit is not None and len(kept) < limit and any(len(t) >= (window + 1) * step for t in texts):
+        for text, name in sources:
+            if len(kept) < limit and len(text) >= (window + 1) * step:
+                tokens = text[window * step : (window + 1) * step]
+                if tokenizer.bos_token_id is not None:
+                    tokens = torch.cat([torch.tensor([tokenizer.bos_token_id]), tokens])
+                kept.append(tokens[None, :].to(torch.long))
+                names.append(f"{name}#window{window + 1}")
+        window += 1
     return kept, names, skipped
 
 
@@ -85,6 +99,7 @@ def use_factor_set(model, factor_set: FactorSet) -> None:
     rotary.set_factors(
         long_factor=factor_set.long_factor, short_factor=None if source_short_set else factor_set.short_factor,
         n_hat=factor_set.n_hat, long_mscale=factor_set.long_mscale, short_mscale=factor_set.short_mscale)
+    rotary.n_hat_mscale = factor_set.n_hat_mscale
     if source_short_set:
         source_rope = factor_set.model.base_factor_set().source_rope
         if rotary.source_rope != source_rope:

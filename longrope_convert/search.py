@@ -8,7 +8,8 @@ search evaluates at the original window, where the short set is in use.
 
 The evolution itself (space, operators, presets, budgets) is in evolution.py, the JSONL log and
 resume in search_log.py, the spreading of evaluations over torchrun processes in workers.py.
-Initial population: the PI, NTK, YaRN and llama3 sets on the grid, then mutants of them.
+Initial population: the analytic sets on the grid (PI, NTK, YaRN, llama3 and NTK and YaRN moved to LongRoPE2's
+critical dimension), then mutants of them.
 """
 
 from __future__ import annotations
@@ -23,7 +24,18 @@ from typing import Any
 import torch
 
 from .errors import LongRoPEError
-from .evolution import N_HAT_CHOICES, NLL, PRESETS, Candidate, Evolution, SearchResult, SearchSpace, perplexity_of
+from .evolution import (
+    DEFAULT_SPACE,
+    NLL,
+    PRESETS,
+    SPACES,
+    Candidate,
+    Evolution,
+    SearchResult,
+    SearchSpace,
+    n_hat_choices,
+    perplexity_of,
+)
 from .factors import (
     ANALYTIC_METHODS,
     FactorSet,
@@ -36,7 +48,7 @@ from .factors import (
 )
 from .perplexity import token_nll, use_factor_set
 from .search_log import LOG_VERSION, SearchLog, config_sha256, file_sha256, tokens_sha256
-from .source_rope import long_attention_scales
+from .source_rope import critical_dimension, long_attention_scales
 from .workers import Workers
 
 
@@ -59,22 +71,36 @@ class SearchTask:
         return replace(self.base, short_factor=candidate.factors, short_set="factors")
 
 
-def long_search_task(model: ModelFingerprint, target: int, n_hat: bool, high: float | None = None) -> SearchTask:
-    """Search long factors for `target` relative to the source's own (factors.compose): lambda within
-    [1, high or 1.25 s] for the extension s = target / the length the source already serves, starting from the
-    analytic sets for that extension. Raises LongRoPEError for a target the source already reaches."""
+def long_search_task(model: ModelFingerprint, target: int, n_hat: bool, high: float | None = None,
+                     n_hat_mscale: str | None = None, space: str = DEFAULT_SPACE) -> SearchTask:
+    """Search long factors for `target` relative to the source's own (factors.compose): for the extension
+    s = target / the length L the source already serves, lambda within [1, high or 1.25 s] in the "full" space,
+    starting from the analytic sets; in the "critical" space (LongRoPE2, arXiv 2502.20082) lambda >= s from the
+    critical dimension c of rope_theta at L on (source_rope.critical_dimension) and the geometric ramp below it,
+    starting from the analytic sets snapped into it (which all give the ramp with s from c on) and NTK's ramp
+    continued past c, lambda_i = s^(i/c) up to the top bound. With `n_hat`, n_hat among the choices below the
+    original window. Every candidate is scored with the attention scale below n_hat that its factor set will be
+    written with: `n_hat_mscale`, or the default of factors.source_factor_set. Raises LongRoPEError for a target
+    the source already reaches or an unknown space."""
+    if space not in SPACES:
+        raise LongRoPEError(f"unknown search space '{space}' (choose one of {', '.join(SPACES)})")
     base_set = source_factor_set(model, target)
+    if n_hat_mscale is not None:
+        base_set = replace(base_set, n_hat_mscale=n_hat_mscale)
     base = model.base_factor_set()
     reach = base.max_position_embeddings
-    scale = target / reach
+    scale, half = target / reach, model.head_dim // 2
     # n_hat applies to both sets: when the short set is not exactly the source's angles (a LongRoPE source's own
     # short factors), another n_hat would change the model inside its window, so the source's is kept.
     searched_n_hat = n_hat and base.short_is_source_rope
-    space = SearchSpace.from_bounds(model.head_dim // 2, 1.0, high or 1.25 * scale,
-                                    N_HAT_CHOICES if searched_n_hat else (base.n_hat,))
-    initial = [space.snap(analytic_factors(method, scale, model.head_dim, model.rope_theta, reach)[0], base.n_hat)
-               for method in ANALYTIC_METHODS]
-    return SearchTask(base=base_set, long_mode=True, space=space, initial=initial,
+    choices = n_hat_choices(base.original_max_position_embeddings) if searched_n_hat else (base.n_hat,)
+    critical = critical_dimension(model.head_dim, model.rope_theta, reach) if space == "critical" else 0
+    search_space = SearchSpace.from_bounds(half, scale if critical else 1.0, high or 1.25 * scale, choices, critical)
+    seeds = [analytic_factors(method, scale, model.head_dim, model.rope_theta, reach)[0] for method in ANALYTIC_METHODS]
+    if critical:
+        seeds.append([scale ** (i / critical) for i in range(half)])
+    return SearchTask(base=base_set, long_mode=True, space=search_space,
+                      initial=[search_space.snap(factors, base.n_hat) for factors in seeds],
                       attention_scales=long_attention_scales(base, target))
 
 
@@ -101,6 +127,7 @@ class ModelFitness:
                  task: SearchTask) -> None:
         self.model, self.token_ids, self.log, self.workers, self.task = model, token_ids, log, workers, task
         self.documents = len(token_ids)
+        self.computed, self.seconds = 0, 0.0  # document evaluations computed (not replayed) and their time
 
     def nll(self, requests: Sequence[tuple[Candidate, int]], on_result: Callable[[Candidate, int, NLL], None],
             keep_going: Callable[[], bool]) -> None:
@@ -125,6 +152,7 @@ class ModelFitness:
         def record(request, result) -> None:
             item, key, _, doc = request
             nll_sum, tokens, seconds = result
+            self.computed, self.seconds = self.computed + 1, self.seconds + seconds
             self.log.append(key, doc, nll_sum, tokens, seconds)
             on_result(item, doc, (nll_sum, tokens))
 
@@ -260,6 +288,7 @@ def search_log_header(source, task: SearchTask, names: list[str], token_ids: lis
         "mode": "long" if task.long_mode else "short",
         "target_length": task.base.target_length,
         "base_long_factor": task.base.long_factor,
+        "n_hat_mscale": task.base.n_hat_mscale,  # what the candidates' scores mean for n_hat > 0
         "space": asdict(task.space),
         "documents": [{"name": name, "tokens_sha256": tokens_sha256(ids)} for name, ids in zip(names, token_ids)],
         "skipped_documents": skipped_documents,  # shorter than the evaluation length
@@ -281,6 +310,7 @@ class SearchRun:
                  preset: str = "default", max_evals: float | None = None, time_budget: float | None = None,
                  seed: int = 0, n_hat: bool = True, short: bool = False, max_factor: float | None = None,
                  resume: bool = False, baselines: bool = True, device_map: str | None = None,
+                 n_hat_mscale: str | None = None, space: str | None = None,
                  status: Callable[[str], None] = lambda message: None) -> None:
         from transformers import AutoTokenizer
 
@@ -293,19 +323,27 @@ class SearchRun:
         self.workers = Workers()
         self.status = status if self.workers.is_main else (lambda message: None)
         self.source, self.preset_name, self.preset = source, preset, PRESETS[preset]
-        self.max_evals, self.time_budget, self.seed, self.baselines = max_evals, time_budget, seed, baselines
-        self.task, self.eval_length = self._task(source, target, short, n_hat, max_factor)
+        self.max_evals = self.preset.max_evals if max_evals is None else max_evals
+        self.time_budget, self.seed, self.baselines = time_budget, seed, baselines
+        self.task, self.eval_length = self._task(source, target, short, n_hat, max_factor, n_hat_mscale, space)
         self.data = list(data)
         tokenizer = AutoTokenizer.from_pretrained(source.folder)
         self.documents, self.document_names, skipped = tokenized_documents(
-            tokenizer, read_documents(self.data), self.eval_length, limit=documents)
-        self.status(f"data: {len(self.documents)} documents of {self.eval_length} tokens "
-                    f"({skipped} shorter documents skipped)")
+            tokenizer, read_documents(self.data), self.eval_length, limit=documents, windows=True)
         if not self.documents:
             raise LongRoPEError(f"--data has no document of at least {self.eval_length} tokens "
                                 f"({skipped} shorter ones skipped)")
+        self.status(self.caps_line)
+        sources = len({name.partition("#window")[0] for name in self.document_names})
+        windows = f", windows of {sources} of them" if sources < len(self.documents) else ""
+        self.status(f"data: {len(self.documents)} documents of {self.eval_length} tokens{windows} "
+                    f"({skipped} shorter documents skipped)")
+        if sources < len(self.documents):
+            self.status(f"note: --data has {sources} document{'s' if sources > 1 else ''} of at least "
+                        f"{self.eval_length} tokens for --documents {documents}: the search takes consecutive "
+                        f"{self.eval_length}-token windows of the longer ones ({', '.join(self.document_names)})")
         if len(self.documents) < documents:
-            self.status(f"warning: --documents {documents}, but --data has only {len(self.documents)} of at least "
+            self.status(f"warning: --documents {documents}, but --data has only {len(self.documents)} windows of "
                         f"{self.eval_length} tokens; the search uses those")
         budget = {"max_evals": max_evals, "time_budget": time_budget}
         self.log = SearchLog(log_path, lambda: search_log_header(
@@ -320,9 +358,12 @@ class SearchRun:
                                          self.workers.device, device_map=device_map, gpus=self.workers.gpus)
 
     @staticmethod
-    def _task(source, target: int | None, short: bool, n_hat: bool, max_factor: float | None):
+    def _task(source, target: int | None, short: bool, n_hat: bool, max_factor: float | None,
+              n_hat_mscale: str | None, space: str | None):
         stage = source.longrope
         if short:
+            if space not in (None, "full"):
+                raise LongRoPEError(f"--short searches every short factor: --space {space} is for long factors")
             if stage is None:
                 raise LongRoPEError("--short searches the short factors of a LongRoPE checkpoint; "
                                     f"'{source.folder}' is a plain model (its short factors are 1.0)")
@@ -331,19 +372,37 @@ class SearchRun:
             return short_search_task(stage, max_factor), stage.model.original_max_position_embeddings
         if target is None:
             raise LongRoPEError("--target is required (except with --short)")
-        return long_search_task(source.fingerprint, target, n_hat, max_factor), target
+        return (long_search_task(source.fingerprint, target, n_hat, max_factor, n_hat_mscale, space or DEFAULT_SPACE),
+                target)
 
     @property
     def planned_document_evaluations(self) -> int:
-        """At most this many document evaluations (fewer when children are raced out or patience stops it)."""
-        preset = self.preset
-        evaluations = preset.population + preset.iterations * (preset.mutations + preset.crossovers)
+        """At most this many document forwards (fewer when children are raced out or patience stops it): the
+        evolution's, within --max-evals (or the preset's budget), the baselines' and the other attention scales'."""
+        preset, n_hat_variants, documents = self.preset, len(self.task.space.n_hat_choices) - 1, len(self.documents)
+        candidates = (preset.population + preset.n_hat_sweep * n_hat_variants + preset.iterations * (
+            preset.mutations * (1 + min(preset.n_hat_tries, n_hat_variants)) + preset.crossovers))
+        ranking = min(preset.selection_documents or documents, documents)
+        forwards = candidates * ranking + (preset.finalists * (documents - ranking) if ranking < documents else 0)
         if self.max_evals is not None:
-            evaluations = min(evaluations, math.ceil(self.max_evals))
-        if self.baselines:
-            evaluations += len(baseline_sets(self.task))
-        evaluations += max(len(self.task.attention_scales) - 1, 0)
-        return evaluations * len(self.documents)
+            forwards = min(forwards, math.floor(self.max_evals * documents + 1e-9))
+        extra = (len(baseline_sets(self.task)) if self.baselines else 0) + max(len(self.task.attention_scales) - 1, 0)
+        return forwards + extra * documents
+
+    @property
+    def caps_line(self) -> str:
+        """What the search will cost at most, in words: the first status line."""
+        space = self.task.space
+        if space.critical:
+            where = (f"critical space: dimensions {space.critical}-{space.dims - 1} searched, lambda >= the extension, "
+                     f"a ramp below LongRoPE2's critical dimension {space.critical}")
+        else:
+            where = f"full space: all {space.dims} dimensions searched"
+        budget = ("no evaluation cap" if self.max_evals is None
+                  else f"at most {self.max_evals:g} evaluations (one = a candidate on every document)")
+        return (f"search: preset {self.preset_name}, {where}; {budget}, at most {self.planned_document_evaluations} "
+                f"document forwards of {self.eval_length} tokens in all ({len(self.documents)} documents"
+                + (", baselines included)" if self.baselines else ")"))
 
     def execute(self, on_evaluation: Callable[[], None] = lambda: None,
                 on_best: Callable[[float], None] = lambda ppl: None) -> tuple[FactorSet, dict[str, Any]]:
@@ -352,16 +411,23 @@ class SearchRun:
         before every document evaluation. `on_evaluation` is called per finished document evaluation
         (replayed ones too), `on_best` with each new best perplexity of the search."""
         started = time.perf_counter()
-
-        def keep_going() -> bool:
-            return self.time_budget is None or time.perf_counter() - started < self.time_budget
-
         fitness = ModelFitness(self.model, self.documents, self.log, self.workers, self.task)
+        evolution = Evolution(self.task.space, self.task.initial, self.preset, fitness, seed=self.seed,
+                              max_evals=self.max_evals, on_evaluation=on_evaluation, on_best=on_best)
+        # what comes after the evolution: the finalists' confirmation and the other attention scales
+        final_forwards = (evolution.reserve + max(len(self.task.attention_scales) - 1, 0)) * len(self.documents)
+
+        def keep_going(reserve: float = 0.0) -> bool:
+            """Within the time budget, leaving `reserve` forwards' worth of time (at the mean time of those computed)."""
+            if self.time_budget is None:
+                return True
+            per_forward = fitness.seconds / fitness.computed if fitness.computed else 0.0
+            return time.perf_counter() - started + reserve * per_forward < self.time_budget
+
+        evolution.keep_going, evolution.keep_confirming = lambda: keep_going(final_forwards), keep_going
         sets = baseline_sets(self.task) if self.baselines else {}
         baselines = baseline_perplexities(sets, fitness, keep_going, on_evaluation)
-        result = Evolution(self.task.space, self.task.initial, self.preset, fitness, seed=self.seed,
-                           max_evals=self.max_evals, keep_going=keep_going, on_evaluation=on_evaluation,
-                           on_best=on_best).run()
+        result = evolution.run()
         attention_scales = measured_attention_scales(self.task, fitness, result, keep_going, on_evaluation)
         if result.best is not None:
             searched, searched_perplexity = searched_factor_set(self.task, result, attention_scales)
@@ -386,6 +452,9 @@ class SearchRun:
             "best_perplexity": round(best_perplexity, 4),
             "baseline_perplexities": {name: round(ppl, 4) for name, ppl in baselines.items()},
             "preset": self.preset_name,
+            "space": ({"name": "critical", "critical_dimension": self.task.space.critical} if self.task.space.critical
+                      else {"name": "full"}),
+            **({"windows": self.document_names} if any("#window" in name for name in self.document_names) else {}),
             "budget": {"max_evals": self.max_evals, "time_budget_s": self.time_budget,
                        "seconds_this_run": round(seconds, 1), "stopped_by": result.stopped_by},
             "seed": self.seed,
@@ -397,7 +466,8 @@ class SearchRun:
         summary = {"method": outcome.method, "warning": outcome.warning, "best_perplexity": best_perplexity,
                    "search_best_perplexity": result.best_perplexity, "evaluations": result.evaluations,
                    "iterations": result.iterations, "stopped_by": result.stopped_by, "n_hat": factor_set.n_hat,
-                   "baselines": baselines, "history": result.history, "seconds": seconds}
+                   "baselines": baselines, "history": result.history, "seconds": seconds,
+                   "finalists": [(perplexity, candidate.key) for perplexity, candidate in result.finalists]}
         return factor_set, summary
 
     @property

@@ -172,8 +172,8 @@ def describe_config(config: Any, name: str, folder: Path) -> SourceModel:
     if rope.rope_type == "longrope" and isinstance(config.get("longrope"), dict):
         # A checkpoint this tool wrote: n_hat, short set and short mscale as its modeling file applies them.
         extras = config["longrope"]
-        rope_scaling.update({key: extras[key] for key in ("n_hat", "short_mscale", "short_set", "source_rope")
-                             if key in extras})
+        rope_scaling.update({key: extras[key] for key in ("n_hat", "n_hat_mscale", "short_mscale", "short_set",
+                                                          "source_rope") if key in extras})
         rope_scaling.setdefault("short_mscale", 1.0)  # the shipped file's default
     try:
         base = base_factor_set(rope_scaling, rope.rope_theta, head_dim, positive_int("max_position_embeddings"))
@@ -209,6 +209,7 @@ def checkpoint_factor_set(base: BaseFactorSet, fingerprint: ModelFingerprint, co
         "long_factor": base.long_factor,
         "short_factor": base.short_factor,
         "n_hat": base.n_hat,
+        "n_hat_mscale": base.n_hat_mscale,
         "long_mscale": base.long_mscale,
         "short_mscale": base.short_mscale,
         "short_set": base.short_set,

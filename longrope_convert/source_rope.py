@@ -53,6 +53,8 @@ class BaseFactorSet:
     source_rope: the RoPE the shipped modeling file computes for positions below n_hat, and for the short set
     when short_set is "source" (`longrope.source_rope` of a converted config). rope_scaling: the parameters as
     read, with what transformers derives filled in: what a factor file's model fingerprint records.
+    n_hat_mscale: a LongRoPE source's attention scale below n_hat (factors.FactorSet.n_hat_mscale); None for
+    other sources, which have no n_hat.
     """
 
     rope_type: str
@@ -67,6 +69,7 @@ class BaseFactorSet:
     short_set: str  # "source": the source_rope frequencies exactly; "factors": 1 / (short_factor_i * b^(2i/d))
     source_rope: dict[str, Any]
     rope_scaling: dict[str, Any]
+    n_hat_mscale: str | None = None
 
     @property
     def short_is_source_rope(self) -> bool:
@@ -138,9 +141,9 @@ def longrope_base(rope: dict[str, Any], rope_theta: float, head_dim: int,
                   max_position_embeddings: int) -> BaseFactorSet:
     """A LongRoPE source (arXiv 2402.13753): `short_factor` up to `original_max_position_embeddings`, `long_factor`
     beyond, `attention_factor` for the long set (default sqrt(1 + ln f / ln L), f = `factor` or
-    max_position_embeddings / L), and the keys of a converted config's `longrope`: `n_hat` (0), `short_mscale`
-    (default: the attention factor, which stock transformers applies to both sets), `short_set` ("factors"),
-    `source_rope` (the default RoPE)."""
+    max_position_embeddings / L), and the keys of a converted config's `longrope`: `n_hat` (0), `n_hat_mscale`
+    ("row"), `short_mscale` (default: the attention factor, which stock transformers applies to both sets),
+    `short_set` ("factors"), `source_rope` (the default RoPE)."""
     half = head_dim // 2
     original = _window(rope)
     reach = rope.get("max_position_embeddings", max_position_embeddings)
@@ -155,6 +158,9 @@ def longrope_base(rope: dict[str, Any], rope_theta: float, head_dim: int,
     n_hat = rope.get("n_hat", 0)
     if isinstance(n_hat, bool) or not isinstance(n_hat, int) or not 0 <= n_hat < original:
         raise RopeScalingError(f"field 'n_hat': must be an integer in [0, {original}), got {n_hat!r}")
+    n_hat_mscale = rope.get("n_hat_mscale", "row")
+    if n_hat_mscale not in ("row", "short"):
+        raise RopeScalingError(f"field 'n_hat_mscale': must be 'row' or 'short', got {n_hat_mscale!r}")
     short_set = rope.get("short_set", "factors")
     if short_set not in ("source", "factors"):
         raise RopeScalingError(f"field 'short_set': must be 'source' or 'factors', got {short_set!r}")
@@ -166,11 +172,13 @@ def longrope_base(rope: dict[str, Any], rope_theta: float, head_dim: int,
     recorded = {"rope_type": "longrope", **sets, "original_max_position_embeddings": original, "factor": factor,
                 "attention_factor": attention_factor, "max_position_embeddings": reach, "n_hat": n_hat,
                 "short_mscale": short_mscale, "short_set": short_set, "source_rope": source_rope}
+    if "n_hat_mscale" in rope:  # recorded only when given, so that sources read before the key keep their fingerprint
+        recorded["n_hat_mscale"] = n_hat_mscale
     return BaseFactorSet(
         rope_type="longrope", short_factor=sets["short_factor"], short_mscale=short_mscale,
         long_factor=sets["long_factor"], long_mscale=attention_factor, original_max_position_embeddings=original,
         max_position_embeddings=reach, pretraining_window=original, n_hat=n_hat, short_set=short_set,
-        source_rope=source_rope, rope_scaling=recorded)
+        source_rope=source_rope, rope_scaling=recorded, n_hat_mscale=n_hat_mscale)
 
 
 BASE_FACTOR_SETS: dict[str, Callable[[dict[str, Any], float, int, int], BaseFactorSet]] = {
@@ -219,10 +227,11 @@ def llama3_factors(factor: float, head_dim: int, rope_theta: float, original_max
 
 
 def yarn_ramp(head_dim: int, rope_theta: float, original_max_position_embeddings: int, beta_fast: float = 32,
-              beta_slow: float = 1, truncate: bool = True) -> list[float]:
+              beta_slow: float = 1, truncate: bool = True, end: int | None = None) -> list[float]:
     """YaRN's ramp r_i in [0, 1] over the d/2 dimensions: 0 up to the dimension that turns `beta_fast` times over
     the original window (kept), 1 from the one that turns `beta_slow` times (interpolated), linear between; with
-    `truncate` the ends are rounded outwards to whole dimensions (transformers' find_correction_range)."""
+    `truncate` the ends are rounded outwards to whole dimensions (transformers' find_correction_range). `end`
+    moves the upper end to that dimension (factors' yarn-cd: the critical dimension)."""
 
     def correction_dim(rotations: float) -> float:
         return (head_dim * math.log(original_max_position_embeddings / (rotations * 2 * math.pi))
@@ -231,10 +240,30 @@ def yarn_ramp(head_dim: int, rope_theta: float, original_max_position_embeddings
     low, high = correction_dim(beta_fast), correction_dim(beta_slow)
     if truncate:
         low, high = math.floor(low), math.ceil(high)
+    if end is not None:
+        low, high = min(low, end), end
     low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
         high += 0.001  # as transformers: no division by zero
     return [min(max((i - low) / (high - low), 0.0), 1.0) for i in range(head_dim // 2)]
+
+
+def critical_dimension(head_dim: int, rope_theta: float, window: int) -> int:
+    """LongRoPE2's critical dimension (arXiv 2502.20082): of the d/2 frequency dimensions (counted from 0), the last
+    whose period 2 pi b^(2i/d) is shorter than the pretraining window L, ceil(d/2 log_b(L / 2 pi)) - 1, as the
+    released search computes it (microsoft/LongRoPE PR #23, evolution/search.py at 5e669a53: `critical_dim`).
+    Dimensions up to it turned full periods in pretraining; those beyond it never did, and LongRoPE2 gives them
+    lambda >= the extension. Llama-3-8B (d 128, b 500,000, L 8,192): 34 of 64; SmolLM2 (d 64, b 100,000, L 8,192):
+    19 of 32. Clamped to [0, d/2 - 1], so that at least the slowest dimension is beyond it."""
+    dimension = math.ceil(head_dim / 2 * math.log(window / (2 * math.pi)) / math.log(rope_theta)) - 1
+    return min(max(dimension, 0), head_dim // 2 - 1)
+
+
+def critical_ramp(top: float, critical: int, half: int) -> list[float]:
+    """lambda_i = top^(i / critical) below the critical dimension, `top` from it on ([half] floats): the geometric
+    ramp that LongRoPE2's search gives the dimensions below it (`ntk_left` in the released dim_mono.py), continuous
+    at the critical dimension."""
+    return [top ** (i / critical) if i < critical else top for i in range(half)]
 
 
 def longrope_attention_factor(scale: float, original_max_position_embeddings: int) -> float:

@@ -221,7 +221,7 @@ def test_evaluation_baselines_and_swapped_sets_keep_the_source_inside_the_window
     checkpoint = load_factor_set(output / "longrope_factors.json")
     sets = comparison_sets(checkpoint, baselines=True)
     llama3 = base_factor_set(LLAMA3, 10000.0, 2 * HALF, TINY_WINDOW)
-    assert list(sets) == ["LongRoPE (init:yarn)", "none", "pi", "ntk", "yarn", "llama3"]
+    assert list(sets) == ["LongRoPE (init:llama3)", "none", "pi", "ntk", "yarn", "llama3"]
     assert sets["none"].long_factor == llama3.long_factor
     assert sets["pi"].long_factor == [4 * f for f in llama3.long_factor]
     assert all(s.short_set == "source" and s.short_factor == llama3.short_factor for s in sets.values())

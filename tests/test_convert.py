@@ -17,7 +17,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, Generat
 from conftest import TINY_WINDOW, edit_json, tiny_llama_config
 from longrope_convert import cli, convert, modeling_longrope_llama
 from longrope_convert.card import front_matter, refresh_card
-from longrope_convert.factors import analytic_factor_set, load_factor_set
+from longrope_convert.factors import N_HAT_MSCALE, analytic_factor_set, load_factor_set
 from longrope_convert.modeling_longrope_llama import default_long_mscale
 from longrope_convert.source import read_source
 
@@ -62,7 +62,7 @@ def test_conversion_writes_a_complete_checkpoint(tiny_source, tmp_path, capfd, m
         "rope_type": "longrope", "long_factor": factor_set.long_factor, "short_factor": [1.0] * 8,
         "original_max_position_embeddings": TINY_WINDOW, "factor": 4.0, "attention_factor": 1.0,
         "short_mscale": 1.0, "long_mscale": 1.0}  # for vLLM, whose default would be 1.1547
-    assert config["longrope"] == {"n_hat": 0, "short_mscale": 1.0, "method": "init:ntk",
+    assert config["longrope"] == {"n_hat": 0, "n_hat_mscale": N_HAT_MSCALE, "short_mscale": 1.0, "method": "init:ntk",
                                   "factors_file": "longrope_factors.json"}
     assert config["auto_map"] == {"AutoModel": "modeling_longrope_llama.LongRoPELlamaModel",
                                   "AutoModelForCausalLM": "modeling_longrope_llama.LongRoPELlamaForCausalLM"}
@@ -73,6 +73,11 @@ def test_conversion_writes_a_complete_checkpoint(tiny_source, tmp_path, capfd, m
                            tmp_path / "again")
     assert code == 0, err
     assert load_factor_set(tmp_path / "again" / "longrope_factors.json").long_factor == factor_set.long_factor
+    # the scale below n_hat is read back from the config; a checkpoint written before the key existed means "row"
+    assert read_source(output).longrope.n_hat_mscale == N_HAT_MSCALE
+    edit_json(output / "config.json", longrope={key: value for key, value in config["longrope"].items()
+                                                if key != "n_hat_mscale"})
+    assert read_source(output).longrope.n_hat_mscale == "row"
 
 
 def _umask() -> int:
@@ -90,7 +95,7 @@ def test_model_card_inherits_the_source_licence(tiny_source, tmp_path, capfd, mo
     assert front_matter(card) == {"license": "other", "license_name": "llama3",  # a local source: no base_model
                                   "license_link": "LICENSE", "library_name": "transformers",
                                   "pipeline_tag": "text-generation", "tags": ["longrope", "long-context", "llama"]}
-    assert "Source card" not in card and "**not searched**: `init:yarn`" in card
+    assert "Source card" not in card and "**not searched**: `init:llama3`" in card
     assert (tmp_path / "out" / "LICENSE").read_text() == "the licence text"
 
 
@@ -157,7 +162,7 @@ def test_both_config_styles_are_read(tiny_source, style):
     assert config["rope_theta"] == 500000.0 and "rope_parameters" not in config
 
 
-def test_shipped_factors_are_found_else_yarn_with_a_warning(tiny_source, tmp_path, capfd, monkeypatch):
+def test_shipped_factors_are_found_else_the_llama3_init_with_a_warning(tiny_source, tmp_path, capfd, monkeypatch):
     shipped = tmp_path / "shipped" / "tiny"
     shipped.mkdir(parents=True)
     fingerprint = read_source(tiny_source).fingerprint
@@ -170,9 +175,9 @@ def test_shipped_factors_are_found_else_yarn_with_a_warning(tiny_source, tmp_pat
                                                         "n_hat": 0}
     assert "WARNING" not in err
     code, out, err = run_cli(capfd, monkeypatch, tiny_source, "--target", 512, "--output", tmp_path / "b", "--json")
-    assert code == 0 and json.loads(out)["factors"]["method"] == "init:yarn"
+    assert code == 0 and json.loads(out)["factors"]["method"] == "init:llama3"
     assert "WARNING: no searched factors ship for this model at 512 tokens" in err
-    assert load_factor_set(tmp_path / "b" / "longrope_factors.json").method == "init:yarn"
+    assert load_factor_set(tmp_path / "b" / "longrope_factors.json").method == "init:llama3"
 
 
 def test_overwrite_replaces_and_a_failed_run_keeps_the_old_output(tiny_source, tmp_path, capfd, monkeypatch):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from conftest import DATA
@@ -78,3 +79,26 @@ def test_a_streamed_dataset_is_read_no_further_than_needed(tmp_path):
     perplexity = json.loads(done.stdout)["perplexity"]
     assert perplexity["documents"] == [f"{books}:2", f"{books}:3"] and perplexity["skipped_documents"] == 2
     assert "perplexity: 2 documents of 1,024 tokens (2 shorter or empty ones skipped)" in done.stderr
+
+
+def test_fewer_long_documents_than_asked_give_consecutive_windows(tmp_path, tokenizer):
+    """With windows (the search's --data), documents of at least the length come first as ever, then the long ones'
+    next windows in turn (every second window, then every third): consecutive text, each after BOS."""
+    (tmp_path / "books.jsonl").write_text("".join(json.dumps({"text": text}) + "\n"
+                                                  for text in (BOOK, "too short", BOOK[:3300])))
+    books = f"{tmp_path / 'books.jsonl'}"
+    whole = tokenizer(BOOK, add_special_tokens=False)["input_ids"]
+    third = tokenizer(BOOK[:3300], add_special_tokens=False)["input_ids"]
+    length = 512
+    assert len(third) // (length - 1) == 2 and len(whole) // (length - 1) >= 6
+    ids, names, skipped = tokenized_documents(tokenizer, read_documents([books]), length, limit=6, windows=True)
+    assert names == [f"{books}:1", f"{books}:3", f"{books}:1#window2", f"{books}:3#window2", f"{books}:1#window3",
+                     f"{books}:1#window4"] and skipped == 1
+    assert all(i.shape == (1, length) and i[0, 0] == tokenizer.bos_token_id for i in ids)
+    assert ids[2][0, 1:].tolist() == whole[length - 1 : 2 * (length - 1)]
+    assert ids[5][0, 1:].tolist() == whole[3 * (length - 1) : 4 * (length - 1)]
+    assert ids[3][0, 1:].tolist() == third[length - 1 : 2 * (length - 1)]
+    plain, plain_names, _ = tokenized_documents(tokenizer, read_documents([books]), length, limit=6)
+    assert plain_names == names[:2] and all(torch.equal(a, b) for a, b in zip(plain, ids))
+    enough, enough_names, _ = tokenized_documents(tokenizer, read_documents([books]), length, limit=2, windows=True)
+    assert enough_names == names[:2]  # enough documents: no windows

@@ -11,6 +11,8 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from longrope_convert.factors import (
+    ANALYTIC_METHODS,
+    N_HAT_MSCALE,
     FactorFileError,
     ModelFingerprint,
     analytic_factor_set,
@@ -22,6 +24,7 @@ from longrope_convert.factors import (
     source_factor_set,
 )
 from longrope_convert.modeling_longrope_llama import rope_inv_freq
+from longrope_convert.source_rope import critical_dimension
 
 LLAMA3_8B = ModelFingerprint(architecture="LlamaForCausalLM", name="Meta-Llama-3-8B", head_dim=128,
                              rope_theta=500000.0, original_max_position_embeddings=8192, num_hidden_layers=32,
@@ -62,8 +65,33 @@ def test_yarn_set_ramps_from_extrapolation_to_interpolation():
     assert math.isclose(factor_set.long_mscale, 0.1 * math.log(8) + 1)
 
 
+def test_the_critical_dimension_is_longrope2_s():
+    """ceil(d/2 log_theta(L / 2 pi)) - 1, as LongRoPE2's released search computes it: the last dimension whose period
+    is shorter than the window. Llama-3-8B's config (head_dim 128, rope_theta 500000, window 8192): 34 of 64;
+    SmolLM2-135M's (64, 100000, 8192): 19 of 32; the testbeds' (64, 10000, 256): 12, and (128, 900, 256): 34."""
+    assert critical_dimension(128, 500000.0, 8192) == 34
+    assert critical_dimension(64, 100000.0, 8192) == 19
+    assert critical_dimension(64, 10000.0, 256) == 12 and critical_dimension(128, 900.0, 256) == 34
+    for head_dim, theta, window in ((128, 500000.0, 8192), (64, 100000.0, 8192), (64, 10000.0, 256)):
+        c = critical_dimension(head_dim, theta, window)
+        period = [2 * math.pi * theta ** (2 * i / head_dim) for i in range(head_dim // 2)]
+        assert period[c] < window <= period[c + 1]
+    assert critical_dimension(64, 10000.0, 4) == 0 and critical_dimension(64, 2.0, 10**9) == 31  # clamped
+
+
+def test_ntk_and_yarn_moved_to_the_critical_dimension():
+    """ntk-cd: s^(i/34) below Llama-3-8B's critical dimension 34, s from it on (NTK reaches s at the last); yarn-cd:
+    YaRN's ramp with its upper end at 34 instead of 35, its attention scale kept."""
+    ntk = analytic_factor_set("ntk-cd", LLAMA3_8B, 65536).long_factor
+    assert ntk == pytest.approx([8 ** (i / 34) for i in range(34)] + [8.0] * 30, rel=1e-12)
+    yarn, moved = (analytic_factor_set(m, LLAMA3_8B, 65536) for m in ("yarn", "yarn-cd"))
+    assert yarn.long_factor[34] < 8.0 and moved.long_factor[34:] == [8.0] * 30
+    assert moved.long_factor[:19] == [1.0] * 19 and math.isclose(moved.long_factor[20], 1 + 7 * 2 / 16)
+    assert moved.long_mscale == yarn.long_mscale and moved.method == "init:yarn-cd"
+
+
 def test_analytic_sets_are_valid_files(tmp_path):
-    for method in ("pi", "ntk", "yarn", "llama3"):
+    for method in ANALYTIC_METHODS:
         factor_set = analytic_factor_set(method, LLAMA3_8B, 65536)
         factor_set.save(tmp_path / f"{method}.json")
         loaded = load_factor_set(tmp_path / f"{method}.json")
@@ -101,7 +129,9 @@ BAD_FILES = [
     ("model.rope_scale", 1, "model.rope_scale", "unknown field"),
     ("model.rope_scaling", 1, "model.rope_scaling", "wrong type"),
     ("short_set", "mine", "short_set", "'source' or 'factors'"),
-    ("version", 3, "version", "this tool reads 1, 2"),
+    ("version", 4, "version", "this tool reads 1, 2, 3"),
+    ("n_hat_mscale", "long", "n_hat_mscale", "'row' or 'short'"),
+    ("n_hat_mscale", DELETE, "n_hat_mscale", "missing"),
     ("provenance.mood", "happy", "provenance.mood", "unknown field"),
     ("n_hat", DELETE, "n_hat", "missing"),
     ("n_hat", -1, "n_hat", "non-negative"),
@@ -167,7 +197,17 @@ def test_version_1_files_are_read_as_made_for_an_unscaled_source():
     assert json.loads(shipped.read_text())["version"] == 1
     factor_set = load_factor_set(shipped)
     assert factor_set.model.rope_scaling == {"rope_type": "default"} and factor_set.short_set == "factors"
-    assert factor_set.to_json()["version"] == 2 and factor_set_from_json(factor_set.to_json()) == factor_set
+    assert factor_set.to_json()["version"] == 3 and factor_set_from_json(factor_set.to_json()) == factor_set
+
+
+def test_files_before_version_3_keep_the_scale_below_n_hat_they_were_made_with():
+    """Without n_hat_mscale a file means "row" (the long mscale below n_hat in long rows, as the shipped modeling
+    file applied it before the key existed); the sets this version makes record N_HAT_MSCALE."""
+    old = {key: value for key, value in valid_file_data().items() if key != "n_hat_mscale"}
+    assert factor_set_from_json({**old, "version": 2, "n_hat": 16}).n_hat_mscale == "row"
+    new = analytic_factor_set("yarn", LLAMA3_8B, 65536)
+    assert new.n_hat_mscale == N_HAT_MSCALE and new.to_json()["n_hat_mscale"] == N_HAT_MSCALE
+    assert factor_set_from_json({**new.to_json(), "n_hat_mscale": "row"}).n_hat_mscale == "row"
 
 
 def test_analytic_sets_compose_on_the_source_scaling():

@@ -66,6 +66,30 @@ def test_first_n_hat_positions_keep_the_original_angles(tiny_llama_dir):
 
 
 @torch.no_grad()
+def test_the_scale_below_n_hat_is_the_rows_unless_the_config_says_short(tiny_llama_dir):
+    """longrope.n_hat_mscale: absent (every checkpoint written before the key) is "row", bit for bit: the first
+    n_hat positions of a long row get the long mscale like the others. "short" gives them the short set's (1.0
+    here: the source's cos and sin), leaves every other position and short rows as they were."""
+    _, _, config = longrope_pair(tiny_llama_dir, n_hat=8, long_mscale=1.3)
+    outputs = {}
+    for convention in (None, "row", "short"):
+        extras = {key: value for key, value in config.longrope.items() if key != "n_hat_mscale"}
+        config.longrope = extras if convention is None else {**extras, "n_hat_mscale": convention}
+        rotary = LongRoPEScaledRotaryEmbedding(config)
+        outputs[convention] = [rotary(torch.zeros(1), torch.arange(length)[None]) for length in (100, TINY_WINDOW)]
+    (row_long, row_short), (short_long, short_short) = outputs["row"], outputs["short"]
+    for absent, row in zip(outputs[None], outputs["row"]):
+        assert all(torch.equal(a, b) for a, b in zip(absent, row))
+    assert all(torch.equal(a, b) for a, b in zip(short_short, row_short))  # short rows: one scale either way
+    for short, row in zip(short_long, row_long):  # cos, sin of the long row
+        assert torch.equal(short[:, 8:], row[:, 8:])
+        torch.testing.assert_close(short[:, :8], row[:, :8] / 1.3, rtol=0, atol=1e-6)
+    config.longrope = {**config.longrope, "n_hat_mscale": "long"}
+    with pytest.raises(ValueError, match="n_hat_mscale must be 'row' or 'short'"):
+        LongRoPEScaledRotaryEmbedding(config)
+
+
+@torch.no_grad()
 def test_each_row_uses_its_own_factor_set(tiny_llama_dir):
     _, model, _ = longrope_pair(tiny_llama_dir)
     torch.manual_seed(3)

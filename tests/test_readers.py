@@ -76,10 +76,10 @@ def test_stock_transformers_5_reads_the_factors_and_attention_scale(checkpoints,
     assert_warnings(reading["remote_code_warnings"], factor_set)
 
 
-@pytest.mark.parametrize("target, method", [(2048, "search"), (4096, "init:yarn")])
+@pytest.mark.parametrize("target, method", [(2048, "search"), (4096, "init:llama3")])
 def test_a_default_conversion_loads_without_a_warning(target, method, tmp_path):
     """`longrope-convert SOURCE --target N` with nothing else: the shipped searched factors of the testbed at 2048
-    load silently, stock and with the shipped code; the YaRN init (no shipped factors at 4096) keeps the one line
+    load silently, stock and with the shipped code; the llama3 init (no shipped factors at 4096) keeps the one line
     about vLLM's two keys (README, Load: the choice made)."""
     plan = plan_conversion(str(TESTBED), target=target, output=tmp_path / "out")
     write_planned(plan)
@@ -88,7 +88,7 @@ def test_a_default_conversion_loads_without_a_warning(target, method, tmp_path):
     assert reading["remote_code"] == "loaded"
     assert_warnings(reading["warnings"], plan.factor_set)
     assert_warnings(reading["remote_code_warnings"], plan.factor_set)
-    assert ("the two keys are for vLLM" in (tmp_path / "out" / "README.md").read_text()) == (method == "init:yarn")
+    assert ("the two keys are for vLLM" in (tmp_path / "out" / "README.md").read_text()) == (method == "init:llama3")
 
 
 @pytest.mark.parametrize("version", ["4.45.2", "4.57.6"])
@@ -201,7 +201,7 @@ def test_a_source_with_extra_window_keys_converts_to_a_config_vllm_serves_at_the
         {(key, TARGET) for key in ["max_position_embeddings", *extra_keys]}
     card = (tmp_path / "out" / "README.md").read_text()
     assert f"--max-model-len {TARGET}` serves the whole window" in card and "shorter window" not in card
-    assert "the two keys are for vLLM" in card  # the YaRN init: the one line loading logs, explained
+    assert "the two keys are for vLLM" in card  # the llama3 init: the one line loading logs, explained
 
     # not the window: kept, and named (model_max_length, when a config has it, is the one vLLM reads)
     edit_json(tiny_source / "config.json", seq_length=TINY_WINDOW // 2, model_max_length=None)

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import os
 import shlex
 import shutil
@@ -26,12 +27,21 @@ from longrope_convert.perplexity import load_longrope_model, perplexity, token_n
 from longrope_convert.search import ModelFitness, SearchRun, Verdict, long_search_task, verdict
 from longrope_convert.search_log import LOG_VERSION, SearchLog
 from longrope_convert.source import read_source
+from longrope_convert.source_rope import critical_dimension
 from longrope_convert.workers import Workers, gpu_group
 
 TESTBED = Path(__file__).parent / "testbed" / "tiny-llama-256"
 SEARCH_DATA = DATA / "tom_sawyer_chapters.jsonl"
 HELD_OUT = DATA / "sherlock_adventures.jsonl"
 CLI = [sys.executable, "-m", "longrope_convert"]
+
+
+def test_the_llama3_shaped_testbed_has_llama_3_8b_s_shape_where_rope_scaling_matters():
+    """tests/testbed/tiny-llama3-256: 64 factors, grouped KV, and the critical dimension of Llama-3-8B at 8k."""
+    config = json.loads((TESTBED.parent / "tiny-llama3-256" / "config.json").read_text())
+    assert config["head_dim"] == 128 and config["num_key_value_heads"] < config["num_attention_heads"]
+    assert critical_dimension(config["head_dim"], config["rope_parameters"]["rope_theta"],
+                              config["max_position_embeddings"]) == 34  # as Llama-3-8B's (test_source_rope)
 
 
 def model_with(folder, factor_set):
@@ -101,6 +111,30 @@ def test_search_log_has_each_evaluation_once_and_valid_and_progress_per_evaluati
     # stderr is not a terminal here: one status line per finished document evaluation, in order
     progress = [line for line in stderr if line.startswith("search: ") and "document evaluations done" in line]
     assert [int(line.split()[1].split("/")[0]) for line in progress] == list(range(1, len(entries) + 1))
+
+
+def test_the_first_line_states_the_caps_and_one_long_document_gives_windows(tmp_path):
+    """One chapter for --documents 3: three consecutive 1024-token windows of it, said on stderr and in the
+    provenance; the critical space's caps come first, and the search stays within them, confirmation included."""
+    chapter = tmp_path / "chapter.jsonl"
+    chapter.write_text(SEARCH_DATA.read_text().splitlines()[0] + "\n")
+    out, stderr = tmp_path / "f.json", []
+    run_search(TESTBED, "--target", 1024, "--data", chapter, "--documents", 3, "--space", "critical", "--max-evals",
+               12, "--out", out, stderr=stderr)
+    caps = re.fullmatch(r"search: preset default, critical space: dimensions 12-31 searched, lambda >= the "
+                        r"extension, a ramp below LongRoPE2's critical dimension 12; at most 12 evaluations \(one = a "
+                        r"candidate on every document\), at most (\d+) document forwards of 1024 tokens in all "
+                        r"\(3 documents, baselines included\)", stderr[0])
+    assert caps and int(caps[1]) == 12 * 3 + 5 * 3  # the evolution's budget, then 5 baselines
+    log = out.with_name("f.json.log.jsonl")
+    assert len(log_entries(log)) <= int(caps[1])
+    windows = [f"{chapter}:1", f"{chapter}:1#window2", f"{chapter}:1#window3"]
+    assert [d["name"] for d in json.loads(log.read_text().splitlines()[0])["documents"]] == windows
+    assert any(line.startswith("note: --data has 1 document of at least 1024 tokens for --documents 3: the search "
+                               "takes consecutive 1024-token windows") for line in stderr)
+    provenance = load_factor_set(out).provenance
+    assert provenance["windows"] == windows and provenance["space"] == {"name": "critical", "critical_dimension": 12}
+    assert provenance["evaluations"] <= 12
 
 
 def test_budgets_that_end_before_evolution_are_labelled_so_and_a_time_budget_holds(tmp_path):
