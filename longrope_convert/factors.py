@@ -470,13 +470,13 @@ def default_init_warning(target_length: int) -> str:
 def baseline_factor_sets(model: ModelFingerprint, target_length: int,
                          methods: Sequence[str] = CLASSIC_METHODS) -> dict[str, FactorSet]:
     """What a searched set is compared with, on the same source and target, by the search and by eval
-    --baselines: "none" (the source's own RoPE carried past its window unchanged) and each of ANALYTIC_METHODS
-    composed on it (analytic_factor_set)."""
+    --baselines: "none" (the source's own RoPE carried past its window unchanged) and each of `methods` (the classic
+    sets, CLASSIC_METHODS) composed on it (analytic_factor_set)."""
     source_set = source_factor_set(model, target_length)
     none = compose(source_set, [1.0] * len(source_set.long_factor), long_mscale=model.base_factor_set().long_mscale,
                    attention_scale="source", provenance={"method": "none"})
     return {"none": none, **{method: analytic_factor_set(method, model, target_length)
-                               for method in ANALYTIC_METHODS}}
+                               for method in methods}}
 
 
 def yarn_factors(scale: float, dim: int, base: float, original_length: int,
