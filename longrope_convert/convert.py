@@ -357,11 +357,12 @@ def _written(name: str, text: str) -> PlannedFile:
     return PlannedFile(name, len(text.encode("utf-8")), "write", text)
 
 
-def plan_conversion(source: str, *, target: int, revision: str | None = None, factors: str | None = None,
-                    output: Path | None = None, overwrite: bool = False, copy_weights: bool = False,
-                    repo: str | None = None, download: bool = True,
+def plan_conversion(source: str | SourceModel, *, target: int, revision: str | None = None,
+                    factors: str | None = None, output: Path | None = None, overwrite: bool = False,
+                    copy_weights: bool = False, repo: str | None = None, download: bool = True,
                     status: Callable[[str], None] = lambda message: None) -> ConversionPlan:
-    """Check everything a conversion of SOURCE (a folder or a Hub repo id) needs, and plan it.
+    """Check everything a conversion of SOURCE (a folder or a Hub repo id, or a source already opened by
+    fetch.open_source) needs, and plan it.
 
     Order: the output location (before anything is read), the source's config and safetensors headers
     (a Hub source is read remotely: config, small files, header bytes), the factors, the plan. With
@@ -370,17 +371,21 @@ def plan_conversion(source: str, *, target: int, revision: str | None = None, fa
     Raises LongRoPEError (SourceError, OutputError, FactorFileError) or the OSError met.
     """
     cache = {hub_cache(): "the Hugging Face cache"}
-    if looks_like_repo_id(source):
-        name, guard = source, cache
+    if isinstance(source, SourceModel):  # opened already: its own guards below
+        model, name, guard = source, source.name, {}
+        output = Path(output or default_output(name, target))
     else:
-        name, guard = Path(source).resolve().name, {Path(source): "the source"}
-    output = Path(output or default_output(name, target))
-    check_output_folder(output, overwrite=overwrite, protected=guard, read_only={**guard, **cache})
-    model = open_source(source, revision, download=False)
+        if looks_like_repo_id(source):
+            name, guard = source, cache
+        else:
+            name, guard = Path(source).resolve().name, {Path(source): "the source"}
+        output = Path(output or default_output(name, target))
+        check_output_folder(output, overwrite=overwrite, protected=guard, read_only={**guard, **cache})
+        model = open_source(source, revision, download=False)
     factor_set, origin = resolve_factors(model, target, factors, status)
     plan = plan_checkpoint(model, factor_set, output, origin, copy_weights=copy_weights, repo=repo)
     if download and not isinstance(model.files, FolderFiles):
-        model = read_source(download_source(source, revision, files=plan.source_files), name=source)
+        model = read_source(download_source(model.name, revision, files=plan.source_files), name=model.name)
         plan = plan_checkpoint(model, factor_set, output, origin, copy_weights=copy_weights, repo=repo)
     check_output_folder(output, overwrite=overwrite, protected={**guard, **plan.protected},
                         read_only={**guard, **plan.read_only})

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import DATA, TINY_WINDOW, edit_json
-from longrope_convert.cli import resume_command
+from longrope_convert.job import resume_command
 from longrope_convert.convert import longrope_config
 from longrope_convert.errors import LongRoPEError
 from longrope_convert.evolution import Candidate, SearchResult, SearchSpace
