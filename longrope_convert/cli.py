@@ -31,7 +31,7 @@ from .api import (
     run_job,
     search_factors,
 )
-from .errors import LongRoPEError
+from .errors import SETTINGS, LongRoPEError
 
 DEVICE_MAPS = ["auto"]  # accelerate's placement of a model over the GPUs it may use
 
@@ -383,6 +383,9 @@ def push(folder: Path, repo: str, branch: str | None, private: bool, commit_mess
         click.echo(json.dumps(pushed.summary(), indent=2))
 
 
+# The library's errors name the settings they concern as the Python API does; the command line says its flags.
+FLAGS = {setting: "--" + setting.replace("_", "-") for setting in SETTINGS}
+
 OS_ERROR_HINTS = {
     errno.ENOSPC: "the disk is full: free space or choose another place",
     errno.EDQUOT: "the disk quota is exceeded: free space or choose another place",
@@ -421,7 +424,7 @@ def main() -> None:
         status("aborted")
         sys.exit(130)
     except LongRoPEError as error:
-        status(f"error: {error}")
+        status(f"error: {error.worded(FLAGS)}")
         sys.exit(1)
     except OSError as error:
         status(f"error: {os_error_message(error)}")

@@ -28,7 +28,7 @@ from .checkpoint_files import (
     is_conversion_output,
     matches,
 )
-from .errors import LongRoPEError, OutputError
+from .errors import LongRoPEError, OutputError, TargetError
 from .factors import (
     ANALYTIC_METHODS,
     DEFAULT_INIT,
@@ -137,7 +137,8 @@ def resolve_factors(source: SourceModel, target: int, factors: str | None,
                 f"not for this source ({_describe(source.fingerprint)})"
             )
         if factor_set.target_length != target:
-            raise LongRoPEError(f"{factors}: factors are for target {factor_set.target_length}, not --target {target}")
+            raise TargetError(f"{factors}: factors are for target {factor_set.target_length}, not {{target}} {target}",
+                              setting="target", value=target, bound=factor_set.target_length, file=factors)
         return factor_set, str(factors)
     shipped = find_shipped_factor_set(source.fingerprint, target)
     if shipped is not None:
@@ -267,13 +268,13 @@ def source_guards(source: SourceModel) -> tuple[dict[Path, str], dict[Path, str]
     return protected, {source.folder: "the source", **read_only}
 
 
-def check_conversion_output(source: SourceModel, output: Path, overwrite: bool, option: str = "--output") -> None:
-    """The output folder (given with `option`) a conversion of `source` may write (outputs.check_output_folder):
+def check_conversion_output(source: SourceModel, output: Path, overwrite: bool, setting: str = "output") -> None:
+    """The output folder (given as `setting`) a conversion of `source` may write (outputs.check_output_folder):
     not the source, none of its files, not inside it or the Hugging Face cache (source_guards); an existing one
     only with `overwrite`, and only when it holds nothing but what conversions and evaluations write
     (check_no_foreign_files). Raises OutputError."""
     protected, read_only = source_guards(source)
-    check_output_folder(output, overwrite=overwrite, protected=protected, read_only=read_only, option=option)
+    check_output_folder(output, overwrite=overwrite, protected=protected, read_only=read_only, setting=setting)
     check_no_foreign_files(output)
 
 
@@ -288,8 +289,9 @@ def check_no_foreign_files(output: Path) -> None:
                      and not is_conversion_output(path.relative_to(output).as_posix()))
     if foreign:
         listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise OutputError(f"--output '{output}' holds files longrope-convert did not write ({listed}); --overwrite "
-                          "replaces the whole folder: move them out first, or choose another --output")
+        raise OutputError(f"{{output}} '{output}' holds files longrope-convert did not write ({listed}); {{overwrite}} "
+                          "replaces the whole folder: move them out first, or choose another {output}",
+                          setting="output", value=str(output), file=output)
 
 
 def plan_checkpoint(source: SourceModel, factor_set: FactorSet, output: Path, factors_origin: str, *,

@@ -57,7 +57,7 @@ from typing import Any
 
 from . import __version__
 from .checkpoint_files import FACTORS_FILE
-from .errors import LongRoPEError, RopeScalingError
+from .errors import LongRoPEError, RopeScalingError, TargetError
 from .outputs import write_text_atomically
 from .source_rope import (
     DEFAULT_ROPE,
@@ -380,11 +380,13 @@ def source_factor_set(model: ModelFingerprint, target_length: int) -> FactorSet:
     """
     base = model.base_factor_set()
     if target_length <= base.max_position_embeddings:
-        raise LongRoPEError(f"--target {target_length} must be larger than the source's context window "
-                            f"{base.max_position_embeddings}")
+        raise TargetError(f"{{target}} {target_length} must be larger than the source's context window "
+                          f"{base.max_position_embeddings}", setting="target", value=target_length,
+                          bound=base.max_position_embeddings)
     if target_length > MAX_TARGET_LENGTH:
-        raise LongRoPEError(f"--target {target_length} is beyond {MAX_TARGET_LENGTH:,} tokens, where float32 "
-                            "positions (which rotary angles are computed from) stop being exact")
+        raise TargetError(f"{{target}} {target_length} is beyond {MAX_TARGET_LENGTH:,} tokens, where float32 "
+                          "positions (which rotary angles are computed from) stop being exact", setting="target",
+                          value=target_length, bound=MAX_TARGET_LENGTH)
     rule, long_mscale = next(iter(long_attention_scales(base, target_length).items()))
     provenance = {}
     if base.rope_type != "default":

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .errors import LongRoPEError
+from .errors import DataError, LongRoPEError, TargetError
 from .evolution import (
     DEFAULT_SPACE,
     NLL,
@@ -382,7 +382,8 @@ def plan_search(*, source, data: list[str], target: int | None, log_path: Path |
     tokens, names, skipped = tokenized_documents(tokenizer, read_documents(list(data)), eval_length, limit=documents,
                                                  windows=True)
     if not tokens:
-        raise LongRoPEError(f"--data has no document of at least {eval_length} tokens ({skipped} shorter ones skipped)")
+        raise DataError(f"{{data}} has no document of at least {eval_length} tokens ({skipped} shorter ones skipped)",
+                        setting="data", bound=eval_length)
     return SearchPlan(source=source, task=task, eval_length=eval_length, data=list(data), documents=tokens,
                       document_names=names, skipped_documents=skipped, requested_documents=documents,
                       preset_name=preset, max_evals=PRESETS[preset].max_evals if max_evals is None else max_evals,
@@ -395,15 +396,18 @@ def _search_task(source, target: int | None, short: bool, n_hat: bool, max_facto
     stage = source.longrope
     if short:
         if space not in (None, "full"):
-            raise LongRoPEError(f"--short searches every short factor: --space {space} is for long factors")
+            raise LongRoPEError(f"{{short}} searches every short factor: {{space}} {space} is for long factors",
+                                setting="space", value=space)
         if stage is None:
-            raise LongRoPEError("--short searches the short factors of a LongRoPE checkpoint; "
-                                f"'{source.folder}' is a plain model (its short factors are 1.0)")
+            raise LongRoPEError("{short} searches the short factors of a LongRoPE checkpoint; "
+                                f"'{source.folder}' is a plain model (its short factors are 1.0)", setting="short",
+                                file=source.folder)
         if target not in (None, stage.target_length):
-            raise LongRoPEError(f"--short keeps the checkpoint's target {stage.target_length}; drop --target")
+            raise TargetError(f"{{short}} keeps the checkpoint's target {stage.target_length}; drop {{target}}",
+                              setting="target", value=target, bound=stage.target_length)
         return short_search_task(stage, max_factor), stage.model.original_max_position_embeddings
     if target is None:
-        raise LongRoPEError("--target is required (except with --short)")
+        raise TargetError("{target} is required (except with {short})", setting="target")
     return (long_search_task(source.fingerprint, target, n_hat, max_factor, n_hat_mscale, space or DEFAULT_SPACE),
             target)
 

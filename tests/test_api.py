@@ -90,3 +90,27 @@ def test_the_cli_imports_only_the_public_api_and_the_error_types():
     assert set(imported) <= {None, "api", "errors"}, imported
     assert imported.get(None, set()) <= {"__version__"}
     assert imported.get("api", set()) <= set(api.__all__)
+
+
+def test_errors_carry_the_setting_the_value_and_the_bound_and_the_cli_words_them_as_flags(tmp_path, capfd,
+                                                                                          monkeypatch):
+    from longrope_convert import cli
+    from longrope_convert.errors import TargetError
+
+    testbed = REPOSITORY / "tests" / "testbed" / "tiny-llama-256"
+    try:
+        longrope_convert.convert_checkpoint(source=testbed, target=128, output=tmp_path / "out")
+    except TargetError as error:
+        assert (error.setting, error.value, error.bound) == ("target", 128, 256)
+        assert str(error) == "target 128 must be larger than the source's context window 256"
+    else:
+        raise AssertionError("a target within the window was accepted")
+    monkeypatch.setattr(sys, "argv", ["longrope-convert", str(testbed), "--target", "128", "--output",
+                                      str(tmp_path / "out")])
+    try:
+        cli.main()
+    except SystemExit as exit:
+        assert exit.code == 1
+    assert capfd.readouterr().err.splitlines()[-1] == (
+        "error: --target 128 must be larger than the source's context window 256")
+    assert not (tmp_path / "out").exists()
