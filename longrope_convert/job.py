@@ -55,6 +55,12 @@ def no_progress(what: str, total: int) -> Iterator[Callable[[str], None]]:
     yield lambda note: None
 
 
+def default_factors_file(source_name: str, target: int | None) -> Path:
+    """Where `search` writes its factor file by default: ./<source name>-<target>.factors.json (-short.factors.json
+    for a short-factor search)."""
+    return Path(f"{Path(source_name).name}-{target or 'short'}.factors.json")
+
+
 def factors_file_for(output: Path) -> Path:
     """Where a job's search writes its factor file: next to the output folder, <output>.factors.json."""
     return output.with_name(output.name + ".factors.json")
@@ -268,9 +274,27 @@ def plan_job(*, source: str, target: int, revision: str | None = None, factors: 
              push_to: str | None = None, private: bool = False, branch: str | None = None,
              commit_message: str | None = None, dry_run: bool = False, arguments: Sequence[str] | None = None,
              status: Status = quiet) -> JobPlan:
-    """Check and plan the whole job (see the module's docstring); with `search_data`, a search comes first.
-    With `dry_run` nothing is downloaded or written (a search's caps are planned for a local source).
-    Raises LongRoPEError (SourceError, OutputError, DataError, HubError, ...) or the OSError met."""
+    """Check and plan the whole job (see the module's docstring), for run_job to carry out or a dry run to show.
+
+    Takes api.convert_checkpoint's arguments (documented there; `gguf_pattern` is its `gguf`), and:
+        dry_run: download and write nothing (a Hub source is read remotely; a search's caps, which need the
+            tokenizer, are planned for a local source only).
+        arguments: the command line that asked for the job, repeated with --resume when a search is interrupted.
+
+    Order: the Hub login (push_to), the evaluation data; then without a search the conversion's plan
+    (convert.plan_conversion: output, source, factors, files), with one the source opened once (downloaded unless
+    `dry_run`), the output folder and the factor file checked, and the search planned for a dry run.
+
+    Returns:
+        JobPlan: `summary()` (JSON data, what `--dry-run --json` prints) and `lines()` (in words).
+
+    Raises:
+        LongRoPEError (SourceError, OutputError, TargetError, FactorFileError, DataError, HubError) or the OSError met.
+
+    Example:
+        >>> plan = plan_job(source="./SmolLM2-135M", target=16384, search_data=["./books"], dry_run=True)
+        >>> plan.search.caps
+    """
     if search_data and factors:
         raise LongRoPEError("a search finds the factors: give no factors with search data")
     if bool(eval_lengths) != bool(eval_data):
@@ -395,7 +419,7 @@ def search_and_convert(*, source: str, target: int | None, data: list[str], out:
     ./<source>-<target>.factors.json) and `convert_to` go, search, and convert with the result when asked.
     Returns None on the torchrun processes that do not write."""
     model = open_source(source, revision)
-    out = Path(out or f"{Path(model.name).name}-{target or 'short'}.factors.json")
+    out = Path(out or default_factors_file(model.name, target))
     check_search_outputs(model, out, convert_to)
     searched = run_search(model, data=data, target=target, out=out, log=Path(resume or log or search_log_for(out)),
                           resume=resume is not None, short=short, settings=settings, device_map=device_map,
