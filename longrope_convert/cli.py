@@ -5,24 +5,33 @@ from __future__ import annotations
 import errno
 import json
 import math
-import os
-import shlex
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .convert import check_conversion_output, default_output, plan_conversion, write_checkpoint, write_planned
-from .errors import LongRoPEError
-from .evolution import DEFAULT_SPACE  # pure Python: `convert` still never imports torch
-from .evolution import PRESETS as SEARCH_PRESETS
-from .evolution import SPACES as SEARCH_SPACES
-from .factors import ANALYTIC_METHODS, DEFAULT_INIT
-from .fetch import open_source
-from .preflight import check_push, check_search_outputs
-from .publish import loading_snippet, push_folder
+from .api import (
+    ANALYTIC_METHODS,
+    DEFAULT_INIT,
+    DEFAULT_SPACE,
+    EVAL_DIR,
+    RULER_TASKS,
+    SEARCH_PRESETS,
+    SEARCH_SPACES,
+    SearchSettings,
+    evaluate_checkpoint,
+    evaluation_tables,
+    export_gguf,
+    plan_job,
+    push_checkpoint,
+    run_job,
+    search_factors,
+)
+from .errors import SETTINGS, LongRoPEError
 
 DEVICE_MAPS = ["auto"]  # accelerate's placement of a model over the GPUs it may use
 
@@ -40,6 +49,25 @@ Examples:
 
 def status(message: str) -> None:
     click.echo(message, err=True)
+
+
+PROGRESS_UNITS = {"search": "document evaluations", "eval": "measurements"}
+
+
+@contextmanager
+def progress_bar(what: str, total: int) -> Iterator:
+    """The library's Progress on the terminal: a bar on stderr, or, in a log file (no live bar), a status line
+    per step."""
+    unit, note = PROGRESS_UNITS[what], [""]
+    with click.progressbar(length=total, label=f"{what} ({unit})", file=sys.stderr, show_pos=True,
+                           item_show_func=lambda _: note[0], show_eta=True) as bar:
+        def step(text: str) -> None:
+            note[0] = text
+            bar.update(1)
+            if not sys.stderr.isatty():
+                status(f"{what}: {bar.pos}/{bar.length} {unit} done" + (f", {text}" if text else ""))
+
+        yield step
 
 
 def _integers(ctx, param, value: str | None) -> list[int]:
@@ -119,45 +147,6 @@ SEARCH_SETTINGS = ("documents", "preset", "space", "max_evals", "time_budget", "
                    "baselines", "device_map")
 
 
-def run_search(model, *, data: list[str], target: int | None, out: Path, log_path: Path | None,
-               resume: Path | None, short: bool = False, **settings) -> tuple:
-    """Run a search (search.SearchRun) with a progress bar and write its factor file `out`; on Ctrl-C or
-    SIGTERM, say how to resume. Returns (factor set, summary), or None on the torchrun ranks that do not
-    write."""
-    from .search import SearchRun
-
-    log = resume or log_path or out.with_name(out.name + ".log.jsonl")
-    run = SearchRun(source=model, data=data, target=target, log_path=log, short=short, resume=resume is not None,
-                    status=status, **settings)
-    best = [math.inf]
-    with click.progressbar(length=run.planned_document_evaluations, label="search (document evaluations)",
-                           file=sys.stderr, show_pos=True,
-                           item_show_func=lambda _: f"best ppl {best[0]:.4f}" if math.isfinite(best[0]) else "",
-                           show_eta=True) as bar:
-        def evaluated() -> None:
-            if not run.is_main:
-                return
-            bar.update(1)
-            if not sys.stderr.isatty():  # no live bar in a log file: a line per finished evaluation
-                status(f"search: {bar.pos}/{bar.length} document evaluations done"
-                       + (f", best perplexity {best[0]:.4f}" if math.isfinite(best[0]) else ""))
-
-        try:
-            factor_set, summary = run.execute(on_evaluation=evaluated, on_best=lambda ppl: best.__setitem__(0, ppl))
-        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (main() turns it into SystemExit)
-            if run.is_main:
-                status(f"search interrupted; every finished evaluation is in {log}. Continue it with:\n"
-                       f"  {resume_command(sys.argv[1:], log)}")
-            raise
-    if not run.is_main:
-        return None
-    factor_set.save(out)
-    status(f"wrote {out}: method {summary['method']}, perplexity {summary['best_perplexity']:.4f} (n_hat "
-           f"{summary['n_hat']}) after {summary['evaluations']:.1f} evaluations; baselines: "
-           + (", ".join(f"{k} {v:.4f}" for k, v in summary["baselines"].items()) or "none measured"))
-    return factor_set, summary
-
-
 @cli.command(epilog=EXAMPLES)
 @click.argument("source")
 @click.option("--target", type=click.IntRange(min=1), required=True, help="New context window in tokens.")
@@ -174,7 +163,9 @@ def run_search(model, *, data: list[str], target: int | None, out: Path, log_pat
 @click.option("--private", is_flag=True, help="Create the pushed repo as private.")
 @click.option("--branch", default=None, help="Push to this branch (created if needed) instead of main.")
 @click.option("--commit-message", default=None, help="Commit message of the push.")
-@click.option("--dry-run", is_flag=True, help="Say what would be downloaded, written and pushed; do nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Say what would be downloaded, searched (the search's caps), written, evaluated and pushed; do "
+                   "nothing.")
 @click.option("--gguf", "gguf_pattern", default=None, metavar="PATTERN",
               help="Also extend SOURCE's GGUF files that match PATTERN (e.g. '*Q4_K_M.gguf') into the output "
                    "folder, for llama.cpp.")
@@ -196,84 +187,34 @@ def convert(ctx: click.Context, source: str, target: int, factors: str | None, r
             search_first: bool, data: tuple[str, ...], log_path: Path | None, resume: Path | None,
             eval_lengths: list[int], eval_data: tuple[str, ...], as_json: bool, **search_settings) -> None:
     """Convert SOURCE (a local checkpoint folder or a Hub repo id) into a LongRoPE checkpoint for --target tokens."""
-    from .preflight import check_data
-
     given = _given(ctx, "data", "log_path", "resume", *SEARCH_SETTINGS)
     if given and not search_first:
         raise click.UsageError(f"{given[0]} applies to --search")
     given = _given(ctx, "private", "branch", "commit_message")
     if given and not push_to:
         raise click.UsageError(f"{given[0]} applies to --push-to")
-    if search_first and (factors or not data or dry_run):
-        raise click.UsageError("--search finds the factors: drop --factors" if factors else
-                               "--search needs --data" if not data else "--dry-run does not cover --search")
+    if search_first and (factors or not data):
+        raise click.UsageError("--search finds the factors: drop --factors" if factors else "--search needs --data")
     if bool(eval_lengths) != bool(eval_data):
         raise click.UsageError("--eval-lengths and --eval-data go together")
     if eval_lengths and not all(2 <= length <= target for length in eval_lengths):  # evaluate.check_lengths's bounds
         raise click.UsageError(f"--eval-lengths must lie between 2 and --target {target} tokens")
-    if dry_run and (gguf_pattern or eval_lengths):
-        raise click.UsageError(f"--dry-run does not cover {'--gguf' if gguf_pattern else '--eval-lengths'} yet")
-    if push_to:
-        check_push(push_to)
-    if eval_data:
-        check_data(eval_data)
-    search_summary = None
-    if search_first:
-        model = open_source(source, revision)
-        output = Path(output or default_output(model.name, target))
-        factors_file = output.with_name(output.name + ".factors.json")
-        check_conversion_output(model, output, overwrite)
-        check_search_outputs(model, factors_file, None)
-        searched = run_search(model, data=list(data), target=target, out=factors_file, log_path=log_path,
-                              resume=resume, **search_settings)
-        if searched is None:  # a torchrun rank that does not write
-            return
-        factors, search_summary = str(factors_file), {"factors": str(factors_file), **searched[1]}
-    plan = plan_conversion(source, target=target, revision=revision, factors=factors, output=output,
-                           overwrite=overwrite, copy_weights=copy_weights, repo=push_to, download=not dry_run,
-                           status=status)
+    device_map = search_settings.pop("device_map")
+    plan = plan_job(source=source, target=target, revision=revision, factors=factors, output=output,
+                    overwrite=overwrite, copy_weights=copy_weights, search_data=list(data) if search_first else [],
+                    search_log=log_path, resume=resume, search_settings=SearchSettings(**search_settings),
+                    device_map=device_map, gguf_pattern=gguf_pattern, eval_lengths=eval_lengths,
+                    eval_data=list(eval_data), push_to=push_to, private=private, branch=branch,
+                    commit_message=commit_message, dry_run=dry_run, arguments=sys.argv[1:], status=status)
     if dry_run:
-        summary = {**plan.summary(), "source": source, "revision": revision}
-        summary["push"] = {"repo": push_to, "branch": branch or "main", "private": private, "files": len(plan.files),
-                           "bytes": summary["write_bytes"]} if push_to else None
-        status(f"dry run: download {len(plan.download)} files ({summary['download_bytes'] / 1e9:.2f} GB); "
-               f"write {plan.output} ({len(plan.files)} files, {summary['write_bytes'] / 1e9:.2f} GB); factors "
-               f"{plan.factors_origin}" + (f"; push to {push_to} ({branch or 'main'})" if push_to else ""))
+        for line in plan.lines():
+            status(line)
         if as_json:
-            click.echo(json.dumps(summary, indent=2))
+            click.echo(json.dumps(plan.summary(), indent=2))
         return
-    model, factor_set = plan.source, plan.factor_set
-    status(f"source: {model.folder} ({model.fingerprint.num_hidden_layers} layers, head_dim "
-           f"{model.fingerprint.head_dim}, window {model.original_window})")
-    status(f"factors: {plan.factors_origin} (n_hat {factor_set.n_hat}, long mscale {factor_set.long_mscale:.4f})")
-    ggufs, gguf_results = [], []
-    if gguf_pattern:  # found and checked before anything is written
-        from .gguf import extend_gguf, source_ggufs
-
-        ggufs = source_ggufs(source, revision, model.folder, gguf_pattern, factor_set, plan.factors_origin)
-
-    def write_ggufs(staging: Path) -> None:  # inside the staging folder: in place only when all are written
-        for gguf_model in ggufs:
-            written = extend_gguf(gguf_model, staging / gguf_model.path.name, factor_set,
-                                  factors_origin=plan.factors_origin, status=status)
-            status(f"wrote {gguf_model.path.name} in {written.seconds:.1f} s")
-            gguf_results.append({**written.summary(), "output": str(plan.output / gguf_model.path.name)})
-
-    result = write_planned(plan, overwrite=overwrite, status=status, extra=write_ggufs if ggufs else None)
-    status(f"wrote {result.output} in {result.seconds:.1f} s ({result.weight_mode} weights, "
-           f"{result.weight_bytes / 1e9:.2f} GB)")
-    summary = result.summary()
-    if gguf_results:
-        summary["gguf"] = gguf_results
-    if search_summary:
-        summary["search"] = search_summary
-    if eval_lengths:
-        summary["eval"] = evaluate_and_refresh_card(result.output, lengths=eval_lengths, data=list(eval_data),
-                                                    device_map=search_settings["device_map"])
-    if push_to:
-        summary["push"] = _push(result.output, push_to, private, branch, commit_message)
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
+    result = run_job(plan, status=status, progress=progress_bar)
+    if result is not None and as_json:  # None: a torchrun process that does not write
+        click.echo(json.dumps(result.summary(), indent=2))
 
 
 @cli.command(epilog="""\b
@@ -300,84 +241,13 @@ def search(source: str, target: int | None, revision: str | None, data: tuple[st
            short: bool, log_path: Path | None, resume: Path | None, convert_to: Path | None, as_json: bool,
            **settings) -> None:
     """Search LongRoPE factors for SOURCE by evolution on long-document perplexity."""
-    model = open_source(source, revision)
-    out = out or Path(f"{Path(model.name).name}-{target or 'short'}.factors.json")
-    check_search_outputs(model, out, convert_to)
-    searched = run_search(model, data=list(data), target=target, out=out, log_path=log_path, resume=resume,
-                          short=short, **settings)
-    if searched is None:  # a torchrun rank that does not write
-        return
-    factor_set, summary = searched
-    if convert_to is not None:
-        result = write_checkpoint(model, factor_set, convert_to, str(out), status=status)
-        status(f"wrote {result.output}")
-    if as_json:
-        click.echo(json.dumps({"factors": str(out), **summary}, indent=2))
-
-
-def evaluate_with_progress(plan, *, out: Path | None, command: str, device_map: str | None) -> dict:
-    """evaluate.run_evaluation with a progress bar (a status line per measurement when stderr is not a terminal)."""
-    from .evaluate import run_evaluation
-
-    with click.progressbar(length=plan.steps, label="eval", file=sys.stderr, show_eta=True) as bar:
-        def on_step() -> None:
-            bar.update(1)
-            if not sys.stderr.isatty():  # no live bar in a log file: a line per measurement
-                status(f"eval: {bar.pos}/{plan.steps} measurements done")
-
-        return run_evaluation(plan, out=out, command=command, device_map=device_map, status=status, on_step=on_step)
-
-
-def evaluate_and_refresh_card(checkpoint: Path, *, lengths: list[int], data: list[str],
-                              device_map: str | None = None) -> dict:
-    """`eval CHECKPOINT --lengths ... --data ... --baselines --card`: perplexity of the checkpoint and the
-    baselines, results in CHECKPOINT/eval, the card's sections refreshed. Returns the results."""
-    from .card import refresh_card
-    from .evaluate import plan_evaluation
-
-    command = f"longrope-convert eval {shlex.quote(str(checkpoint))} --lengths {','.join(map(str, lengths))} " + \
-        " ".join(f"--data {shlex.quote(entry)}" for entry in data) + " --baselines --card"
-    try:
-        plan = plan_evaluation(checkpoint, data=data, lengths=lengths, baselines=True, out=None, status=status)
-        results = evaluate_with_progress(plan, out=None, command=command, device_map=device_map)
-    except (KeyboardInterrupt, SystemExit, LongRoPEError, OSError):
-        status(f"{checkpoint} is converted, but its evaluation did not finish (nothing was pushed); finish with:\n"
-               f"  {command}")
-        raise
-    refresh_card(checkpoint)
-    status(f"wrote {checkpoint / 'eval'} and {checkpoint / 'README.md'}")
-    return results
-
-
-def _push(folder: Path, repo: str, private: bool, branch: str | None, commit_message: str | None) -> dict:
-    """Push a folder, say what the commit did, and return its summary."""
-    pushed = push_folder(folder, repo, private=private, branch=branch, commit_message=commit_message, status=status)
-    if pushed.deleted:
-        status(f"deleted from {repo} in the same commit (files of an earlier conversion that this folder does not "
-               f"have): {', '.join(pushed.deleted)}")
-    if pushed.kept:
-        status(f"kept in {repo} (not conversion outputs): {', '.join(pushed.kept)}")
-    status(f"pushed to {pushed.repo_url} ({branch or 'main'}) at commit {pushed.commit}"
-           + ("" if pushed.changed else " (unchanged: no new commit)"))
-    status("load it with:\n" + loading_snippet(repo, pushed.commit))
-    return {"repo": repo, "url": pushed.repo_url, "commit": pushed.commit, "changed": pushed.changed,
-            "deleted": pushed.deleted, "kept": pushed.kept}
-
-
-def resume_command(arguments: list[str], log: Path) -> str:
-    """The command line that continues an interrupted search: the same arguments, with --resume LOG."""
-    kept, skip = [], False
-    for argument in arguments:
-        if skip or argument.startswith("--resume="):
-            skip = False
-            continue
-        skip = argument == "--resume"
-        if not skip:
-            kept.append(argument)
-    launcher = "longrope-convert"
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        launcher = f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', '1')} -m longrope_convert"
-    return f"{launcher} {shlex.join([*kept, '--resume', str(log)])}"
+    device_map = settings.pop("device_map")
+    searched = search_factors(source=source, data=list(data), target=target, out=out, revision=revision,
+                              log=log_path, resume=resume, short=short, settings=SearchSettings(**settings),
+                              convert_to=convert_to, device_map=device_map, arguments=sys.argv[1:], status=status,
+                              progress=progress_bar)
+    if searched is not None and as_json:  # None: a torchrun process that does not write
+        click.echo(json.dumps({"factors": str(searched.factors_file), **searched.summary}, indent=2))
 
 
 @cli.command(name="gguf", epilog="""\b
@@ -398,17 +268,8 @@ Examples:
 def gguf_command(source: Path, factors: str | None, target: int | None, output: Path | None, overwrite: bool,
                  as_json: bool) -> None:
     """Extend a Llama GGUF for llama.cpp: the long factor set as rope_freqs, the new context length."""
-    from .gguf import default_gguf_output, extend_gguf, inspect_gguf, resolve_gguf_factors
-
-    model = inspect_gguf(source)
-    status(f"source: {source} ({model.fingerprint.num_hidden_layers} layers, head_dim {model.fingerprint.head_dim}, "
-           f"context {model.context_length}" + (", own rope_freqs" if model.base_factors else "") + ")")
-    factor_set, origin = resolve_gguf_factors(model, factors, target, status=status)
-    result = extend_gguf(model, output or default_gguf_output(source, factor_set.target_length), factor_set,
-                         factors_origin=origin, overwrite=overwrite, status=status)
-    status(f"wrote {result.output} in {result.seconds:.1f} s (context {factor_set.target_length}, factors {origin}, "
-           f"attention factor {factor_set.long_mscale:.4f}, {result.tensors} tensors copied, "
-           f"{result.tensor_bytes / 1e9:.2f} GB)")
+    result = export_gguf(source=source, target=target, factors=factors, output=output, overwrite=overwrite,
+                         status=status)
     if as_json:
         click.echo(json.dumps(result.summary(), indent=2))
 
@@ -424,8 +285,6 @@ def _fractions(ctx, param, value: str) -> list[float]:
 
 
 def _task_names(ctx, param, value: str) -> list[str]:
-    from .needles import RULER_TASKS
-
     return list(RULER_TASKS) if value == "all" else [part.strip() for part in value.split(",") if part.strip()]
 
 
@@ -482,50 +341,21 @@ def evaluate(ctx: click.Context, checkpoint: Path, lengths: list[int], data: tup
              as_json: bool) -> None:
     """Perplexity against length, needle tasks (RULER's) and passkey retrieval for a converted CHECKPOINT;
     plots and model card."""
-    from .card import EVAL_DIR, refresh_card
-    from .evaluate import plan_evaluation
-
     if _given(ctx, "stride") and protocol != "sliding":
         raise click.UsageError("--stride applies to --protocol sliding")
     if _given(ctx, "needles") and not needle_lengths:
         raise click.UsageError("--needles applies to --needle-lengths")
     if card and out is not None and Path(out).resolve() != (checkpoint / EVAL_DIR).resolve():
         raise click.UsageError(f"--card reads the results in {checkpoint / EVAL_DIR}: drop --out")
-    plan = plan_evaluation(checkpoint, data=list(data), lengths=lengths, baselines=baselines, protocol=protocol,
-                           stride=stride, documents=documents, passkey_lengths=passkey_lengths,
-                           needle_lengths=needle_lengths, needles=needles, depths=depths, trials=trials, seed=seed,
-                           batch_size=batch_size, chat_template=chat_template, beyond_target=beyond_target, out=out,
-                           status=status)
-    results = evaluate_with_progress(plan, out=out, command="longrope-convert eval " + " ".join(sys.argv[2:]),
-                                     device_map=device_map)
-    if card:
-        refresh_card(checkpoint)
-        status(f"wrote {checkpoint / 'README.md'}")
-    elif out is None and "<!-- longrope-convert:begin evaluation" in _card_text(checkpoint):
-        status(f"warning: {checkpoint / 'README.md'} still shows the earlier evaluation, not these results in "
-               f"{checkpoint / EVAL_DIR}; run again with --card to update it")
-    click.echo(json.dumps(results, indent=2, allow_nan=False) if as_json else "\n".join(_result_tables(results)))
-
-
-def _card_text(folder: Path) -> str:
-    try:
-        return (folder / "README.md").read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        return ""
-
-
-def _result_tables(results: dict) -> list[str]:
-    from .card import needle_table, needle_verdict, perplexity_table
-
-    results = json.loads(json.dumps(results))  # lengths as strings, as in results.json
-    lines = []
-    if "perplexity" in results:
-        lines += perplexity_table(results["perplexity"]["perplexity"], corner="perplexity")
-    if "needles" in results:
-        for task, measured in results["needles"]["tasks"].items():
-            lines += needle_table({task: measured}, corner=task)
-        lines += needle_verdict(results["needles"])
-    return lines
+    measured = evaluate_checkpoint(checkpoint=checkpoint, lengths=lengths, data=list(data), baselines=baselines,
+                                   protocol=protocol, stride=stride, documents=documents,
+                                   passkey_lengths=passkey_lengths, needle_lengths=needle_lengths, needles=needles,
+                                   depths=depths, trials=trials, seed=seed, batch_size=batch_size,
+                                   chat_template=chat_template, beyond_target=beyond_target, out=out, card=card,
+                                   device_map=device_map, command="longrope-convert eval " + " ".join(sys.argv[2:]),
+                                   status=status, progress=progress_bar)
+    click.echo(json.dumps(measured.results, indent=2, allow_nan=False) if as_json
+               else "\n".join(evaluation_tables(measured.results)))
 
 
 @cli.command(epilog="""\b
@@ -547,11 +377,14 @@ def push(folder: Path, repo: str, branch: str | None, private: bool, commit_mess
     The card's loading snippet is set to REPO and --branch; files of an earlier conversion that FOLDER
     does not have are deleted in the same commit; other files in the repo are kept.
     """
-    check_push(repo)
-    summary = _push(folder, repo, private, branch, commit_message)
+    pushed = push_checkpoint(folder=folder, repo=repo, private=private, branch=branch, commit_message=commit_message,
+                             status=status)
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        click.echo(json.dumps(pushed.summary(), indent=2))
 
+
+# The library's errors name the settings they concern as the Python API does; the command line says its flags.
+FLAGS = {setting: "--" + setting.replace("_", "-") for setting in SETTINGS}
 
 OS_ERROR_HINTS = {
     errno.ENOSPC: "the disk is full: free space or choose another place",
@@ -591,7 +424,7 @@ def main() -> None:
         status("aborted")
         sys.exit(130)
     except LongRoPEError as error:
-        status(f"error: {error}")
+        status(f"error: {error.worded(FLAGS)}")
         sys.exit(1)
     except OSError as error:
         status(f"error: {os_error_message(error)}")

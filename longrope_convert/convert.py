@@ -28,7 +28,7 @@ from .checkpoint_files import (
     is_conversion_output,
     matches,
 )
-from .errors import LongRoPEError, OutputError
+from .errors import LongRoPEError, OutputError, TargetError
 from .factors import (
     ANALYTIC_METHODS,
     DEFAULT_INIT,
@@ -137,7 +137,8 @@ def resolve_factors(source: SourceModel, target: int, factors: str | None,
                 f"not for this source ({_describe(source.fingerprint)})"
             )
         if factor_set.target_length != target:
-            raise LongRoPEError(f"{factors}: factors are for target {factor_set.target_length}, not --target {target}")
+            raise TargetError(f"{factors}: factors are for target {factor_set.target_length}, not {{target}} {target}",
+                              setting="target", value=target, bound=factor_set.target_length, file=factors)
         return factor_set, str(factors)
     shipped = find_shipped_factor_set(source.fingerprint, target)
     if shipped is not None:
@@ -267,13 +268,13 @@ def source_guards(source: SourceModel) -> tuple[dict[Path, str], dict[Path, str]
     return protected, {source.folder: "the source", **read_only}
 
 
-def check_conversion_output(source: SourceModel, output: Path, overwrite: bool, option: str = "--output") -> None:
-    """The output folder (given with `option`) a conversion of `source` may write (outputs.check_output_folder):
+def check_conversion_output(source: SourceModel, output: Path, overwrite: bool, setting: str = "output") -> None:
+    """The output folder (given as `setting`) a conversion of `source` may write (outputs.check_output_folder):
     not the source, none of its files, not inside it or the Hugging Face cache (source_guards); an existing one
     only with `overwrite`, and only when it holds nothing but what conversions and evaluations write
     (check_no_foreign_files). Raises OutputError."""
     protected, read_only = source_guards(source)
-    check_output_folder(output, overwrite=overwrite, protected=protected, read_only=read_only, option=option)
+    check_output_folder(output, overwrite=overwrite, protected=protected, read_only=read_only, setting=setting)
     check_no_foreign_files(output)
 
 
@@ -288,8 +289,9 @@ def check_no_foreign_files(output: Path) -> None:
                      and not is_conversion_output(path.relative_to(output).as_posix()))
     if foreign:
         listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise OutputError(f"--output '{output}' holds files longrope-convert did not write ({listed}); --overwrite "
-                          "replaces the whole folder: move them out first, or choose another --output")
+        raise OutputError(f"{{output}} '{output}' holds files longrope-convert did not write ({listed}); {{overwrite}} "
+                          "replaces the whole folder: move them out first, or choose another {output}",
+                          setting="output", value=str(output), file=output)
 
 
 def plan_checkpoint(source: SourceModel, factor_set: FactorSet, output: Path, factors_origin: str, *,
@@ -357,11 +359,12 @@ def _written(name: str, text: str) -> PlannedFile:
     return PlannedFile(name, len(text.encode("utf-8")), "write", text)
 
 
-def plan_conversion(source: str, *, target: int, revision: str | None = None, factors: str | None = None,
-                    output: Path | None = None, overwrite: bool = False, copy_weights: bool = False,
-                    repo: str | None = None, download: bool = True,
+def plan_conversion(source: str | SourceModel, *, target: int, revision: str | None = None,
+                    factors: str | None = None, output: Path | None = None, overwrite: bool = False,
+                    copy_weights: bool = False, repo: str | None = None, download: bool = True,
                     status: Callable[[str], None] = lambda message: None) -> ConversionPlan:
-    """Check everything a conversion of SOURCE (a folder or a Hub repo id) needs, and plan it.
+    """Check everything a conversion of SOURCE (a folder or a Hub repo id, or a source already opened by
+    fetch.open_source) needs, and plan it.
 
     Order: the output location (before anything is read), the source's config and safetensors headers
     (a Hub source is read remotely: config, small files, header bytes), the factors, the plan. With
@@ -370,17 +373,21 @@ def plan_conversion(source: str, *, target: int, revision: str | None = None, fa
     Raises LongRoPEError (SourceError, OutputError, FactorFileError) or the OSError met.
     """
     cache = {hub_cache(): "the Hugging Face cache"}
-    if looks_like_repo_id(source):
-        name, guard = source, cache
+    if isinstance(source, SourceModel):  # opened already: its own guards below
+        model, name, guard = source, source.name, {}
+        output = Path(output or default_output(name, target))
     else:
-        name, guard = Path(source).resolve().name, {Path(source): "the source"}
-    output = Path(output or default_output(name, target))
-    check_output_folder(output, overwrite=overwrite, protected=guard, read_only={**guard, **cache})
-    model = open_source(source, revision, download=False)
+        if looks_like_repo_id(source):
+            name, guard = source, cache
+        else:
+            name, guard = Path(source).resolve().name, {Path(source): "the source"}
+        output = Path(output or default_output(name, target))
+        check_output_folder(output, overwrite=overwrite, protected=guard, read_only={**guard, **cache})
+        model = open_source(source, revision, download=False)
     factor_set, origin = resolve_factors(model, target, factors, status)
     plan = plan_checkpoint(model, factor_set, output, origin, copy_weights=copy_weights, repo=repo)
     if download and not isinstance(model.files, FolderFiles):
-        model = read_source(download_source(source, revision, files=plan.source_files), name=source)
+        model = read_source(download_source(model.name, revision, files=plan.source_files), name=model.name)
         plan = plan_checkpoint(model, factor_set, output, origin, copy_weights=copy_weights, repo=repo)
     check_output_folder(output, overwrite=overwrite, protected={**guard, **plan.protected},
                         read_only={**guard, **plan.read_only})

@@ -70,8 +70,9 @@ def sliding_windows(total: int, length: int, stride: int) -> list[tuple[int, int
     once. Raises EvaluationError when stride >= length and more than one window is needed (the gap
     between windows would go unscored)."""
     if total > length and not 1 <= stride < length:
-        raise EvaluationError(f"--stride {stride} must be smaller than the length {length}: windows that do not "
-                              "overlap leave the tokens between them unscored")
+        raise EvaluationError(f"{{stride}} {stride} must be smaller than the length {length}: windows that do not "
+                              "overlap leave the tokens between them unscored", setting="stride", value=stride,
+                              bound=length)
     windows, scored, begin = [], 1, 0  # targets 1 .. scored - 1 are done
     while scored < total:
         end = min(begin + length, total)
@@ -217,17 +218,19 @@ class EvaluationPlan:
 
 def check_lengths(lengths: list[int], needle_lengths: dict[str, list[int]], target: int, protocol: str,
                   stride: int, beyond_target: bool) -> None:
-    """Raise EvaluationError, naming the flag, the value and the bound, for a length that cannot be
+    """Raise EvaluationError, carrying the setting, the value and the bound, for a length that cannot be
     measured as labelled: below MIN_LENGTH, beyond the checkpoint's target (unless beyond_target), or
-    a sliding stride that leaves tokens unscored. `needle_lengths` is {flag: lengths}."""
-    for flag, values in (("--lengths", lengths), *needle_lengths.items()):
+    a sliding stride that leaves tokens unscored. `needle_lengths` is {setting: lengths}
+    ("passkey_lengths", "needle_lengths")."""
+    for setting, values in (("lengths", lengths), *needle_lengths.items()):
         for length in values:
             if length < MIN_LENGTH:
-                raise EvaluationError(f"{flag} {length}: a length is at least {MIN_LENGTH} tokens (context and a "
-                                      "token to predict)")
+                raise EvaluationError(f"{{{setting}}} {length}: a length is at least {MIN_LENGTH} tokens (context "
+                                      "and a token to predict)", setting=setting, value=length, bound=MIN_LENGTH)
             if length > target and not beyond_target:
-                raise EvaluationError(f"{flag} {length} is beyond the checkpoint's target of {target:,} tokens; add "
-                                      "--beyond-target to measure extrapolation")
+                raise EvaluationError(f"{{{setting}}} {length} is beyond the checkpoint's target of {target:,} tokens; "
+                                      "add {beyond_target} to measure extrapolation", setting=setting, value=length,
+                                      bound=target)
     if protocol == "sliding" and lengths:
         for length in lengths:
             sliding_windows(max(lengths), length, stride)
@@ -264,22 +267,25 @@ def plan_evaluation(folder: Path, *, data: list[str], lengths: list[int], baseli
     if source.longrope is None:
         raise LongRoPEError(f"'{folder}' is not a LongRoPE checkpoint; convert it first with longrope-convert")
     if lengths and not data:
-        raise EvaluationError("--lengths needs --data: perplexity is measured on documents")
+        raise EvaluationError("{lengths} needs {data}: perplexity is measured on documents", setting="data")
     if needle_lengths and not data:
-        raise EvaluationError("--needle-lengths needs --data: the needle tasks hide their needles in its text")
+        raise EvaluationError("{needle_lengths} needs {data}: the needle tasks hide their needles in its text",
+                              setting="data")
     if data and not (lengths or needle_lengths):
-        raise EvaluationError("--data needs --lengths (perplexity) or --needle-lengths (needle tasks)")
+        raise EvaluationError("{data} needs {lengths} (perplexity) or {needle_lengths} (needle tasks)",
+                              setting="lengths")
     if not (lengths or passkey_lengths or needle_lengths):
-        raise EvaluationError("nothing to evaluate: give --data with --lengths or --needle-lengths, and/or "
-                              "--passkey-lengths")
+        raise EvaluationError("nothing to evaluate: give {data} with {lengths} or {needle_lengths}, and/or "
+                              "{passkey_lengths}", setting="lengths")
     unknown = [name for name in needles if name not in NEEDLE_TASKS]
     if unknown:
-        raise EvaluationError(f"--needles {unknown[0]}: no such task (tasks: {', '.join(NEEDLE_TASKS)})")
+        raise EvaluationError(f"{{needles}} {unknown[0]}: no such task (tasks: {', '.join(NEEDLE_TASKS)})",
+                              setting="needles", value=unknown[0], bound=list(NEEDLE_TASKS))
     factors_file = source.folder / FACTORS_FILE
     checkpoint = load_factor_set(factors_file) if factors_file.is_file() else source.longrope
     lengths, passkey_lengths, needle_lengths = (sorted(set(values)) for values in
                                                 (lengths, passkey_lengths, needle_lengths))
-    check_lengths(lengths, {"--passkey-lengths": passkey_lengths, "--needle-lengths": needle_lengths},
+    check_lengths(lengths, {"passkey_lengths": passkey_lengths, "needle_lengths": needle_lengths},
                   checkpoint.target_length, protocol, stride, beyond_target)
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
     docs, names, skipped = [], [], 0
@@ -287,8 +293,8 @@ def plan_evaluation(folder: Path, *, data: list[str], lengths: list[int], baseli
         longest = max(lengths)
         docs, names, skipped = tokenized_documents(tokenizer, read_documents(data), longest, documents)
         if not docs:
-            raise DataError(f"--data has no document of at least {longest:,} tokens ({skipped} shorter or empty "
-                            "ones skipped)")
+            raise DataError(f"{{data}} has no document of at least {longest:,} tokens ({skipped} shorter or empty "
+                            "ones skipped)", setting="data", bound=longest)
         status(f"perplexity: {len(docs)} documents of {longest:,} tokens ({skipped} shorter or empty ones skipped)")
     sets = comparison_sets(checkpoint, baselines)
     tasks = {**({name: needle_lengths for name in needles} if needle_lengths else {}),
@@ -306,11 +312,12 @@ def plan_evaluation(folder: Path, *, data: list[str], lengths: list[int], baseli
                                        chat_template)
     except ItemTooShort as error:
         asked = error.length in tasks[error.task]
-        where = (f"{'--passkey-lengths' if error.task == 'passkey' else '--needle-lengths'} {error.length} is" if asked
-                 else f"the source's own window, {error.length:,} tokens (measured with --baselines), is")
+        setting = ("passkey_lengths" if error.task == "passkey" else "needle_lengths") if asked else "baselines"
+        where = (f"{{{setting}}} {error.length} is" if asked
+                 else f"the source's own window, {error.length:,} tokens (measured with {{baselines}}), is")
         raise EvaluationError(f"{where} below the smallest {error.task} prompt, {error.needed} tokens with this "
                               f"tokenizer (its text without haystack, and {NEEDLE_TASKS[error.task].answer_tokens} "
-                              "answer tokens)") from None
+                              "answer tokens)", setting=setting, value=error.length, bound=error.needed) from None
     if items:
         status(f"needle tasks: {len(items)} prompts ({', '.join(tasks)}), "
                + ("in the tokenizer's chat template" if chat_frame(tokenizer, chat_template)[0] else "no chat template")

@@ -57,7 +57,7 @@ from typing import Any
 
 from . import __version__
 from .checkpoint_files import FACTORS_FILE
-from .errors import LongRoPEError, RopeScalingError
+from .errors import LongRoPEError, RopeScalingError, TargetError
 from .outputs import write_text_atomically
 from .source_rope import (
     DEFAULT_ROPE,
@@ -380,11 +380,13 @@ def source_factor_set(model: ModelFingerprint, target_length: int) -> FactorSet:
     """
     base = model.base_factor_set()
     if target_length <= base.max_position_embeddings:
-        raise LongRoPEError(f"--target {target_length} must be larger than the source's context window "
-                            f"{base.max_position_embeddings}")
+        raise TargetError(f"{{target}} {target_length} must be larger than the source's context window "
+                          f"{base.max_position_embeddings}", setting="target", value=target_length,
+                          bound=base.max_position_embeddings)
     if target_length > MAX_TARGET_LENGTH:
-        raise LongRoPEError(f"--target {target_length} is beyond {MAX_TARGET_LENGTH:,} tokens, where float32 "
-                            "positions (which rotary angles are computed from) stop being exact")
+        raise TargetError(f"{{target}} {target_length} is beyond {MAX_TARGET_LENGTH:,} tokens, where float32 "
+                          "positions (which rotary angles are computed from) stop being exact", setting="target",
+                          value=target_length, bound=MAX_TARGET_LENGTH)
     rule, long_mscale = next(iter(long_attention_scales(base, target_length).items()))
     provenance = {}
     if base.rope_type != "default":
@@ -470,13 +472,13 @@ def default_init_warning(target_length: int) -> str:
 def baseline_factor_sets(model: ModelFingerprint, target_length: int,
                          methods: Sequence[str] = CLASSIC_METHODS) -> dict[str, FactorSet]:
     """What a searched set is compared with, on the same source and target, by the search and by eval
-    --baselines: "none" (the source's own RoPE carried past its window unchanged) and each of ANALYTIC_METHODS
-    composed on it (analytic_factor_set)."""
+    --baselines: "none" (the source's own RoPE carried past its window unchanged) and each of `methods` (the classic
+    sets, CLASSIC_METHODS) composed on it (analytic_factor_set)."""
     source_set = source_factor_set(model, target_length)
     none = compose(source_set, [1.0] * len(source_set.long_factor), long_mscale=model.base_factor_set().long_mscale,
                    attention_scale="source", provenance={"method": "none"})
     return {"none": none, **{method: analytic_factor_set(method, model, target_length)
-                               for method in ANALYTIC_METHODS}}
+                               for method in methods}}
 
 
 def yarn_factors(scale: float, dim: int, base: float, original_length: int,

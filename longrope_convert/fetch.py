@@ -26,7 +26,8 @@ def open_source(source: str, revision: str | None = None, download: bool = True)
     (HF_HUB_OFFLINE), the cache alone is read."""
     if not looks_like_repo_id(source):
         if revision is not None:
-            raise LongRoPEError(f"--revision applies to Hub repo ids; '{source}' is a local path")
+            raise LongRoPEError(f"{{revision}} applies to Hub repo ids; '{source}' is a local path", setting="revision",
+                                value=revision, file=source)
         return read_source(source)
     if hub_offline():
         return read_source(download_source(source, revision), name=source)

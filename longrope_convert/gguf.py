@@ -254,11 +254,13 @@ def resolve_gguf_factors(source: GGUFModel, factors: str | None, target: int | N
     `check_fits` decides whether they fit this source.
     """
     if target is not None and target <= source.context_length:
-        raise GGUFError(f"--target {target} must be larger than the GGUF's context length {source.context_length}")
+        raise GGUFError(f"{{target}} {target} must be larger than the GGUF's context length {source.context_length}",
+                        setting="target", value=target, bound=source.context_length, file=source.path)
     if factors is None:
         if target is None:
-            raise GGUFError("give --factors (a factor file, a converted checkpoint folder, or an analytic method "
-                            "with --target), or --target alone for the shipped searched factors")
+            raise GGUFError("give {factors} (a factor file, a converted checkpoint folder, or an analytic method "
+                            "with {target}), or {target} alone for the shipped searched factors", setting="factors",
+                            file=source.path)
         shipped = find_shipped_factor_set(source.fingerprint, target)
         if shipped is not None and source.base_factors is None:
             return shipped
@@ -266,12 +268,13 @@ def resolve_gguf_factors(source: GGUFModel, factors: str | None, target: int | N
         factors = DEFAULT_INIT
     if factors in ANALYTIC_METHODS:
         if target is None:
-            raise GGUFError(f"--factors {factors} needs --target")
+            raise GGUFError(f"{{factors}} {factors} needs {{target}}", setting="target", file=source.path)
         relative_to_now = replace(source.fingerprint, original_max_position_embeddings=source.context_length)
         return compose_on_source_rope(source, analytic_factor_set(factors, relative_to_now, target)), f"init:{factors}"
     factor_set = load_factor_set(factors)  # a factor file, or a converted checkpoint's
     if target is not None and factor_set.target_length != target:
-        raise GGUFError(f"{factors}: factors are for target {factor_set.target_length}, not --target {target}")
+        raise GGUFError(f"{factors}: factors are for target {factor_set.target_length}, not {{target}} {target}",
+                        setting="target", value=target, bound=factor_set.target_length, file=factors)
     return factor_set, str(factors)
 
 
@@ -302,8 +305,9 @@ def check_fits(source: GGUFModel, factor_set: FactorSet, origin: str) -> None:
         set_side = "the model's raw frequencies" if base is None else f"another scaling (from {min(base):g} to " \
             f"{max(base):g})"
         raise GGUFError(f"{origin}: '{source.path.name}' {gguf_side} and these factors were made on {set_side}; "
-                        "writing them would drop or double a scaling. Use an analytic --factors name (composed on "
-                        "the GGUF's own RoPE) or factors made for the checkpoint this GGUF was converted from")
+                        "writing them would drop or double a scaling. Use an analytic {factors} name (composed on "
+                        "the GGUF's own RoPE) or factors made for the checkpoint this GGUF was converted from",
+                        setting="factors", value=origin, file=source.path)
 
 
 def made_on(factor_set: FactorSet) -> list[float] | None:
@@ -439,7 +443,8 @@ def source_ggufs(source: str, revision: str | None, folder: Path, pattern: str, 
     paths = sorted(p for p in folder.rglob("*.gguf")
                    if p.is_file() and fnmatch.fnmatch(p.relative_to(folder).as_posix(), pattern))
     if not paths:
-        raise GGUFError(f"--gguf '{pattern}': no GGUF file of '{source}' matches")
+        raise GGUFError(f"{{gguf}} '{pattern}': no GGUF file of '{source}' matches", setting="gguf", value=pattern,
+                        file=source)
     models = [inspect_gguf(path) for path in paths]
     for model in models:
         check_fits(model, factor_set, factors_origin)

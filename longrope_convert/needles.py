@@ -261,7 +261,7 @@ def haystack_from_texts(tokenizer, texts: Iterable[tuple[str, str]], tokens: int
         if count >= tokens:
             break
     if not pieces:
-        raise EvaluationError("--data holds no text for the haystack")
+        raise EvaluationError("{data} holds no text for the haystack", setting="data")
     text = " ".join(pieces)
     while len((haystack := tokenized_haystack(tokenizer, text, ", ".join(names))).ids) < tokens:
         text = f"{text} {text}"

@@ -50,7 +50,7 @@ def read_marker(folder: Path) -> dict[str, Any] | None:
 
 
 def check_output_folder(output: Path, *, overwrite: bool, protected: Mapping[Path, str] | None = None,
-                        read_only: Mapping[Path, str] | None = None, option: str = "--output") -> None:
+                        read_only: Mapping[Path, str] | None = None, setting: str = "output") -> None:
     """Refuse, before anything is written, an output folder that would harm the user's files.
 
     protected: {path: what it is}; the output may not be one of these paths or contain one. Paths are
@@ -58,64 +58,71 @@ def check_output_folder(output: Path, *, overwrite: bool, protected: Mapping[Pat
         point to.
     read_only: {folder: what it is}; the output may not lie inside one (a source is never written to).
     An existing output is replaced only with `overwrite`, and only if it is empty or carries the MARKER.
-    The nearest existing folder above the output must be writable and the names must fit. `option`
-    names the output in messages. Raises OutputError, one line naming the path and the reason.
+    The nearest existing folder above the output must be writable and the names must fit. `setting`
+    (the argument that gave it: "output", "out", ...) names the output in messages. Raises OutputError, one line naming the path and the reason.
     """
     output = Path(output)
-    check_not_protected(output, protected or {}, option)
-    check_outside(output, read_only or {}, option)
+    check_not_protected(output, protected or {}, setting)
+    check_outside(output, read_only or {}, setting)
     # os.path's tests, unlike Path's, answer False for names the file system cannot even look up
     if os.path.islink(output):
-        raise OutputError(f"{option} '{output}' is a symbolic link; give the folder it points to")
+        raise OutputError(f"{{{setting}}} '{output}' is a symbolic link; give the folder it points to", **_about(setting, output))
     if os.path.lexists(output):
         if not os.path.isdir(output):
-            raise OutputError(f"{option} '{output}' exists and is not a folder")
+            raise OutputError(f"{{{setting}}} '{output}' exists and is not a folder", **_about(setting, output))
         if not overwrite:
-            raise OutputError(f"{option} '{output}' already exists; pass --overwrite to replace it")
+            raise OutputError(f"{{{setting}}} '{output}' already exists; pass {{overwrite}} to replace it",
+                              **_about(setting, output))
         if read_marker(output) is None and any(output.iterdir()):
-            raise OutputError(f"{option} '{output}' is not empty and was not written by longrope-convert (it has no "
+            raise OutputError(f"{{{setting}}} '{output}' is not empty and was not written by longrope-convert (it has no "
                               f"{MARKER} file); only such a folder, or an empty one, is replaced: remove it "
-                              f"yourself or choose another {option}")
+                              f"yourself or choose another {{{setting}}}", **_about(setting, output))
     check_writable_place(output)
 
 
 def check_output_file(output: Path, *, overwrite: bool, protected: Mapping[Path, str] | None = None,
-                      read_only: Mapping[Path, str] | None = None, option: str = "--output") -> None:
+                      read_only: Mapping[Path, str] | None = None, setting: str = "output") -> None:
     """Refuse, before anything is written, an output file that would harm the user's files: one of the
     `protected` paths or inside a `read_only` folder (as for check_output_folder), a folder, or an existing
     file without `overwrite`; the place must be writable. A symbolic link is replaced, never written
     through. Raises OutputError, one line naming the path and the reason."""
     output = Path(output)
-    check_not_protected(output, protected or {}, option)
-    check_outside(output, read_only or {}, option)
+    check_not_protected(output, protected or {}, setting)
+    check_outside(output, read_only or {}, setting)
     if os.path.isdir(output) and not os.path.islink(output):
-        raise OutputError(f"{option} '{output}' is a folder; give a file name")
+        raise OutputError(f"{{{setting}}} '{output}' is a folder; give a file name", **_about(setting, output))
     if os.path.lexists(output) and not overwrite:
-        raise OutputError(f"{option} '{output}' already exists; pass --overwrite to replace it")
+        raise OutputError(f"{{{setting}}} '{output}' already exists; pass {{overwrite}} to replace it",
+                              **_about(setting, output))
     check_writable_place(output)
 
 
-def check_not_protected(path: Path, protected: Mapping[Path, str], option: str) -> None:
-    """`path` (given with `option`) is none of the `protected` paths ({path: what it is}) and contains none,
+def check_not_protected(path: Path, protected: Mapping[Path, str], setting: str) -> None:
+    """`path` (given as `setting`) is none of the `protected` paths ({path: what it is}) and contains none,
     symlinks resolved. Raises OutputError."""
     real = Path(os.path.realpath(path))
     for kept_path, what in protected.items():
         kept = Path(os.path.realpath(kept_path))
         if real == kept or real in kept.parents:
             verb = "is" if real == kept else "contains"
-            raise OutputError(f"{option} '{path}' {verb} {what} ('{kept_path}'), which must not be replaced; "
-                              f"choose another {option}")
+            raise OutputError(f"{{{setting}}} '{path}' {verb} {what} ('{kept_path}'), which must not be replaced; "
+                              f"choose another {{{setting}}}", **_about(setting, path))
 
 
-def check_outside(path: Path, read_only: Mapping[Path, str], option: str) -> None:
-    """`path` (given with `option`) is none of the `read_only` folders ({folder: what it is}) and lies inside none,
+def check_outside(path: Path, read_only: Mapping[Path, str], setting: str) -> None:
+    """`path` (given as `setting`) is none of the `read_only` folders ({folder: what it is}) and lies inside none,
     symlinks resolved. Raises OutputError."""
     real = Path(os.path.realpath(path))
     for folder, what in read_only.items():
         kept = Path(os.path.realpath(folder))
         if real == kept or kept in real.parents:
-            raise OutputError(f"{option} '{path}' lies inside {what} ('{folder}'), which is never written to; "
-                              f"choose a {option} outside it")
+            raise OutputError(f"{{{setting}}} '{path}' lies inside {what} ('{folder}'), which is never written to; "
+                              f"choose a {{{setting}}} outside it", **_about(setting, path))
+
+
+def _about(setting: str, path: Path) -> dict:
+    """An OutputError's data: the setting that gave the path, and the path."""
+    return {"setting": setting, "value": str(path), "file": path}
 
 
 def check_writable_place(path: Path) -> None:
@@ -171,7 +178,7 @@ def atomic_folder(output: Path, *, overwrite: bool, protected: Mapping[Path, str
 
 @contextmanager
 def atomic_file(output: Path, *, overwrite: bool, protected: Mapping[Path, str] | None = None,
-                read_only: Mapping[Path, str] | None = None, option: str = "--output") -> Iterator[Path]:
+                read_only: Mapping[Path, str] | None = None, setting: str = "output") -> Iterator[Path]:
     """Yield the path of an empty staging file that becomes `output` only if the block completes.
 
     What killed runs left next to `output` is cleaned up first, then the output is checked
@@ -181,7 +188,7 @@ def atomic_file(output: Path, *, overwrite: bool, protected: Mapping[Path, str] 
     """
     output = Path(output)
     remove_stale_staging(output)
-    check_output_file(output, overwrite=overwrite, protected=protected, read_only=read_only, option=option)
+    check_output_file(output, overwrite=overwrite, protected=protected, read_only=read_only, setting=setting)
     with _staging_file(output) as staging:
         yield staging
 

@@ -75,7 +75,8 @@ def load_longrope_model(folder: str | Path, config: dict, device: str | torch.de
     placement = {}
     if device_map is not None:
         if importlib.util.find_spec("accelerate") is None:
-            raise LongRoPEError(f"--device-map {device_map} needs the accelerate package (pip install accelerate)")
+            raise LongRoPEError(f"{{device_map}} {device_map} needs the accelerate package (pip install accelerate)",
+                                setting="device_map", value=device_map)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         placement["device_map"] = device_map
         if gpus is not None and device.type == "cuda":  # only this process's GPUs, as their free memory allows

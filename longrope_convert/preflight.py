@@ -43,12 +43,13 @@ def check_data(data: Sequence[str]) -> None:
         data_source_kind(entry)
 
 
-def check_writable_file(path: Path, option: str) -> None:
-    """A file can be written at `path` (given with `option`): not a folder, in a writable place.
+def check_writable_file(path: Path, setting: str) -> None:
+    """A file can be written at `path` (given as `setting`): not a folder, in a writable place.
     Raises OutputError."""
     path = Path(path)
     if path.is_dir():
-        raise OutputError(f"{option} '{path}' is a folder; give a file name")
+        raise OutputError(f"{{{setting}}} '{path}' is a folder; give a file name", setting=setting, value=str(path),
+                          file=path)
     check_writable_place(path)
 
 
@@ -60,9 +61,9 @@ def check_search_inputs(source, data: Sequence[str], log_path: Path | None, resu
     check_tokenizer(source.folder)
     check_data(data)
     if log_path is not None:
-        check_outside(log_path, source_guards(source)[1], "--resume" if resume else "--log")
+        check_outside(log_path, source_guards(source)[1], "resume" if resume else "log")
         if not resume:
-            check_writable_file(log_path, "--log")
+            check_writable_file(log_path, "log")
 
 
 def check_search_outputs(source, out: Path, convert_to: Path | None) -> None:
@@ -70,12 +71,13 @@ def check_search_outputs(source, out: Path, convert_to: Path | None) -> None:
     checkpoint of --convert-to (a new folder, checked as convert checks its --output)."""
     from .convert import check_conversion_output, source_guards
 
-    check_outside(out, source_guards(source)[1], "--out")
-    check_writable_file(out, "--out")
+    check_outside(out, source_guards(source)[1], "out")
+    check_writable_file(out, "out")
     if convert_to is not None:
         if Path(convert_to).exists():
-            raise OutputError(f"--convert-to '{convert_to}' already exists; give a new folder")
-        check_conversion_output(source, convert_to, overwrite=False, option="--convert-to")
+            raise OutputError(f"{{convert_to}} '{convert_to}' already exists; give a new folder", setting="convert_to",
+                              value=str(convert_to), file=convert_to)
+        check_conversion_output(source, convert_to, overwrite=False, setting="convert_to")
 
 
 def check_evaluation_inputs(checkpoint: Path, data: Sequence[str], out: Path | None) -> None:
@@ -91,7 +93,7 @@ def check_evaluation_inputs(checkpoint: Path, data: Sequence[str], out: Path | N
     protected = {checkpoint: "the checkpoint"}
     protected.update((path, "a file of the checkpoint") for path in checkpoint.iterdir() if path.is_file())
     check_output_folder(out if out is not None else checkpoint / EVAL_DIR, overwrite=True, protected=protected,
-                        option="--out")
+                        setting="out")
 
 
 def check_push(repo_id: str) -> None:
@@ -106,7 +108,8 @@ def check_push(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise LongRoPEError(f"--push-to '{repo_id}' is not a valid repo id ({error})") from None
+        raise LongRoPEError(f"{{push_to}} '{repo_id}' is not a valid repo id ({error})", setting="push_to",
+                            value=repo_id) from None
     if get_token() is None:
         raise LongRoPEError(f"pushing to {endpoint()} needs a login: run `hf auth login` or set HF_TOKEN")
     with hub_errors(repo_id, pushing=True):

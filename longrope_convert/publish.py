@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .card import LOADING_REQUIREMENT, updated_card
 from .checkpoint_files import CARD_FILE, FACTORS_FILE, is_conversion_output
@@ -25,11 +26,16 @@ HUB_FILES = (".gitattributes",)  # written by the Hub itself when it creates a r
 
 @dataclass
 class PushResult:
+    repo: str  # the repo id pushed to
     repo_url: str
     commit: str
     changed: bool  # False when the folder was already there, unchanged: no commit was made
     deleted: list[str]  # files of an earlier conversion, deleted in the same commit
     kept: list[str]  # files in the repo that are not conversion outputs, left as they were
+
+    def summary(self) -> dict[str, Any]:
+        return {"repo": self.repo, "url": self.repo_url, "commit": self.commit, "changed": self.changed,
+                "deleted": self.deleted, "kept": self.kept}
 
 
 def push_folder(folder: Path, repo_id: str, *, private: bool = False, branch: str | None = None,
@@ -74,7 +80,7 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, branch: st
         except BaseException:
             _undo(api, repo_id, branch, created_repo, created_branch, status)
             raise
-    return PushResult(repo_url=str(url), commit=info.oid, changed=info.oid != before, deleted=deleted,
+    return PushResult(repo=repo_id, repo_url=str(url), commit=info.oid, changed=info.oid != before, deleted=deleted,
                       kept=sorted(remote - set(deleted)))
 
 

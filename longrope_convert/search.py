@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .errors import LongRoPEError
+from .errors import DataError, LongRoPEError, TargetError
 from .evolution import (
     DEFAULT_SPACE,
     NLL,
@@ -299,86 +299,35 @@ def search_log_header(source, task: SearchTask, names: list[str], token_ids: lis
     }
 
 
-class SearchRun:
-    """A search made ready (task, documents, log, model), then run by `execute`; what `search` drives.
+@dataclass
+class SearchPlan:
+    """A search checked and prepared before any model is loaded (task, documents tokenized, budget), so that bad
+    input fails in seconds and a dry run shows the caps the run will keep: plan_search makes it, SearchRun runs it."""
 
-    Raises LongRoPEError for settings that cannot be searched, data without a document of the
-    evaluation length, and a log that exists (without resume) or does not match (with resume).
-    """
+    source: Any  # source.SourceModel
+    task: SearchTask
+    eval_length: int  # tokens per document evaluation
+    data: list[str]
+    documents: list[torch.Tensor]  # [1, eval_length] each
+    document_names: list[str]
+    skipped_documents: int  # shorter than eval_length
+    requested_documents: int
+    preset_name: str
+    max_evals: float | None  # evaluations (one = a candidate on every document)
+    time_budget: float | None  # seconds
+    seed: int
+    baselines: bool
+    budget: dict[str, Any]  # as asked, for the log header: {"max_evals": None for the preset's, "time_budget"}
 
-    def __init__(self, *, source, data: list[str], target: int | None, log_path: Path, documents: int = 4,
-                 preset: str = "default", max_evals: float | None = None, time_budget: float | None = None,
-                 seed: int = 0, n_hat: bool = True, short: bool = False, max_factor: float | None = None,
-                 resume: bool = False, baselines: bool = True, device_map: str | None = None,
-                 n_hat_mscale: str | None = None, space: str | None = None,
-                 status: Callable[[str], None] = lambda message: None) -> None:
-        from transformers import AutoTokenizer
-
-        from .convert import longrope_config
-        from .documents import read_documents
-        from .perplexity import load_longrope_model, tokenized_documents
-        from .preflight import check_search_inputs
-
-        check_search_inputs(source, data, log_path, resume)
-        self.workers = Workers()
-        self.status = status if self.workers.is_main else (lambda message: None)
-        self.source, self.preset_name, self.preset = source, preset, PRESETS[preset]
-        self.max_evals = self.preset.max_evals if max_evals is None else max_evals
-        self.time_budget, self.seed, self.baselines = time_budget, seed, baselines
-        self.task, self.eval_length = self._task(source, target, short, n_hat, max_factor, n_hat_mscale, space)
-        self.data = list(data)
-        tokenizer = AutoTokenizer.from_pretrained(source.folder)
-        self.documents, self.document_names, skipped = tokenized_documents(
-            tokenizer, read_documents(self.data), self.eval_length, limit=documents, windows=True)
-        if not self.documents:
-            raise LongRoPEError(f"--data has no document of at least {self.eval_length} tokens "
-                                f"({skipped} shorter ones skipped)")
-        self.status(self.caps_line)
-        sources = len({name.partition("#window")[0] for name in self.document_names})
-        windows = f", windows of {sources} of them" if sources < len(self.documents) else ""
-        self.status(f"data: {len(self.documents)} documents of {self.eval_length} tokens{windows} "
-                    f"({skipped} shorter documents skipped)")
-        if sources < len(self.documents):
-            self.status(f"note: --data has {sources} document{'s' if sources > 1 else ''} of at least "
-                        f"{self.eval_length} tokens for --documents {documents}: the search takes consecutive "
-                        f"{self.eval_length}-token windows of the longer ones ({', '.join(self.document_names)})")
-        if len(self.documents) < documents:
-            self.status(f"warning: --documents {documents}, but --data has only {len(self.documents)} windows of "
-                        f"{self.eval_length} tokens; the search uses those")
-        budget = {"max_evals": max_evals, "time_budget": time_budget}
-        self.log = SearchLog(log_path, lambda: search_log_header(
-            source, self.task, self.document_names, self.documents, skipped, self.eval_length, seed, preset, budget),
-            resume, self.workers)
-        if resume:
-            self.status(f"search log: {len(self.log.known)} evaluations replayed from {log_path}")
-        where = f"device map {device_map}" if device_map else str(self.workers.device)
-        self.status(f"model: loading {source.folder} on {where} "
-                    f"({self.workers.world} process{'es' if self.workers.world > 1 else ''})")
-        self.model = load_longrope_model(source.folder, longrope_config(source.config, self.task.base),
-                                         self.workers.device, device_map=device_map, gpus=self.workers.gpus)
-
-    @staticmethod
-    def _task(source, target: int | None, short: bool, n_hat: bool, max_factor: float | None,
-              n_hat_mscale: str | None, space: str | None):
-        stage = source.longrope
-        if short:
-            if space not in (None, "full"):
-                raise LongRoPEError(f"--short searches every short factor: --space {space} is for long factors")
-            if stage is None:
-                raise LongRoPEError("--short searches the short factors of a LongRoPE checkpoint; "
-                                    f"'{source.folder}' is a plain model (its short factors are 1.0)")
-            if target not in (None, stage.target_length):
-                raise LongRoPEError(f"--short keeps the checkpoint's target {stage.target_length}; drop --target")
-            return short_search_task(stage, max_factor), stage.model.original_max_position_embeddings
-        if target is None:
-            raise LongRoPEError("--target is required (except with --short)")
-        return (long_search_task(source.fingerprint, target, n_hat, max_factor, n_hat_mscale, space or DEFAULT_SPACE),
-                target)
+    @property
+    def preset(self):
+        return PRESETS[self.preset_name]
 
     @property
     def planned_document_evaluations(self) -> int:
         """At most this many document forwards (fewer when children are raced out or patience stops it): the
-        evolution's, within --max-evals (or the preset's budget), the baselines' and the other attention scales'."""
+        evolution's, within the evaluation budget (or the preset's), the baselines' and the other attention
+        scales'."""
         preset, n_hat_variants, documents = self.preset, len(self.task.space.n_hat_choices) - 1, len(self.documents)
         candidates = (preset.population + preset.n_hat_sweep * n_hat_variants + preset.iterations * (
             preset.mutations * (1 + min(preset.n_hat_tries, n_hat_variants)) + preset.crossovers))
@@ -391,7 +340,7 @@ class SearchRun:
 
     @property
     def caps_line(self) -> str:
-        """What the search will cost at most, in words: the first status line."""
+        """What the search will cost at most, in words: the first status line, and the dry run's."""
         space = self.task.space
         if space.critical:
             where = (f"critical space: dimensions {space.critical}-{space.dims - 1} searched, lambda >= the extension, "
@@ -403,6 +352,126 @@ class SearchRun:
         return (f"search: preset {self.preset_name}, {where}; {budget}, at most {self.planned_document_evaluations} "
                 f"document forwards of {self.eval_length} tokens in all ({len(self.documents)} documents"
                 + (", baselines included)" if self.baselines else ")"))
+
+    def summary(self) -> dict[str, Any]:
+        return {"data": self.data, "documents": len(self.documents), "eval_length": self.eval_length,
+                "preset": self.preset_name, "max_evals": self.max_evals, "time_budget_s": self.time_budget,
+                "seed": self.seed, "baselines": self.baselines,
+                "space": "critical" if self.task.space.critical else "full", "max_document_forwards": self.planned_document_evaluations, "caps": self.caps_line}
+
+
+def plan_search(*, source, data: list[str], target: int | None, log_path: Path | None = None, documents: int = 4,
+                preset: str = "default", max_evals: float | None = None, time_budget: float | None = None,
+                seed: int = 0, n_hat: bool = True, short: bool = False, max_factor: float | None = None,
+                resume: bool = False, baselines: bool = True, n_hat_mscale: str | None = None,
+                space: str | None = None) -> SearchPlan:
+    """Check a search of `source` (a source.SourceModel) and prepare it without loading the model: the task, the
+    documents of `data` tokenized (`documents` of them, of the evaluation length: `target`, or the original window
+    with `short`), the budget (`max_evals` evaluations, default the preset's; `time_budget` seconds). Writes
+    nothing. Raises LongRoPEError for settings that cannot be searched, DataError for unreadable data,
+    LongRoPEError when no document is long enough."""
+    from transformers import AutoTokenizer
+
+    from .documents import read_documents
+    from .perplexity import tokenized_documents
+    from .preflight import check_search_inputs
+
+    check_search_inputs(source, data, log_path, resume)
+    task, eval_length = _search_task(source, target, short, n_hat, max_factor, n_hat_mscale, space)
+    tokenizer = AutoTokenizer.from_pretrained(source.folder)
+    tokens, names, skipped = tokenized_documents(tokenizer, read_documents(list(data)), eval_length, limit=documents,
+                                                 windows=True)
+    if not tokens:
+        raise DataError(f"{{data}} has no document of at least {eval_length} tokens ({skipped} shorter ones skipped)",
+                        setting="data", bound=eval_length)
+    return SearchPlan(source=source, task=task, eval_length=eval_length, data=list(data), documents=tokens,
+                      document_names=names, skipped_documents=skipped, requested_documents=documents,
+                      preset_name=preset, max_evals=PRESETS[preset].max_evals if max_evals is None else max_evals,
+                      time_budget=time_budget, seed=seed, baselines=baselines,
+                      budget={"max_evals": max_evals, "time_budget": time_budget})
+
+
+def _search_task(source, target: int | None, short: bool, n_hat: bool, max_factor: float | None,
+                 n_hat_mscale: str | None, space: str | None) -> tuple[SearchTask, int]:
+    stage = source.longrope
+    if short:
+        if space not in (None, "full"):
+            raise LongRoPEError(f"{{short}} searches every short factor: {{space}} {space} is for long factors",
+                                setting="space", value=space)
+        if stage is None:
+            raise LongRoPEError("{short} searches the short factors of a LongRoPE checkpoint; "
+                                f"'{source.folder}' is a plain model (its short factors are 1.0)", setting="short",
+                                file=source.folder)
+        if target not in (None, stage.target_length):
+            raise TargetError(f"{{short}} keeps the checkpoint's target {stage.target_length}; drop {{target}}",
+                              setting="target", value=target, bound=stage.target_length)
+        return short_search_task(stage, max_factor), stage.model.original_max_position_embeddings
+    if target is None:
+        raise TargetError("{target} is required (except with {short})", setting="target")
+    return (long_search_task(source.fingerprint, target, n_hat, max_factor, n_hat_mscale, space or DEFAULT_SPACE),
+            target)
+
+
+class SearchRun:
+    """A search planned (plan_search), its log opened and its model loaded, then run by `execute`.
+
+    Takes plan_search's arguments, or a ready `plan`. Raises as plan_search does, and LongRoPEError for a log
+    that exists (without resume) or does not match (with resume).
+    """
+
+    def __init__(self, *, source=None, data: list[str] = (), target: int | None = None, log_path: Path,
+                 documents: int = 4, preset: str = "default", max_evals: float | None = None,
+                 time_budget: float | None = None, seed: int = 0, n_hat: bool = True, short: bool = False,
+                 max_factor: float | None = None, resume: bool = False, baselines: bool = True,
+                 device_map: str | None = None, n_hat_mscale: str | None = None, space: str | None = None,
+                 plan: SearchPlan | None = None, status: Callable[[str], None] = lambda message: None) -> None:
+        from .convert import longrope_config
+        from .perplexity import load_longrope_model
+
+        if plan is None:
+            plan = plan_search(source=source, data=data, target=target, log_path=log_path, documents=documents,
+                               preset=preset, max_evals=max_evals, time_budget=time_budget, seed=seed, n_hat=n_hat,
+                               short=short, max_factor=max_factor, resume=resume, baselines=baselines,
+                               n_hat_mscale=n_hat_mscale, space=space)
+        self.plan = plan
+        self.workers = Workers()
+        self.status = status if self.workers.is_main else (lambda message: None)
+        source, documents = plan.source, plan.requested_documents
+        self.source, self.preset_name, self.preset = source, plan.preset_name, plan.preset
+        self.max_evals, self.time_budget, self.seed, self.baselines = (plan.max_evals, plan.time_budget, plan.seed,
+                                                                       plan.baselines)
+        self.task, self.eval_length, self.data = plan.task, plan.eval_length, plan.data
+        self.documents, self.document_names, skipped = plan.documents, plan.document_names, plan.skipped_documents
+        self.status(self.caps_line)
+        sources = len({name.partition("#window")[0] for name in self.document_names})
+        windows = f", windows of {sources} of them" if sources < len(self.documents) else ""
+        self.status(f"data: {len(self.documents)} documents of {self.eval_length} tokens{windows} "
+                    f"({skipped} shorter documents skipped)")
+        if sources < len(self.documents):
+            self.status(f"note: --data has {sources} document{'s' if sources > 1 else ''} of at least "
+                        f"{self.eval_length} tokens for --documents {documents}: the search takes consecutive "
+                        f"{self.eval_length}-token windows of the longer ones ({', '.join(self.document_names)})")
+        if len(self.documents) < documents:
+            self.status(f"warning: --documents {documents}, but --data has only {len(self.documents)} windows of "
+                        f"{self.eval_length} tokens; the search uses those")
+        self.log = SearchLog(log_path, lambda: search_log_header(
+            source, self.task, self.document_names, self.documents, skipped, self.eval_length, self.seed,
+            self.preset_name, plan.budget), resume, self.workers)
+        if resume:
+            self.status(f"search log: {len(self.log.known)} evaluations replayed from {log_path}")
+        where = f"device map {device_map}" if device_map else str(self.workers.device)
+        self.status(f"model: loading {source.folder} on {where} "
+                    f"({self.workers.world} process{'es' if self.workers.world > 1 else ''})")
+        self.model = load_longrope_model(source.folder, longrope_config(source.config, self.task.base),
+                                         self.workers.device, device_map=device_map, gpus=self.workers.gpus)
+
+    @property
+    def planned_document_evaluations(self) -> int:
+        return self.plan.planned_document_evaluations
+
+    @property
+    def caps_line(self) -> str:
+        return self.plan.caps_line
 
     def execute(self, on_evaluation: Callable[[], None] = lambda: None,
                 on_best: Callable[[float], None] = lambda ppl: None) -> tuple[FactorSet, dict[str, Any]]:

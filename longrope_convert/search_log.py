@@ -58,18 +58,23 @@ class SearchLog:
             try:
                 outcome = ("known", self._open(json.loads(json.dumps(header())), resume))  # tuples become lists
             except LongRoPEError as error:
-                outcome = ("error", str(error))
+                outcome = ("error", error)  # pickled whole to the other processes: its data with it
         kind, value = workers.from_main(outcome)
         if kind == "error":
-            raise LongRoPEError(value)
+            raise value
         self.known: dict[tuple[str, int], NLL] = value
+
+    @property
+    def _about(self) -> dict[str, Any]:
+        """A refused log's error data: resume's, the log."""
+        return {"setting": "resume", "value": str(self.path), "file": self.path}
 
     def _open(self, header: dict[str, Any], resume: bool) -> dict[tuple[str, int], NLL]:
         """Check (resume) or write (new search) the log; the evaluations it holds."""
         if not resume:
             if self.path.exists():
-                raise LongRoPEError(f"search log '{self.path}' exists; pass --resume {self.path} to continue it, "
-                                    "or remove it")
+                raise LongRoPEError(f"search log '{self.path}' exists; pass {{resume}} {self.path} to continue it, "
+                                    "or remove it", setting="log", value=str(self.path), file=self.path)
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(json.dumps({"kind": "header", **header}) + "\n")
             return {}
@@ -77,16 +82,17 @@ class SearchLog:
             content = self.path.read_bytes()
             logged = json.loads(content.split(b"\n", 1)[0])
         except (OSError, ValueError):
-            raise LongRoPEError(f"--resume {self.path}: not a search log") from None
+            raise LongRoPEError(f"{{resume}} {self.path}: not a search log", **self._about) from None
         if not isinstance(logged, dict) or logged.get("kind") != "header":
-            raise LongRoPEError(f"--resume {self.path}: not a search log")
+            raise LongRoPEError(f"{{resume}} {self.path}: not a search log", **self._about)
         if logged.get("version") != header["version"]:
-            raise LongRoPEError(f"--resume {self.path}: log version {logged.get('version')!r} was written by "
-                                f"another release (this one writes {header['version']}); start a new search")
+            raise LongRoPEError(f"{{resume}} {self.path}: log version {logged.get('version')!r} was written by "
+                                f"another release (this one writes {header['version']}); start a new search",
+                                **self._about)
         changed = header_difference(logged, header)
         if changed:
-            raise LongRoPEError(f"--resume {self.path}: {changed} since the log was written; "
-                                "resume with the same data, model and settings, or start a new log")
+            raise LongRoPEError(f"{{resume}} {self.path}: {changed} since the log was written; "
+                                "resume with the same data, model and settings, or start a new log", **self._about)
         known, complete = read_evaluations(content, self.path)
         if complete < len(content):  # a line cut short by a kill: drop it before appending
             with open(self.path, "r+b") as handle:
@@ -139,8 +145,9 @@ def read_evaluations(content: bytes, path: Path) -> tuple[dict[tuple[str, int], 
             entry = json.loads(line)
             known[(entry["setting"], entry["doc"])] = (entry["nll_sum"], entry["tokens"])
         except (ValueError, KeyError, TypeError):
-            raise LongRoPEError(f"--resume {path}: line {number} is not an evaluation record (the log was "
-                                "edited or damaged); remove that line to resume") from None
+            raise LongRoPEError(f"{{resume}} {path}: line {number} is not an evaluation record (the log was "
+                                "edited or damaged); remove that line to resume", setting="resume", value=str(path),
+                                file=path) from None
     return known, len(content) - len(fragment)
 
 

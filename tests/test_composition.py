@@ -242,8 +242,10 @@ def test_the_long_attention_scale_follows_the_extension_beyond_the_source(tmp_pa
     assert source_set.long_mscale == math.sqrt(1 + math.log(4) / math.log(131072))
     assert source_set.provenance["composition"] == {"base": "llama3", "extends": [131072, 524288],
                                                     "attention_scale": "extension"}
-    with pytest.raises(LongRoPEError, match="--target 131072 must be larger than the source's context window 131072"):
+    with pytest.raises(LongRoPEError, match="^target 131072 must be larger than the source's context window 131072"
+                       ) as raised:
         source_factor_set(fingerprint, 131072)
+    assert (raised.value.setting, raised.value.value, raised.value.bound) == ("target", 131072, 131072)
 
 
 def read_fingerprint(tmp_path: Path, head_dim: int, rope_theta: float, window: int, rope: dict) -> ModelFingerprint:

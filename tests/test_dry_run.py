@@ -111,3 +111,21 @@ def test_the_dry_run_says_copy_where_the_real_run_cannot_link(tmp_path):
         assert {item["file"]: item["how"] for item in json.loads(dry.stdout)["write"]}["model.safetensors"] == "copy"
         real = cli(*args)
         assert real.returncode == 0 and json.loads(real.stdout)["weights"]["mode"] == "copy", real.stderr
+
+
+def test_a_dry_run_shows_the_whole_job_with_the_search_caps_and_the_evaluation(tmp_path):
+    """--search, --gguf and --eval-lengths in a dry run: the search's caps (the line the search prints first), what
+    the evaluation measures, and nothing written."""
+    data = Path(__file__).parent / "data"
+    dry = cli(TESTBED, "--target", 1024, "--output", tmp_path / "out", "--search", "--data",
+              data / "tom_sawyer_chapters.jsonl", "--documents", 2, "--max-evals", 4, "--gguf", "*.gguf",
+              "--eval-lengths", "512,1024", "--eval-data", data / "sherlock_adventures.jsonl", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    plan = json.loads(dry.stdout)
+    assert plan["search"]["caps"].startswith("search: preset default")
+    assert "at most 18 document forwards of 1024 tokens" in plan["search"]["caps"]  # 4 x 2, and 5 baselines x 2
+    assert plan["search"]["factors"] == str(tmp_path / "out.factors.json") and plan["gguf"] == "*.gguf"
+    assert plan["evaluation"]["lengths"] == [512, 1024]
+    assert plan["evaluation"]["measurements"] == 2 * len(plan["evaluation"]["methods"])
+    assert any(line.startswith("dry run: search: preset default") for line in dry.stderr.splitlines())
+    assert list(tmp_path.iterdir()) == []

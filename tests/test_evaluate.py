@@ -78,7 +78,7 @@ def test_sliding_windows_score_every_target_exactly_once():
         for length in range(2, total + 3):
             for stride in range(1, length + 3):
                 if total > length and stride >= length:
-                    with pytest.raises(EvaluationError, match=f"--stride {stride} must be smaller than the length"):
+                    with pytest.raises(EvaluationError, match=f"stride {stride} must be smaller than the length"):
                         sliding_windows(total, length, stride)
                     continue
                 scored = {target: begin for begin, end, first in sliding_windows(total, length, stride)
@@ -127,20 +127,28 @@ def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(testbed_
 
 
 def test_lengths_are_checked_against_their_bounds():
-    check_lengths([2, 1024], {"--passkey-lengths": [512]}, target=1024, protocol="truncated", stride=256,
+    """The error carries the setting, the value and the bound; its message names the setting as the Python API does,
+    and as the command line does when worded with its flags."""
+    check_lengths([2, 1024], {"passkey_lengths": [512]}, target=1024, protocol="truncated", stride=256,
                   beyond_target=False)
     check_lengths([4096], {}, target=1024, protocol="truncated", stride=256, beyond_target=True)
     check_lengths([256, 1024], {}, target=1024, protocol="sliding", stride=255, beyond_target=False)
-    for lengths, passkey, protocol, stride, message in [
-            ([1], [], "truncated", 256, "--lengths 1: a length is at least 2 tokens"),
-            ([-64], [], "truncated", 256, "--lengths -64: a length is at least 2 tokens"),
-            ([], [-100], "truncated", 256, "--needle-lengths -100: a length is at least 2 tokens"),
-            ([2048], [], "truncated", 256, "--lengths 2048 is beyond the checkpoint's target of 1,024 tokens"),
-            ([], [1025], "truncated", 256, "--needle-lengths 1025 is beyond the checkpoint's target"),
-            ([256, 1024], [], "sliding", 256, "--stride 256 must be smaller than the length 256")]:
-        with pytest.raises(EvaluationError, match="^" + message):
-            check_lengths(lengths, {"--needle-lengths": passkey}, target=1024, protocol=protocol, stride=stride,
+    for lengths, needle, protocol, stride, message, data in [
+            ([1], [], "truncated", 256, "lengths 1: a length is at least 2 tokens", ("lengths", 1, 2)),
+            ([-64], [], "truncated", 256, "lengths -64: a length is at least 2 tokens", ("lengths", -64, 2)),
+            ([], [-100], "truncated", 256, "needle_lengths -100: a length is at least 2 tokens",
+             ("needle_lengths", -100, 2)),
+            ([2048], [], "truncated", 256, "lengths 2048 is beyond the checkpoint's target of 1,024 tokens; add "
+             "beyond_target", ("lengths", 2048, 1024)),
+            ([], [1025], "truncated", 256, "needle_lengths 1025 is beyond the checkpoint's target",
+             ("needle_lengths", 1025, 1024)),
+            ([256, 1024], [], "sliding", 256, "stride 256 must be smaller than the length 256", ("stride", 256, 256))]:
+        with pytest.raises(EvaluationError, match="^" + message) as raised:
+            check_lengths(lengths, {"needle_lengths": needle}, target=1024, protocol=protocol, stride=stride,
                           beyond_target=False)
+        assert (raised.value.setting, raised.value.value, raised.value.bound) == data
+        flag = "--" + data[0].replace("_", "-")
+        assert raised.value.worded({data[0]: flag}).startswith(flag + " ")
 
 
 @pytest.fixture(scope="module")

@@ -186,7 +186,6 @@ def test_one_command_searches_converts_evaluates_and_pushes(hub, env, tmp_path):
     (["--max-evals", "3"], "--max-evals applies to --search"),
     (["--search", "--factors", "yarn", "--data", "books"], "--search finds the factors: drop --factors"),
     (["--search"], "--search needs --data"),
-    (["--search", "--data", "books", "--dry-run"], "--dry-run does not cover --search"),
     (["--eval-lengths", "512"], "--eval-lengths and --eval-data go together"),
     (["--factors", "pi", "--private"], "--private applies to --push-to"),
     (["--factors", "pi", "--branch", "b"], "--branch applies to --push-to"),

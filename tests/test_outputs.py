@@ -75,7 +75,7 @@ def test_overwrite_replaces_only_an_empty_or_marked_folder(tmp_path):
     check_output_folder(empty, overwrite=True)
     with pytest.raises(OutputError, match="was not written by longrope-convert"):
         check_output_folder(theirs, overwrite=True)
-    with pytest.raises(OutputError, match="already exists; pass --overwrite"):
+    with pytest.raises(OutputError, match="already exists; pass overwrite"):
         check_output_folder(mine, overwrite=False)
 
 
@@ -141,7 +141,7 @@ def test_a_file_is_staged_checked_and_swept_as_a_folder_is(tmp_path):
     with atomic_file(output, overwrite=False) as staging:
         staging.write_bytes(b"old")
     assert tree(tmp_path) == {"made/model.gguf": b"old"}
-    with pytest.raises(OutputError, match="already exists; pass --overwrite"):
+    with pytest.raises(OutputError, match="already exists; pass overwrite"):
         with atomic_file(output, overwrite=False):
             pass
     with pytest.raises(OutputError, match="is the source"):

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import DATA, TINY_WINDOW, edit_json
-from longrope_convert.cli import resume_command
+from longrope_convert.job import resume_command
 from longrope_convert.convert import longrope_config
 from longrope_convert.errors import LongRoPEError
 from longrope_convert.evolution import Candidate, SearchResult, SearchSpace
@@ -292,7 +292,7 @@ def test_resume_is_refused_when_a_document_the_config_or_the_weights_changed(tmp
                          resume=resume)
 
     open_search(resume=False)
-    with pytest.raises(LongRoPEError, match="exists; pass --resume"):
+    with pytest.raises(LongRoPEError, match="exists; pass resume"):
         open_search(resume=False)
     open_search(resume=True)  # unchanged: accepted
     with pytest.raises(LongRoPEError, match="the setting 'target_length' changed"):  # not "document ... changed"
