@@ -38,7 +38,6 @@ from .factors import (
     find_shipped_factor_set,
     load_factor_set,
     source_factor_set,
-    yarn_init_warning,
 )
 from .fetch import download_source, open_source
 from .hub import hub_cache, looks_like_repo_id
