@@ -40,6 +40,10 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def offline_push_message(repo_id: str) -> str:
+    return f"HF_HUB_OFFLINE is set: pushing to '{repo_id}' needs {endpoint()}; unset HF_HUB_OFFLINE to push"
+
+
 @contextmanager
 def hub_errors(repo_id: str, revision: str | None = None, pushing: bool = False) -> Iterator[None]:
     """Turn huggingface_hub's exceptions into one line that says what to do."""
@@ -73,6 +77,8 @@ def hub_errors(repo_id: str, revision: str | None = None, pushing: bool = False)
     except RemoteEntryNotFoundError as error:
         raise HubError(f"'{repo_id}': a file is missing on the Hub ({first_line(error)})") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx.TransportError):
+        if pushing and constants.HF_HUB_OFFLINE:
+            raise HubError(offline_push_message(repo_id)) from None
         if pushing:
             raise HubError(f"the connection to {endpoint()} failed while pushing to '{repo_id}'; nothing was "
                                 "committed: run the command again") from None

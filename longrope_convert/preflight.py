@@ -10,7 +10,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import LongRoPEError, OutputError, SourceError
+from .errors import HubError, LongRoPEError, OutputError, SourceError
 from .outputs import check_output_folder, check_outside, check_writable_place
 
 # What AutoTokenizer can build a tokenizer from: the fast tokenizer file, a sentencepiece model, or a
@@ -95,14 +95,16 @@ def check_evaluation_inputs(checkpoint: Path, data: Sequence[str], out: Path | N
 
 
 def check_push(repo_id: str) -> None:
-    """A push to `repo_id` can work: the id is valid and a token is there that the Hub accepts.
-    Raises LongRoPEError."""
+    """A push to `repo_id` can work: not offline (HF_HUB_OFFLINE), the id is valid and a token is there that
+    the Hub accepts. Raises LongRoPEError (HubError offline)."""
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    from .hub import endpoint, hub_errors
+    from .hub import endpoint, hub_errors, hub_offline, offline_push_message
 
+    if hub_offline():
+        raise HubError(offline_push_message(repo_id))
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
