@@ -53,7 +53,10 @@ class ConvertByDefault(click.Group):
     """`longrope-convert SOURCE ...` means `longrope-convert convert SOURCE ...`."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+        if not args:  # as click >= 8.2 does for a bare group (no_args_is_help): the help on stderr, exit 2
+            click.echo(ctx.get_help(), err=True)
+            ctx.exit(2)
+        if args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["convert", *args]
         return super().parse_args(ctx, args)
 
