@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -241,9 +242,15 @@ def copied_file_names(names: list[str]) -> list[str]:
     return [n for n in names if n in COPIED_FILES or matches(n, COPIED_PATTERNS)]
 
 
+LONGROPE_SUFFIX = re.compile(r"-longrope-\d+k?$")  # what default_output appends
+
+
 def default_output(source_name: str, target: int) -> Path:
+    """./<source name>-longrope-<target> (16k for 16384); a source that is itself a conversion, named
+    X-longrope-16k, gives X-longrope-32k rather than X-longrope-16k-longrope-32k."""
     length = f"{target // 1024}k" if target % 1024 == 0 else str(target)
-    return Path(f"{Path(source_name).name}-longrope-{length}")
+    stem = LONGROPE_SUFFIX.sub("", Path(source_name).name)
+    return Path(f"{stem}-longrope-{length}")
 
 
 def base_model_id(source: SourceModel) -> str | None:
