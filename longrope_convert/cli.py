@@ -362,7 +362,7 @@ def _push(folder: Path, repo: str, private: bool, branch: str | None, commit_mes
         status(f"kept in {repo} (not conversion outputs): {', '.join(pushed.kept)}")
     status(f"pushed to {pushed.repo_url} ({branch or 'main'}) at commit {pushed.commit}"
            + ("" if pushed.changed else " (unchanged: no new commit)"))
-    status("load it with:\n" + loading_snippet(repo, pushed.commit))
+    status("load it with:\n" + loading_snippet(repo, pushed.commit, folder))
     return {"repo": repo, "url": pushed.repo_url, "commit": pushed.commit, "changed": pushed.changed,
             "deleted": pushed.deleted, "kept": pushed.kept}
 

@@ -26,6 +26,7 @@ from .checkpoint_files import (
     COPIED_PATTERNS,
     FACTORS_FILE,
     MODELING_FILE,
+    has_tokenizer,
     is_conversion_output,
     matches,
 )
@@ -330,7 +331,7 @@ def plan_checkpoint(source: SourceModel, factor_set: FactorSet, output: Path, fa
         planned.append(PlannedFile(name, files.sizes[name], "copy"))
     source_card = files.read(CARD_FILE).decode("utf-8", errors="replace") if CARD_FILE in files.sizes else None
     card = model_card(factor_set, base_model=base_model_id(source), license_fields=source_license(source_card),
-                      repo=repo or str(output), changes=changes, config=config)
+                      repo=repo or str(output), changes=changes, config=config, tokenizer=has_tokenizer(copied))
     planned += [
         _written("config.json", json.dumps(config, indent=2) + "\n"),
         _written(MODELING_FILE, MODELING_SOURCE.read_text(encoding="utf-8")),

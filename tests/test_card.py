@@ -79,6 +79,7 @@ def converted_folder(tmp_path: Path, card: str) -> Path:
     folder = tmp_path / "checkpoint"
     folder.mkdir()
     shutil.copyfile(SEARCHED, folder / FACTORS_FILE)
+    shutil.copyfile(TESTBED / "tokenizer.json", folder / "tokenizer.json")
     (folder / CARD_FILE).write_text(card)
     return folder
 
@@ -143,3 +144,19 @@ def test_a_card_without_tool_sections_gets_them_after_its_text(tmp_path, existin
     refreshed = refresh_card(folder)
     assert front_matter(refreshed)["library_name"] == "transformers"
     assert existing in refreshed and refreshed.index("<!-- longrope-convert:begin summary") > len(existing)
+
+
+def test_the_tokenizer_is_loaded_in_the_card_and_the_push_snippet_only_when_the_checkpoint_has_one(tiny_source,
+                                                                                                   tmp_path):
+    from longrope_convert.publish import loading_snippet
+
+    with_tokenizer, without = tmp_path / "testbed-2k", tmp_path / "tiny-256"
+    write_checkpoint(read_source(TESTBED), analytic_factor_set("yarn", read_source(TESTBED).fingerprint, 2048),
+                     with_tokenizer, "init:yarn")
+    tiny = read_source(tiny_source)  # saved without tokenizer files
+    write_checkpoint(tiny, analytic_factor_set("yarn", tiny.fingerprint, 256), without, "init:yarn")
+    assert 'AutoTokenizer.from_pretrained("' in (with_tokenizer / CARD_FILE).read_text()
+    assert 'AutoTokenizer.from_pretrained("' in loading_snippet("me/testbed-2k", "abc123", with_tokenizer)
+    for text in ((without / CARD_FILE).read_text(), refresh_card(without), loading_snippet("me/tiny", "abc", without)):
+        assert "AutoTokenizer" not in text and 'AutoModelForCausalLM.from_pretrained("' in text
+    assert "The checkpoint has no tokenizer files" in (without / CARD_FILE).read_text()
