@@ -27,7 +27,9 @@ import yaml
 
 from . import __version__
 from .checkpoint_files import CARD_FILE, EVAL_DIR, FACTORS_FILE, has_tokenizer
-from .factors import FactorSet, load_factor_set
+from .documents import TEXT_SUFFIXES
+from .factors import FactorSet, load_factor_set, provenance_count
+from .hub import REPO_ID
 from .outputs import read_marker, write_text_atomically
 from .source import VLLM_WINDOW_KEYS
 
@@ -142,7 +144,7 @@ def loading_code(repo: str, revision: str | None, tokenizer: bool) -> str:
     """The Python that loads a converted checkpoint with the shipped modeling code, and its tokenizer when it
     has one (else AutoTokenizer could not load it)."""
     revision_argument = f', revision="{revision}"' if revision else ""
-    return (f"from transformers import AutoModelForCausalLM{', AutoTokenizer' if tokenizer else ''}\n"
+    return (f"from transformers import AutoModelForCausalLM{', AutoTokenizer' if tokenizer else ''}\n\n"
             f'model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True{revision_argument})\n'
             + (f'tokenizer = AutoTokenizer.from_pretrained("{repo}"{revision_argument})\n' if tokenizer else ""))
 
@@ -240,13 +242,38 @@ def _factors_section(factor_set: FactorSet, plotted: bool) -> str:
     for key in ("data", "documents", "eval_length", "evaluations", "best_perplexity", "baseline_perplexities",
                 "preset", "budget", "seed", "base_factors", "tool_version", "created"):
         if key in provenance:
-            value = provenance[key]
-            if key == "base_factors":
-                value = {k: v for k, v in value.items() if k != "long_factor"}
-            rows.append((key, json.dumps(value) if isinstance(value, (dict, list)) else value))
+            rows.append((key, _provenance_text(key, provenance[key])))
     table = "| | |\n|---|---|\n" + "".join(f"| {key} | {value} |\n" for key, value in rows)
     plot = "\nλ per frequency dimension against the classic methods: ![factors](eval/factors.png)\n" if plotted else ""
     return f"## Factors\n\n{how}The full factor set is in `longrope_factors.json`.\n\n{table}{plot}"
+
+
+def _provenance_text(key: str, value: Any) -> str:
+    """A provenance field as a card's table shows it: data by name (a short hash; the full one is in the factor
+    file), counts as integers when whole, objects as JSON."""
+    if key == "data" and isinstance(value, list):
+        return ", ".join(_data_text(entry) for entry in value)
+    if key == "evaluations" and isinstance(value, (int, float)):
+        return f"{provenance_count(value):g}"
+    if key == "base_factors" and isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k != "long_factor"}
+    if key == "budget" and isinstance(value, dict) and isinstance(value.get("max_evals"), (int, float)):
+        value = {**value, "max_evals": provenance_count(value["max_evals"])}
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def _data_text(entry: Any) -> str:
+    """One --data entry of a factor file: `name` (sha256 prefix), or the dataset id; a path (in files written
+    before data_provenance) by its last part."""
+    if isinstance(entry, dict) and "dataset" in entry:
+        return f"`{entry['dataset']}`"
+    if isinstance(entry, dict) and "name" in entry:
+        files = f", {entry['files']} files" if "files" in entry else ""
+        return f"`{entry['name']}` ({files[2:] + ', ' if files else ''}sha256 `{str(entry.get('sha256', ''))[:12]}`)"
+    entry = str(entry)
+    dataset_id = entry.partition(":")[0]
+    path_like = REPO_ID.fullmatch(dataset_id) is None or Path(dataset_id).suffix in TEXT_SUFFIXES
+    return f"`{Path(entry).name if path_like else entry}`"
 
 
 def _composition_text(factor_set: FactorSet, composition: dict[str, Any]) -> str:

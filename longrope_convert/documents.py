@@ -6,12 +6,14 @@ the same rule the reader uses (data_source_kind).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import DataError
 from .hub import REPO_ID  # a Hub id ("pg19", "org/name"); else a path that does not exist
@@ -69,6 +71,44 @@ def data_source_kind(source: str) -> str:
         raise DataError(f"data '{source}' is not a file or folder (and the `datasets` library, needed for dataset "
                         "ids, is not installed)")
     return "dataset"
+
+
+def data_provenance(sources: list[str]) -> list[dict[str, Any]]:
+    """--data as a factor file records it, without a path of this machine: a file as its name and the SHA-256 of
+    its bytes; a folder as its name, its number of text files and a SHA-256 over their paths inside it and their
+    bytes; a dataset as its id (a local dataset folder by its name), with the split when given."""
+    from .search_log import file_sha256  # imports torch: only a search records its data
+
+    records: list[dict[str, Any]] = []
+    for source in sources:
+        kind, path = data_source_kind(source), Path(source)
+        if kind == "file":
+            records.append({"name": path.name, "sha256": file_sha256(path)})
+        elif kind == "folder":
+            files = _text_files(path)
+            digest = hashlib.sha256()
+            for file in files:
+                digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\n".encode())
+            records.append({"name": path.resolve().name, "files": len(files), "sha256": digest.hexdigest()})
+        else:
+            dataset_id, colon, split = source.partition(":")
+            local = Path(dataset_id).is_dir()  # what `datasets` loads for this id too
+            records.append({"dataset": (Path(dataset_id).resolve().name if local else dataset_id) + colon + split})
+    return records
+
+
+def portable_document_name(name: str, sources: list[str]) -> str:
+    """A document's name (Document.name) with the path of its --data file or folder replaced by that entry's
+    name, as data_provenance records it: 'books/austen.txt' for '../corpus/books/austen.txt'."""
+    for source in sources:
+        path, dataset_folder = Path(source), Path(source.partition(":")[0])
+        if path.is_file() and (name == str(path) or name.startswith((f"{path}:", f"{path}#"))):
+            return path.name + name[len(str(path)):]
+        if path.is_dir() and name.startswith(f"{path}{os.sep}"):
+            return f"{path.resolve().name}/{Path(name[len(str(path)) + 1:]).as_posix()}"
+        if not path.exists() and dataset_folder.is_dir() and name.startswith(f"{dataset_folder}:"):
+            return dataset_folder.resolve().name + name[len(str(dataset_folder)):]
+    return name
 
 
 def _text_files(folder: Path) -> list[Path]:

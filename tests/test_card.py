@@ -160,3 +160,21 @@ def test_the_tokenizer_is_loaded_in_the_card_and_the_push_snippet_only_when_the_
     for text in ((without / CARD_FILE).read_text(), refresh_card(without), loading_snippet("me/tiny", "abc", without)):
         assert "AutoTokenizer" not in text and 'AutoModelForCausalLM.from_pretrained("' in text
     assert "The checkpoint has no tokenizer files" in (without / CARD_FILE).read_text()
+
+
+@pytest.mark.parametrize("shipped", sorted((ROOT / "factors").glob("*/*.json")), ids=lambda path: path.parent.name)
+def test_shipped_factor_files_name_their_data_without_a_path_and_cards_show_whole_counts(shipped):
+    """Each shipped file records its data by name and content hash (no path of the machine it was searched on);
+    its card shows them by name and whole counts without '.0'. A file written before (a path, 24.0) shows the
+    same."""
+    factor_set = load_factor_set(shipped)
+    data = factor_set.provenance["data"]
+    assert all(set(entry) == {"name", "sha256"} and "/" not in entry["name"] for entry in data)
+    rows = {line.split(" | ")[0]: line for line in model_card(factor_set, None, {}, "me/x").splitlines()
+            if line.startswith("| ")}
+    assert rows["| data"] == "| data | " + ", ".join(f"`{e['name']}` (sha256 `{e['sha256'][:12]}`)" for e in data) + " |"
+    older = replace(factor_set, provenance={**factor_set.provenance, "evaluations": 24.0, "budget": {"max_evals": 24.0},
+                                            "data": ["../shared/corpus/prose/austen.txt", "pg19:test"]})
+    card = model_card(older, None, {}, "me/x")
+    assert "| evaluations | 24 |" in card and '{"max_evals": 24}' in card and "24.0" not in card
+    assert "| data | `austen.txt`, `pg19:test` |" in card and "shared" not in card

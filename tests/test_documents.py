@@ -102,3 +102,31 @@ def test_fewer_long_documents_than_asked_give_consecutive_windows(tmp_path, toke
     assert plain_names == names[:2] and all(torch.equal(a, b) for a, b in zip(plain, ids))
     enough, enough_names, _ = tokenized_documents(tokenizer, read_documents([books]), length, limit=2, windows=True)
     assert enough_names == names[:2]  # enough documents: no windows
+
+
+def test_data_is_recorded_by_name_and_content_never_by_a_path(tmp_path, monkeypatch):
+    """What a factor file records of --data (documents.data_provenance) and the names of its documents
+    (portable_document_name): names and SHA-256s of contents, not where the files lay on this machine."""
+    import hashlib
+
+    from longrope_convert.documents import data_provenance, portable_document_name
+
+    (tmp_path / "corpus" / "books" / "more").mkdir(parents=True)
+    (tmp_path / "corpus" / "books" / "a.txt").write_text("one")
+    (tmp_path / "corpus" / "books" / "more" / "b.jsonl").write_text('{"text": "two"}\n')
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    book, books = "../corpus/books/a.txt", "../corpus/books"
+    records = data_provenance([book, books, "pg19:test", f"{books}:train"])
+    a_sha = hashlib.sha256(b"one").hexdigest()
+    assert records[0] == {"name": "a.txt", "sha256": a_sha}
+    assert records[1]["name"] == "books" and records[1]["files"] == 2 and len(records[1]["sha256"]) == 64
+    assert records[2:] == [{"dataset": "pg19:test"}, {"dataset": "books:train"}]
+    assert "corpus" not in json.dumps(records) and str(tmp_path) not in json.dumps(records)
+    (tmp_path / "corpus" / "books" / "a.txt").write_text("one!")  # another content, another hash
+    assert data_provenance([book])[0]["sha256"] != a_sha and data_provenance([books])[0] != records[1]
+    names = [document.name for document in read_documents([books])]
+    assert [portable_document_name(name, ["pg19", books]) for name in names] == ["books/a.txt", "books/more/b.jsonl:1"]
+    assert portable_document_name("../corpus/books/a.txt#window2", [book]) == "a.txt#window2"
+    assert portable_document_name("../corpus/books:7#window2", [f"{books}:train"]) == "books:7#window2"
+    assert portable_document_name("pg19:3", ["pg19:test"]) == "pg19:3"
