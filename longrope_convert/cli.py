@@ -21,6 +21,7 @@ from .evolution import PRESETS as SEARCH_PRESETS
 from .evolution import SPACES as SEARCH_SPACES
 from .factors import ANALYTIC_METHODS, DEFAULT_INIT
 from .fetch import open_source
+from .progress import Progress
 from .preflight import check_push, check_search_outputs
 from .publish import loading_snippet, push_folder
 
@@ -133,16 +134,21 @@ def run_search(model, *, data: list[str], target: int | None, out: Path, log_pat
     run = SearchRun(source=model, data=data, target=target, log_path=log, short=short, resume=resume is not None,
                     status=status, **settings)
     best = [math.inf]
-    with click.progressbar(length=run.planned_document_evaluations, label="search (document evaluations)",
-                           file=sys.stderr, show_pos=True,
-                           item_show_func=lambda _: f"best ppl {best[0]:.4f}" if math.isfinite(best[0]) else "",
-                           show_eta=True) as bar:
+    progress = Progress([1] * run.planned_document_evaluations)  # at most: racing and patience may stop it earlier
+
+    def best_so_far() -> str:
+        return ", ".join(filter(None, [f"best perplexity {best[0]:.4f}" if math.isfinite(best[0]) else "",
+                                       progress.time_left()]))
+
+    with click.progressbar(length=progress.total, label="search (document evaluations)", file=sys.stderr,
+                           show_pos=True, item_show_func=lambda _: best_so_far()) as bar:
         def evaluated() -> None:
             if not run.is_main:
                 return
+            progress.step()
             bar.update(1)
             if not sys.stderr.isatty():  # no live bar in a log file: a line per finished evaluation
-                status(f"search: {bar.pos}/{bar.length} document evaluations done"
+                status(progress.line("search", "document evaluations")
                        + (f", best perplexity {best[0]:.4f}" if math.isfinite(best[0]) else ""))
 
         try:
@@ -156,7 +162,7 @@ def run_search(model, *, data: list[str], target: int | None, out: Path, log_pat
         return None
     factor_set.save(out)
     status(f"wrote {out}: method {summary['method']}, perplexity {summary['best_perplexity']:.4f} (n_hat "
-           f"{summary['n_hat']}) after {summary['evaluations']:.1f} evaluations; baselines: "
+           f"{summary['n_hat']}) after {summary['evaluations']:g} evaluations; baselines: "
            + (", ".join(f"{k} {v:.4f}" for k, v in summary["baselines"].items()) or "none measured"))
     return factor_set, summary
 
@@ -319,14 +325,18 @@ def search(source: str, target: int | None, revision: str | None, data: tuple[st
 
 
 def evaluate_with_progress(plan, *, out: Path | None, command: str, device_map: str | None) -> dict:
-    """evaluate.run_evaluation with a progress bar (a status line per measurement when stderr is not a terminal)."""
+    """evaluate.run_evaluation with a progress bar, per document forward and needle prompt with the time left (a
+    status line each when stderr is not a terminal)."""
     from .evaluate import run_evaluation
 
-    with click.progressbar(length=plan.steps, label="eval", file=sys.stderr, show_eta=True) as bar:
+    progress = Progress(plan.work)
+    with click.progressbar(length=progress.total, label="eval", file=sys.stderr, show_pos=True,
+                           item_show_func=lambda _: progress.time_left()) as bar:
         def on_step() -> None:
+            progress.step()
             bar.update(1)
-            if not sys.stderr.isatty():  # no live bar in a log file: a line per measurement
-                status(f"eval: {bar.pos}/{plan.steps} measurements done")
+            if not sys.stderr.isatty():  # no live bar in a log file: a line per document or prompt
+                status(progress.line("eval", plan.step_unit))
 
         return run_evaluation(plan, out=out, command=command, device_map=device_map, status=status, on_step=on_step)
 

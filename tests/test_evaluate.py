@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -233,6 +234,13 @@ def test_eval_command_writes_results_plots_and_card(tmp_path):
                            "--passkey-lengths", "512", "--depths", "0.5", "--trials", "1", "--card", "--json"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    # stderr is not a terminal: a status line per document forward (2 documents x 2 lengths x each method) and
+    # passkey prompt (each method's, and the source's), in order, with the time left once it can be estimated
+    steps = 2 * 2 * len(json.loads(done.stdout)["perplexity"]["perplexity"]) + len((checkpoint / "eval" / "needle_answers.jsonl").read_text().splitlines())
+    progress = [line for line in done.stderr.splitlines() if line.startswith("eval: ")]
+    assert [line.split(" done")[0] for line in progress] == [
+        f"eval: {step}/{steps} document forwards and needle prompts" for step in range(1, steps + 1)]
+    assert all(re.search(r" done, about (\d+ s|\d+ min \d\d s) left$", line) for line in progress[1:])
     results = json.loads(done.stdout)
     table = results["perplexity"]["perplexity"]
     assert list(table) == ["LongRoPE (init:llama3)", "none", "pi", "ntk", "yarn", "llama3"]  # the search's baselines
