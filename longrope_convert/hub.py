@@ -45,8 +45,9 @@ def offline_push_message(repo_id: str) -> str:
 
 
 @contextmanager
-def hub_errors(repo_id: str, revision: str | None = None, pushing: bool = False) -> Iterator[None]:
-    """Turn huggingface_hub's exceptions into one line that says what to do."""
+def hub_errors(repo_id: str, revision: str | None = None, pushing: bool = False,
+               repo_type: str = "model") -> Iterator[None]:
+    """Turn huggingface_hub's exceptions into one line that says what to do; `repo_type` "model" or "dataset"."""
     try:  # huggingface_hub 2.x speaks HTTP through httpx2, 1.x through httpx
         import httpx2 as httpx
     except ImportError:
@@ -70,7 +71,7 @@ def hub_errors(repo_id: str, revision: str | None = None, pushing: bool = False)
             f"{endpoint()}/{repo_id}, then log in with `hf auth login` or set HF_TOKEN") from None
     except RepositoryNotFoundError:
         raise HubError(
-            f"no model repo '{repo_id}' on {endpoint()} (if it is private, log in with `hf auth login` or set "
+            f"no {repo_type} repo '{repo_id}' on {endpoint()} (if it is private, log in with `hf auth login` or set "
             "HF_TOKEN)") from None
     except RevisionNotFoundError:
         raise HubError(f"'{repo_id}' has no revision '{revision}' (give a branch, tag or commit)") from None

@@ -130,3 +130,41 @@ def test_data_is_recorded_by_name_and_content_never_by_a_path(tmp_path, monkeypa
     assert portable_document_name("../corpus/books/a.txt#window2", [book]) == "a.txt#window2"
     assert portable_document_name("../corpus/books:7#window2", [f"{books}:train"]) == "books:7#window2"
     assert portable_document_name("pg19:3", ["pg19:test"]) == "pg19:3"
+
+
+@pytest.mark.parametrize("hub", ["refuses connections", "accepts and never answers"])
+def test_an_unreachable_hub_is_detected_once_before_datasets_retries(hub, tmp_path):
+    """`eval --data pg19` with the Hub's endpoint on 127.0.0.1 refusing connections, or accepting them and never
+    answering: one request (one connection), then one line naming the endpoint; none of `datasets`' retries."""
+    import socket
+
+    source = read_source(TESTBED)
+    checkpoint = write_checkpoint(source, analytic_factor_set("pi", source.fingerprint, 1024), tmp_path / "tiny-1k",
+                                  "init:pi").output
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    if hub == "refuses connections":
+        server.close()
+    else:
+        server.listen(8)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_ENDPOINT": f"http://127.0.0.1:{port}",
+           "HF_HUB_ETAG_TIMEOUT": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    done = subprocess.run([sys.executable, "-m", "longrope_convert", "eval", str(checkpoint), "--lengths", "512",
+                           "--data", "pg19"], capture_output=True, text=True, env=env)
+    assert done.returncode == 1 and "Retry" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1] == (f"error: data 'pg19': cannot reach http://127.0.0.1:{port} to get 'pg19' "
+                                            "(no network?); with a cached copy, set HF_HUB_OFFLINE=1 to use it")
+    if hub == "accepts and never answers":
+        server.settimeout(0)
+        connections = []
+        while True:
+            try:
+                connections.append(server.accept()[0])
+            except BlockingIOError:
+                break
+        assert len(connections) == 1  # detected once
+        for connection in connections:
+            connection.close()
+        server.close()
