@@ -21,8 +21,8 @@ from .evolution import PRESETS as SEARCH_PRESETS
 from .evolution import SPACES as SEARCH_SPACES
 from .factors import ANALYTIC_METHODS, DEFAULT_INIT
 from .fetch import open_source
-from .progress import Progress
 from .preflight import check_push, check_search_outputs
+from .progress import Progress
 from .publish import loading_snippet, push_folder
 
 DEVICE_MAPS = ["auto"]  # accelerate's placement of a model over the GPUs it may use
@@ -134,7 +134,7 @@ def run_search(model, *, data: list[str], target: int | None, out: Path, log_pat
     run = SearchRun(source=model, data=data, target=target, log_path=log, short=short, resume=resume is not None,
                     status=status, **settings)
     best = [math.inf]
-    progress = Progress([1] * run.planned_document_evaluations)  # at most: racing and patience may stop it earlier
+    progress = Progress(run.progress_work)  # at most: racing and patience may stop it earlier
 
     def best_so_far() -> str:
         return ", ".join(filter(None, [f"best perplexity {best[0]:.4f}" if math.isfinite(best[0]) else "",

@@ -261,11 +261,6 @@ class EvaluationPlan:
                 + needle_work(self.needle_sets, self.needle_items, self.needle_lengths))
 
     @property
-    def steps(self) -> int:
-        """Progress steps: one per document, method and length, one per method and needle item."""
-        return len(self.work)
-
-    @property
     def step_unit(self) -> str:
         """What a step is, in words."""
         return " and ".join(unit for unit, present in (("document forwards", self.documents),
