@@ -141,7 +141,7 @@ def run_search(model, *, data: list[str], target: int | None, out: Path, log_pat
                                        progress.time_left()]))
 
     with click.progressbar(length=progress.total, label="search (document evaluations)", file=sys.stderr,
-                           show_pos=True, item_show_func=lambda _: best_so_far()) as bar:
+                           show_pos=True, show_eta=False, item_show_func=lambda _: best_so_far()) as bar:
         def evaluated() -> None:
             if not run.is_main:
                 return
@@ -330,7 +330,7 @@ def evaluate_with_progress(plan, *, out: Path | None, command: str, device_map: 
     from .evaluate import run_evaluation
 
     progress = Progress(plan.work)
-    with click.progressbar(length=progress.total, label="eval", file=sys.stderr, show_pos=True,
+    with click.progressbar(length=progress.total, label="eval", file=sys.stderr, show_pos=True, show_eta=False,
                            item_show_func=lambda _: progress.time_left()) as bar:
         def on_step() -> None:
             progress.step()
