@@ -305,6 +305,12 @@ def _composition_rows(factor_set: FactorSet, composition: dict[str, Any]) -> lis
     return rows
 
 
+def _haystack_names(haystack: str) -> str:
+    """The haystack's texts (needles.haystack_from_texts's names, comma-separated) by file name: no path of the
+    machine that measured them."""
+    return ", ".join(Path(name).name for name in haystack.split(", "))
+
+
 def _evaluation_section(evaluation: dict[str, Any], original: int) -> str:
     lines = ["## Evaluation\n"]
     ppl = evaluation.get("perplexity")
@@ -345,7 +351,7 @@ def _needles_lines(needles: dict[str, Any]) -> list[str]:
                "scored as RULER scores them (the share of the expected values found in the answer)" if ruler else "",
                "the passkey as the first number answered" if "passkey" in tasks else "",
                f"prompts {template}" if template else "",
-               f"haystack from {needles['haystack']}" if needles.get("haystack") else ""]
+               f"haystack from {_haystack_names(needles['haystack'])}" if needles.get("haystack") else ""]
     lines = [f"Needle retrieval: {', '.join(tasks)}"
              + (" (the tasks of [RULER](https://arxiv.org/abs/2404.06654))" if ruler else "") + "; "
              + ", ".join(part for part in details if part) + ". Accuracy, the mean over the tasks and depths measured "

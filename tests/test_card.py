@@ -178,3 +178,13 @@ def test_shipped_factor_files_name_their_data_without_a_path_and_cards_show_whol
     card = model_card(older, None, {}, "me/x")
     assert "| evaluations | 24 |" in card and '{"max_evals": 24}' in card and "24.0" not in card
     assert "| data | `austen.txt`, `pg19:test` |" in card and "shared" not in card
+
+
+def test_the_evaluation_names_its_texts_without_a_path():
+    accuracy = {"LongRoPE": {"1024": {"0.5": 1.0}}}
+    evaluation = {**EVALUATION, "perplexity": {**EVALUATION["perplexity"], "documents": ["/home/me/corpus/a.txt"]},
+                  "needles": {"depths": [0.5], "trials": 1, "seed": 0, "chat_template": False, "source_window": None,
+                              "haystack": "/home/me/corpus/books.jsonl:1, ../corpus/b.txt",
+                              "tasks": {"niah_single": {"accuracy": accuracy}}}}
+    card = model_card(load_factor_set(SEARCHED), None, {}, "me/x", evaluation=evaluation)
+    assert "haystack from books.jsonl:1, b.txt" in card and "(a.txt)" in card and "corpus" not in card
