@@ -41,6 +41,7 @@ def hub_offline() -> bool:
 
 
 def offline_push_message(repo_id: str) -> str:
+    """Why a push cannot start with HF_HUB_OFFLINE set (checked before anything, and met by push_folder)."""
     return f"HF_HUB_OFFLINE is set: pushing to '{repo_id}' needs {endpoint()}; unset HF_HUB_OFFLINE to push"
 
 
