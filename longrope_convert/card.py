@@ -26,8 +26,10 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .checkpoint_files import CARD_FILE, EVAL_DIR, FACTORS_FILE
-from .factors import FactorSet, load_factor_set
+from .checkpoint_files import CARD_FILE, EVAL_DIR, FACTORS_FILE, has_tokenizer
+from .documents import TEXT_SUFFIXES
+from .factors import FactorSet, load_factor_set, provenance_count
+from .hub import REPO_ID
 from .outputs import read_marker, write_text_atomically
 from .source import VLLM_WINDOW_KEYS
 
@@ -80,7 +82,8 @@ def hub_model_id(folder: Path) -> str | None:
 
 def model_card(factor_set: FactorSet, base_model: str | None, license_fields: dict[str, Any], repo: str,
                revision: str | None = None, evaluation: dict[str, Any] | None = None,
-               changes: Sequence[dict[str, Any]] = (), config: dict[str, Any] | None = None) -> str:
+               changes: Sequence[dict[str, Any]] = (), config: dict[str, Any] | None = None,
+               tokenizer: bool = True) -> str:
     """The model card of a converted checkpoint.
 
     base_model: the source's Hub repo id, or None for a source that has none (then omitted from the
@@ -88,8 +91,10 @@ def model_card(factor_set: FactorSet, base_model: str | None, license_fields: di
     or a folder; a branch, tag or commit, or None for main). evaluation: results.json, or None.
     changes: the source's fields conversion set to the new window ({"file", "field", "from", "to"}).
     config: the checkpoint's config.json, whose other window keys the card names (vllm_window_limits).
+    tokenizer: whether the checkpoint has tokenizer files (checkpoint_files.has_tokenizer); the loading
+    snippet loads a tokenizer only then.
     """
-    sections = _sections(factor_set, base_model, repo, revision, evaluation, changes, config)
+    sections = _sections(factor_set, base_model, repo, revision, evaluation, changes, config, tokenizer)
     return _metadata_block(base_model, license_fields) + "\n" + "\n".join(sections.values())
 
 
@@ -102,7 +107,7 @@ def _metadata_block(base_model: str | None, license_fields: dict[str, Any]) -> s
 
 def _sections(factor_set: FactorSet, base_model: str | None, repo: str, revision: str | None,
               evaluation: dict[str, Any] | None, changes: Sequence[dict[str, Any]] = (),
-              config: dict[str, Any] | None = None) -> dict[str, str]:
+              config: dict[str, Any] | None = None, tokenizer: bool = True) -> dict[str, str]:
     """The tool's sections, each wrapped in its markers, in card order."""
     original = factor_set.model.original_max_position_embeddings
     summary = (f"# {Path(repo).name}\n\n"
@@ -111,7 +116,7 @@ def _sections(factor_set: FactorSet, base_model: str | None, repo: str, revision
                f"[LongRoPE](https://arxiv.org/abs/2402.13753), without fine-tuning. Made with longrope-convert "
                f"{__version__}; the weights are the source's, unchanged.\n")
     sections = {"summary": summary, "factors": _factors_section(factor_set, plotted=evaluation is not None),
-                "usage": _usage_section(factor_set, repo, revision, config or {})}
+                "usage": _usage_section(factor_set, repo, revision, config or {}, tokenizer)}
     if changes:
         sections["changes"] = _changes_section(changes)
     if evaluation:
@@ -135,15 +140,24 @@ def vllm_window_limits(config: dict[str, Any]) -> dict[str, int]:
             if type(config.get(key)) is int and type(window) is int and config[key] < window}
 
 
-def _usage_section(factor_set: FactorSet, repo: str, revision: str | None, config: dict[str, Any]) -> str:
+def loading_code(repo: str, revision: str | None, tokenizer: bool) -> str:
+    """The Python that loads a converted checkpoint with the shipped modeling code, and its tokenizer when it
+    has one (else AutoTokenizer could not load it)."""
     revision_argument = f', revision="{revision}"' if revision else ""
+    return (f"from transformers import AutoModelForCausalLM{', AutoTokenizer' if tokenizer else ''}\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True{revision_argument})\n'
+            + (f'tokenizer = AutoTokenizer.from_pretrained("{repo}"{revision_argument})\n' if tokenizer else ""))
+
+
+def _usage_section(factor_set: FactorSet, repo: str, revision: str | None, config: dict[str, Any],
+                   tokenizer: bool = True) -> str:
     return (
         "## How to load\n\n"
         f"With the shipped modeling code (`trust_remote_code=True`, `{LOADING_REQUIREMENT}`; an older release stops "
         "at load with one line naming the minimum), the exact LongRoPE model:\n\n"
-        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'model = AutoModelForCausalLM.from_pretrained("{repo}", trust_remote_code=True{revision_argument})\n'
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo}"{revision_argument})\n```\n\n'
+        f"```python\n{loading_code(repo, revision, tokenizer)}```\n\n"
+        + ("" if tokenizer else "The checkpoint has no tokenizer files (its source had none): load the tokenizer "
+           "of the model it was made from.\n\n")
         + ("- inputs within the original window give the source model's logits bit for bit, in float32, bfloat16 "
            "and float16 (the rotary math is float32 in every dtype);\n"
            if factor_set.keeps_source_inside_window else
@@ -228,13 +242,38 @@ def _factors_section(factor_set: FactorSet, plotted: bool) -> str:
     for key in ("data", "documents", "eval_length", "evaluations", "best_perplexity", "baseline_perplexities",
                 "preset", "budget", "seed", "base_factors", "tool_version", "created"):
         if key in provenance:
-            value = provenance[key]
-            if key == "base_factors":
-                value = {k: v for k, v in value.items() if k != "long_factor"}
-            rows.append((key, json.dumps(value) if isinstance(value, (dict, list)) else value))
+            rows.append((key, _provenance_text(key, provenance[key])))
     table = "| | |\n|---|---|\n" + "".join(f"| {key} | {value} |\n" for key, value in rows)
     plot = "\nλ per frequency dimension against the classic methods: ![factors](eval/factors.png)\n" if plotted else ""
     return f"## Factors\n\n{how}The full factor set is in `longrope_factors.json`.\n\n{table}{plot}"
+
+
+def _provenance_text(key: str, value: Any) -> str:
+    """A provenance field as a card's table shows it: data by name (a short hash; the full one is in the factor
+    file), counts as integers when whole, objects as JSON."""
+    if key == "data" and isinstance(value, list):
+        return ", ".join(_data_text(entry) for entry in value)
+    if key == "evaluations" and isinstance(value, (int, float)):
+        return f"{provenance_count(value):g}"
+    if key == "base_factors" and isinstance(value, dict):
+        value = {k: v for k, v in value.items() if k != "long_factor"}
+    if key == "budget" and isinstance(value, dict) and isinstance(value.get("max_evals"), (int, float)):
+        value = {**value, "max_evals": provenance_count(value["max_evals"])}
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+def _data_text(entry: Any) -> str:
+    """One --data entry of a factor file: `name` (sha256 prefix), or the dataset id; a path (in files written
+    before data_provenance) by its last part."""
+    if isinstance(entry, dict) and "dataset" in entry:
+        return f"`{entry['dataset']}`"
+    if isinstance(entry, dict) and "name" in entry:
+        files = f", {entry['files']} files" if "files" in entry else ""
+        return f"`{entry['name']}` ({files[2:] + ', ' if files else ''}sha256 `{str(entry.get('sha256', ''))[:12]}`)"
+    entry = str(entry)
+    dataset_id = entry.partition(":")[0]
+    path_like = REPO_ID.fullmatch(dataset_id) is None or Path(dataset_id).suffix in TEXT_SUFFIXES
+    return f"`{Path(entry).name if path_like else entry}`"
 
 
 def _composition_text(factor_set: FactorSet, composition: dict[str, Any]) -> str:
@@ -264,6 +303,12 @@ def _composition_rows(factor_set: FactorSet, composition: dict[str, Any]) -> lis
             f"{rule}: {scale['long_mscale']:.4f} (perplexity {scale['perplexity']})"
             for rule, scale in measured.items())))
     return rows
+
+
+def _haystack_names(haystack: str) -> str:
+    """The haystack's texts (needles.haystack_from_texts's names, comma-separated) by file name: no path of the
+    machine that measured them."""
+    return ", ".join(Path(name).name for name in haystack.split(", "))
 
 
 def _evaluation_section(evaluation: dict[str, Any], original: int) -> str:
@@ -306,7 +351,7 @@ def _needles_lines(needles: dict[str, Any]) -> list[str]:
                "scored as RULER scores them (the share of the expected values found in the answer)" if ruler else "",
                "the passkey as the first number answered" if "passkey" in tasks else "",
                f"prompts {template}" if template else "",
-               f"haystack from {needles['haystack']}" if needles.get("haystack") else ""]
+               f"haystack from {_haystack_names(needles['haystack'])}" if needles.get("haystack") else ""]
     lines = [f"Needle retrieval: {', '.join(tasks)}"
              + (" (the tasks of [RULER](https://arxiv.org/abs/2404.06654))" if ruler else "") + "; "
              + ", ".join(part for part in details if part) + ". Accuracy, the mean over the tasks and depths measured "
@@ -449,9 +494,10 @@ def updated_card(folder: Path, repo: str | None = None, revision: str | None = N
     base_model = front_matter(existing).get("base_model")
     config_file = Path(folder) / "config.json"
     config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else None
+    names = [path.name for path in Path(folder).iterdir() if path.is_file()]
     sections = _sections(load_factor_set(Path(folder) / FACTORS_FILE), base_model if isinstance(base_model, str)
                          else None, repo, revision, read_evaluation(Path(folder)),
-                         (read_marker(folder) or {}).get("changes", []), config)
+                         (read_marker(folder) or {}).get("changes", []), config, has_tokenizer(names))
     return (head or _metadata_block(None, {})) + _merge(body, found, sections)
 
 

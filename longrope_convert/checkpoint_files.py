@@ -20,6 +20,9 @@ COPIED_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.js
                 "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja",
                 "chat_template.json")
 COPIED_PATTERNS = ("LICENSE*", "USE_POLICY*", "NOTICE*")
+# What AutoTokenizer can build a tokenizer from: the fast tokenizer file, a sentencepiece model, or a byte-level
+# BPE vocabulary with its merges.
+TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
 CARD_FILE = "README.md"  # the source's card is read for its licence; the output's is written
 # Everything a conversion reads at the top of a source: the config, the weights, what travels with them and the
 # card. A Hub source's download takes these and nothing else.
@@ -42,6 +45,12 @@ def matches(name: str, patterns: Iterable[str]) -> bool:
 def pickle_files(names: Iterable[str]) -> list[str]:
     """Those of `names` that are pickle weights (PICKLE_PATTERNS)."""
     return [name for name in names if matches(name, PICKLE_PATTERNS)]
+
+
+def has_tokenizer(names: Iterable[str]) -> bool:
+    """Whether a checkpoint with these top-level file names has a tokenizer AutoTokenizer can load (TOKENIZER_FILES)."""
+    names = set(names)
+    return any(all(name in names for name in group) for group in TOKENIZER_FILES)
 
 
 def is_conversion_output(path: str) -> bool:

@@ -51,16 +51,13 @@ def status(message: str) -> None:
     click.echo(message, err=True)
 
 
-PROGRESS_UNITS = {"search": "document evaluations", "eval": "measurements"}
-
-
 @contextmanager
-def progress_bar(what: str, total: int) -> Iterator:
-    """The library's Progress on the terminal: a bar on stderr, or, in a log file (no live bar), a status line
-    per step."""
-    unit, note = PROGRESS_UNITS[what], [""]
+def progress_bar(what: str, total: int, unit: str) -> Iterator:
+    """The library's Progress on the terminal: a bar on stderr with the library's note (best perplexity, time
+    left), or, in a log file (no live bar), a status line per step."""
+    note = [""]
     with click.progressbar(length=total, label=f"{what} ({unit})", file=sys.stderr, show_pos=True,
-                           item_show_func=lambda _: note[0], show_eta=True) as bar:
+                           item_show_func=lambda _: note[0], show_eta=False) as bar:
         def step(text: str) -> None:
             note[0] = text
             bar.update(1)
@@ -81,7 +78,10 @@ class ConvertByDefault(click.Group):
     """`longrope-convert SOURCE ...` means `longrope-convert convert SOURCE ...`."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+        if not args:  # as click >= 8.2 does for a bare group (no_args_is_help): the help on stderr, exit 2
+            click.echo(ctx.get_help(), err=True)
+            ctx.exit(2)
+        if args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["convert", *args]
         return super().parse_args(ctx, args)
 

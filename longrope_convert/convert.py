@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from .checkpoint_files import (
     COPIED_PATTERNS,
     FACTORS_FILE,
     MODELING_FILE,
+    has_tokenizer,
     is_conversion_output,
     matches,
 )
@@ -242,9 +244,15 @@ def copied_file_names(names: list[str]) -> list[str]:
     return [n for n in names if n in COPIED_FILES or matches(n, COPIED_PATTERNS)]
 
 
+LONGROPE_SUFFIX = re.compile(r"-longrope-\d+k?$")  # what default_output appends
+
+
 def default_output(source_name: str, target: int) -> Path:
+    """./<source name>-longrope-<target> (16k for 16384); a source that is itself a conversion, named
+    X-longrope-16k, gives X-longrope-32k rather than X-longrope-16k-longrope-32k."""
     length = f"{target // 1024}k" if target % 1024 == 0 else str(target)
-    return Path(f"{Path(source_name).name}-longrope-{length}")
+    stem = LONGROPE_SUFFIX.sub("", Path(source_name).name)
+    return Path(f"{stem}-longrope-{length}")
 
 
 def base_model_id(source: SourceModel) -> str | None:
@@ -325,7 +333,7 @@ def plan_checkpoint(source: SourceModel, factor_set: FactorSet, output: Path, fa
         planned.append(PlannedFile(name, files.sizes[name], "copy"))
     source_card = files.read(CARD_FILE).decode("utf-8", errors="replace") if CARD_FILE in files.sizes else None
     card = model_card(factor_set, base_model=base_model_id(source), license_fields=source_license(source_card),
-                      repo=repo or str(output), changes=changes, config=config)
+                      repo=repo or str(output), changes=changes, config=config, tokenizer=has_tokenizer(copied))
     planned += [
         _written("config.json", json.dumps(config, indent=2) + "\n"),
         _written(MODELING_FILE, MODELING_SOURCE.read_text(encoding="utf-8")),

@@ -6,14 +6,16 @@ the same rule the reader uses (data_source_kind).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .errors import DataError
+from .errors import DataError, HubError
 from .hub import REPO_ID  # a Hub id ("pg19", "org/name"); else a path that does not exist
 
 
@@ -71,6 +73,44 @@ def data_source_kind(source: str) -> str:
     return "dataset"
 
 
+def data_provenance(sources: list[str]) -> list[dict[str, Any]]:
+    """--data as a factor file records it, without a path of this machine: a file as its name and the SHA-256 of
+    its bytes; a folder as its name, its number of text files and a SHA-256 over their paths inside it and their
+    bytes; a dataset as its id (a local dataset folder by its name), with the split when given."""
+    from .search_log import file_sha256  # imports torch: only a search records its data
+
+    records: list[dict[str, Any]] = []
+    for source in sources:
+        kind, path = data_source_kind(source), Path(source)
+        if kind == "file":
+            records.append({"name": path.name, "sha256": file_sha256(path)})
+        elif kind == "folder":
+            files = _text_files(path)
+            digest = hashlib.sha256()
+            for file in files:
+                digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\n".encode())
+            records.append({"name": path.resolve().name, "files": len(files), "sha256": digest.hexdigest()})
+        else:
+            dataset_id, colon, split = source.partition(":")
+            local = Path(dataset_id).is_dir()  # what `datasets` loads for this id too
+            records.append({"dataset": (Path(dataset_id).resolve().name if local else dataset_id) + colon + split})
+    return records
+
+
+def portable_document_name(name: str, sources: list[str]) -> str:
+    """A document's name (Document.name) with the path of its --data file or folder replaced by that entry's
+    name, as data_provenance records it: 'books/austen.txt' for '../corpus/books/austen.txt'."""
+    for source in sources:
+        path, dataset_folder = Path(source), Path(source.partition(":")[0])
+        if path.is_file() and (name == str(path) or name.startswith((f"{path}:", f"{path}#"))):
+            return path.name + name[len(str(path)):]
+        if path.is_dir() and name.startswith(f"{path}{os.sep}"):
+            return f"{path.resolve().name}/{Path(name[len(str(path)) + 1:]).as_posix()}"
+        if not path.exists() and dataset_folder.is_dir() and name.startswith(f"{dataset_folder}:"):
+            return dataset_folder.resolve().name + name[len(str(dataset_folder)):]
+    return name
+
+
 def _text_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
 
@@ -108,6 +148,8 @@ def _read_dataset(name: str) -> Iterator[Document]:
     import datasets  # data_source_kind checked that it is installed
 
     dataset_id, _, split = name.partition(":")
+    if not Path(dataset_id).is_dir() and not datasets.config.HF_HUB_OFFLINE:
+        _check_hub_dataset(name, dataset_id)
 
     try:  # the library raises many kinds; all mean "cannot use this id here"
         for number, row in enumerate(datasets.load_dataset(dataset_id, split=split or "test", streaming=True)):
@@ -119,3 +161,19 @@ def _read_dataset(name: str) -> Iterator[Document]:
     except Exception as error:
         message = next((line for line in str(error).splitlines() if line.strip()), "")
         raise DataError(f"data '{name}': cannot read the dataset ({type(error).__name__}: {message})") from None
+
+
+def _check_hub_dataset(name: str, dataset_id: str) -> None:
+    """One request for the dataset's info, answered within huggingface_hub's metadata timeout
+    (HF_HUB_ETAG_TIMEOUT, 10 s by default), before `datasets` streams it: a Hub that cannot be reached,
+    or a dataset that is not there, fails in one line instead of after `datasets`' retries (~25-35 s
+    of them). Raises DataError."""
+    from huggingface_hub import HfApi, constants
+
+    from .hub import hub_errors
+
+    try:
+        with hub_errors(dataset_id, repo_type="dataset"):
+            HfApi().dataset_info(dataset_id, timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except HubError as error:
+        raise DataError(f"data '{name}': {error}") from None

@@ -26,7 +26,7 @@ writes them as the strings "inf" and "nan" (JSON has no such numbers; float() re
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -87,24 +87,49 @@ def sliding_window_nll(model, input_ids: torch.Tensor, length: int, stride: int)
                       for begin, end, first in sliding_windows(input_ids.shape[1], length, stride)])
 
 
-def perplexity_by_length(model, documents: list[torch.Tensor], sets: dict[str, FactorSet], lengths: list[int],
-                         protocol: str = "truncated", stride: int = 256,
-                         on_step: Callable[[], None] = lambda: None) -> dict[str, dict[int, float]]:
-    """{method: {length: perplexity}} over documents [1, >= max(lengths)] (inf or nan when so)."""
-    results: dict[str, dict[int, float]] = {name: {} for name in sets}
-    done: dict[tuple, float] = {}
+def perplexity_measurements(sets: dict[str, FactorSet], lengths: list[int]) -> Iterator[tuple[int, str, tuple, bool]]:
+    """(length, method, what the model computes with, whether it is computed here) in measuring order: a method
+    whose settings at a length equal one measured before reuses its perplexity."""
+    seen: set[tuple] = set()
     for length in lengths:
         for name, factor_set in sets.items():
             key = (_effective_settings(factor_set, length), length)
-            if key not in done:
-                use_factor_set(model, factor_set)
-                if protocol == "truncated":
-                    nll = torch.cat([token_nll(model, ids[:, :length])[0] for ids in documents])
-                else:
-                    nll = torch.cat([sliding_window_nll(model, ids, length, stride) for ids in documents])
-                done[key] = perplexity(nll)
-            results[name][length] = done[key]
-            on_step()
+            yield length, name, key, key not in seen
+            seen.add(key)
+
+
+def perplexity_work(sets: dict[str, FactorSet], lengths: list[int], documents: int, protocol: str = "truncated",
+                    stride: int = 256) -> list[int]:
+    """The tokens each document forward of perplexity_by_length runs through the model, in its order (0 for a
+    reused measurement): its progress steps."""
+    work = []
+    for length, _, _, computed in perplexity_measurements(sets, lengths):
+        tokens = length if protocol == "truncated" else sum(
+            end - begin for begin, end, _ in sliding_windows(max(lengths), length, stride))
+        work += [tokens if computed else 0] * documents
+    return work
+
+
+def perplexity_by_length(model, documents: list[torch.Tensor], sets: dict[str, FactorSet], lengths: list[int],
+                         protocol: str = "truncated", stride: int = 256,
+                         on_step: Callable[[], None] = lambda: None) -> dict[str, dict[int, float]]:
+    """{method: {length: perplexity}} over documents [1, >= max(lengths)] (inf or nan when so); `on_step` after
+    each document (perplexity_work's steps)."""
+    results: dict[str, dict[int, float]] = {name: {} for name in sets}
+    done: dict[tuple, float] = {}
+    for length, name, key, computed in perplexity_measurements(sets, lengths):
+        if computed:
+            use_factor_set(model, sets[name])
+            nll = []
+            for ids in documents:
+                nll.append(token_nll(model, ids[:, :length])[0] if protocol == "truncated"
+                           else sliding_window_nll(model, ids, length, stride))
+                on_step()
+            done[key] = perplexity(torch.cat(nll))
+        else:
+            for _ in documents:
+                on_step()
+        results[name][length] = done[key]
     return results
 
 
@@ -142,6 +167,31 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
 
 
+def needle_measurements(sets: dict[str, FactorSet], items: list[NeedleItem], lengths: dict[str, dict[str, list[int]]]
+                        ) -> Iterator[tuple[str, str, int, list[NeedleItem], tuple, bool]]:
+    """(method, task, length, its items, what the model computes with, whether it is computed here) in measuring
+    order, for each method's lengths (`lengths`[method][task]): a method whose settings at a length equal one
+    measured before reuses its answers."""
+    groups: dict[tuple[str, int], list[NeedleItem]] = {}
+    for item in items:
+        groups.setdefault((item.task, item.length), []).append(item)
+    seen: set[tuple] = set()
+    for name, factor_set in sets.items():
+        for (task, length), group in groups.items():
+            if length in lengths[name].get(task, ()):
+                key = (_effective_settings(factor_set, length), task, length)
+                yield name, task, length, group, key, key not in seen
+                seen.add(key)
+
+
+def needle_work(sets: dict[str, FactorSet], items: list[NeedleItem], lengths: dict[str, dict[str, list[int]]]
+                ) -> list[int]:
+    """The tokens each needle prompt of needle_accuracy runs through the model (prompt and answer), in its order (0
+    for reused answers): its progress steps."""
+    return [len(item.input_ids) + NEEDLE_TASKS[task].answer_tokens if computed else 0
+            for _, task, _, group, _, computed in needle_measurements(sets, items, lengths) for item in group]
+
+
 def needle_accuracy(model, tokenizer, sets: dict[str, FactorSet], items: list[NeedleItem],
                     lengths: dict[str, dict[str, list[int]]], batch_size: int = 4,
                     on_step: Callable[[], None] = lambda: None) -> tuple[dict, list[dict]]:
@@ -150,37 +200,33 @@ def needle_accuracy(model, tokenizer, sets: dict[str, FactorSet], items: list[Ne
     score}). Items of one task and length are generated in batches of `batch_size`; a method whose
     settings at a length equal one measured before reuses its answers (inside the original window every
     set that keeps the source's RoPE there)."""
-    groups: dict[tuple[str, int], list[NeedleItem]] = {}
-    for item in items:
-        groups.setdefault((item.task, item.length), []).append(item)
     accuracy: dict[str, dict[str, dict[int, dict[float, float]]]] = {}
     answers: list[dict] = []
     done: dict[tuple, list[str]] = {}
-    for name, factor_set in sets.items():
-        use_factor_set(model, factor_set)
-        for (task, length), group in groups.items():
-            if length not in lengths[name].get(task, ()):
-                continue
-            key = (_effective_settings(factor_set, length), task, length)
-            if key not in done:
-                done[key] = []
-                for start in range(0, len(group), batch_size):
-                    batch = group[start:start + batch_size]
-                    done[key] += generate_batch(model, tokenizer, [item.input_ids for item in batch],
-                                                NEEDLE_TASKS[task].answer_tokens)
-                    for _ in batch:
-                        on_step()
-            else:
-                for _ in group:
+    current = None
+    for name, task, length, group, key, computed in needle_measurements(sets, items, lengths):
+        if computed:
+            if current != name:
+                use_factor_set(model, sets[name])
+                current = name
+            done[key] = []
+            for start in range(0, len(group), batch_size):
+                batch = group[start:start + batch_size]
+                done[key] += generate_batch(model, tokenizer, [item.input_ids for item in batch],
+                                            NEEDLE_TASKS[task].answer_tokens)
+                for _ in batch:
                     on_step()
-            scores: dict[float, list[float]] = {}
-            for item, output in zip(group, done[key]):
-                score = NEEDLE_TASKS[task].score(output, item.answers)
-                scores.setdefault(item.depth, []).append(score)
-                answers.append({"method": name, "task": task, "length": length, "depth": item.depth,
-                                "trial": item.trial, "answers": item.answers, "output": output, "score": score})
-            accuracy.setdefault(task, {}).setdefault(name, {})[length] = {
-                depth: sum(values) / len(values) for depth, values in scores.items()}
+        else:
+            for _ in group:
+                on_step()
+        scores: dict[float, list[float]] = {}
+        for item, output in zip(group, done[key]):
+            score = NEEDLE_TASKS[task].score(output, item.answers)
+            scores.setdefault(item.depth, []).append(score)
+            answers.append({"method": name, "task": task, "length": length, "depth": item.depth,
+                            "trial": item.trial, "answers": item.answers, "output": output, "score": score})
+        accuracy.setdefault(task, {}).setdefault(name, {})[length] = {
+            depth: sum(values) / len(values) for depth, values in scores.items()}
     return accuracy, answers
 
 
@@ -209,11 +255,17 @@ class EvaluationPlan:
     chat_template: bool  # the prompts are wrapped in the tokenizer's chat template
 
     @property
-    def steps(self) -> int:
-        """Measurements, for progress: one per method and length, one per method and needle item."""
-        per_method = {name: sum(1 for item in self.needle_items if item.length in by_task.get(item.task, ()))
-                      for name, by_task in self.needle_lengths.items()}
-        return len(self.sets) * len(self.lengths) + sum(per_method.values())
+    def work(self) -> list[int]:
+        """The steps of run_evaluation's `on_step`, each as the tokens it runs through the model (0 when reused):
+        a document forward per method and length, then a prompt per method and needle item."""
+        return (perplexity_work(self.sets, self.lengths, len(self.documents), self.protocol, self.stride)
+                + needle_work(self.needle_sets, self.needle_items, self.needle_lengths))
+
+    @property
+    def step_unit(self) -> str:
+        """What a step is, in words."""
+        return " and ".join(unit for unit, present in (("document forwards", self.documents),
+                                                       ("needle prompts", self.needle_items)) if present)
 
 
 def check_lengths(lengths: list[int], needle_lengths: dict[str, list[int]], target: int, protocol: str,

@@ -95,7 +95,8 @@ PROVENANCE_FIELDS = {
               "'init:<pi|ntk|yarn|llama3|ntk-cd|yarn-cd>', ...",
     "warning": "one sentence on why the method is not a plain 'search', when it is not",
     "source": "the model the factors were made for (folder or Hub id)",
-    "data": "documents used (paths or dataset ids)",
+    "data": "documents used, never by a path of the machine: each file's name and sha256, each folder's name, "
+            "number of text files and sha256, or the dataset id (documents.data_provenance)",
     "documents": "number of documents evaluated per candidate",
     "eval_length": "tokens per document in the fitness",
     "evaluations": "number of perplexity evaluations",
@@ -358,6 +359,12 @@ def _check_keys(data: dict, allowed: set, required: set, prefix: str, fail) -> N
             fail(f"{prefix}{key}", "unknown field")
     for key in sorted(required - set(data)):
         fail(f"{prefix}{key}", "missing")
+
+
+def provenance_count(value: float) -> int | float:
+    """A count as provenance records and cards show it: an integer when whole (24, not 24.0), else to two
+    decimals (a search's evaluations are fractions when racing scored a candidate on only some documents)."""
+    return int(value) if float(value).is_integer() else round(value, 2)
 
 
 def new_provenance(method: str, **fields: Any) -> dict[str, Any]:

@@ -40,9 +40,15 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def offline_push_message(repo_id: str) -> str:
+    """Why a push cannot start with HF_HUB_OFFLINE set (checked before anything, and met by push_folder)."""
+    return f"HF_HUB_OFFLINE is set: pushing to '{repo_id}' needs {endpoint()}; unset HF_HUB_OFFLINE to push"
+
+
 @contextmanager
-def hub_errors(repo_id: str, revision: str | None = None, pushing: bool = False) -> Iterator[None]:
-    """Turn huggingface_hub's exceptions into one line that says what to do."""
+def hub_errors(repo_id: str, revision: str | None = None, pushing: bool = False,
+               repo_type: str = "model") -> Iterator[None]:
+    """Turn huggingface_hub's exceptions into one line that says what to do; `repo_type` "model" or "dataset"."""
     try:  # huggingface_hub 2.x speaks HTTP through httpx2, 1.x through httpx
         import httpx2 as httpx
     except ImportError:
@@ -66,13 +72,15 @@ def hub_errors(repo_id: str, revision: str | None = None, pushing: bool = False)
             f"{endpoint()}/{repo_id}, then log in with `hf auth login` or set HF_TOKEN") from None
     except RepositoryNotFoundError:
         raise HubError(
-            f"no model repo '{repo_id}' on {endpoint()} (if it is private, log in with `hf auth login` or set "
+            f"no {repo_type} repo '{repo_id}' on {endpoint()} (if it is private, log in with `hf auth login` or set "
             "HF_TOKEN)") from None
     except RevisionNotFoundError:
         raise HubError(f"'{repo_id}' has no revision '{revision}' (give a branch, tag or commit)") from None
     except RemoteEntryNotFoundError as error:
         raise HubError(f"'{repo_id}': a file is missing on the Hub ({first_line(error)})") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled, httpx.TransportError):
+        if pushing and constants.HF_HUB_OFFLINE:
+            raise HubError(offline_push_message(repo_id)) from None
         if pushing:
             raise HubError(f"the connection to {endpoint()} failed while pushing to '{repo_id}'; nothing was "
                                 "committed: run the command again") from None

@@ -36,13 +36,15 @@ from .errors import LongRoPEError
 from .factors import CLASSIC_METHODS, FactorSet
 from .fetch import open_source
 from .preflight import check_data, check_push, check_search_outputs
+from .progress import StepTimer
 from .publish import PushResult, loading_snippet, push_folder
 from .source import SourceModel
 
 Status = Callable[[str], None]
-# progress(what, total) opens a display of `total` steps of `what` ("search": document evaluations, "eval":
-# measurements); it yields step(note), which advances it by one and shows `note` (the best perplexity so far, or "").
-Progress = Callable[[str, int], AbstractContextManager[Callable[[str], None]]]
+# progress(what, total, unit) opens a display of `total` steps of `what` ("search" or "eval"), each step one of
+# `unit` ("document evaluations", "document forwards and needle prompts"); it yields step(note), which advances it
+# by one and shows `note` (the best perplexity so far and the time left, progress.StepTimer's estimate, or "").
+Progress = Callable[[str, int, str], AbstractContextManager[Callable[[str], None]]]
 
 
 def quiet(message: str) -> None:
@@ -50,7 +52,7 @@ def quiet(message: str) -> None:
 
 
 @contextmanager
-def no_progress(what: str, total: int) -> Iterator[Callable[[str], None]]:
+def no_progress(what: str, total: int, unit: str) -> Iterator[Callable[[str], None]]:
     """The default Progress: shows nothing."""
     yield lambda note: None
 
@@ -388,10 +390,13 @@ def run_search(model: SourceModel, *, data: list[str], target: int | None, out: 
     run = SearchRun(source=model, data=data, target=target, log_path=log, short=short, resume=resume,
                     device_map=device_map, status=status, **asdict(settings))
     best = [math.inf]
-    with progress("search", run.planned_document_evaluations) as step:
+    timer = StepTimer(run.progress_work)  # at most: racing and patience may stop it earlier
+    with progress("search", timer.total, "document evaluations") as step:
         def evaluated() -> None:
             if run.is_main:
-                step(f"best perplexity {best[0]:.4f}" if math.isfinite(best[0]) else "")
+                timer.step()
+                step(", ".join(filter(None, [f"best perplexity {best[0]:.4f}" if math.isfinite(best[0]) else "",
+                                             timer.time_left()])))
 
         try:
             factor_set, summary = run.execute(on_evaluation=evaluated, on_best=lambda ppl: best.__setitem__(0, ppl))
@@ -404,7 +409,7 @@ def run_search(model: SourceModel, *, data: list[str], target: int | None, out: 
         return None
     factor_set.save(out)
     status(f"wrote {out}: method {summary['method']}, perplexity {summary['best_perplexity']:.4f} (n_hat "
-           f"{summary['n_hat']}) after {summary['evaluations']:.1f} evaluations; baselines: "
+           f"{summary['n_hat']}) after {summary['evaluations']:g} evaluations; baselines: "
            + (", ".join(f"{k} {v:.4f}" for k, v in summary["baselines"].items()) or "none measured"))
     return SearchOutcome(factors_file=Path(out), log=Path(log), factor_set=factor_set, summary=summary)
 
@@ -437,9 +442,15 @@ def evaluate_with_progress(plan, *, out: Path | None, command: str, device_map: 
     """evaluate.run_evaluation of an evaluation.EvaluationPlan, reporting each measurement to `progress`."""
     from .evaluate import run_evaluation
 
-    with progress("eval", plan.steps) as step:
+    timer = StepTimer(plan.work)
+
+    def measured() -> None:
+        timer.step()
+        step(timer.time_left())
+
+    with progress("eval", timer.total, plan.step_unit) as step:
         return run_evaluation(plan, out=out, command=command, device_map=device_map, status=status,
-                              on_step=lambda: step(""))
+                              on_step=measured)
 
 
 def evaluate_converted(checkpoint: Path, step: EvaluationStep, *, status: Status = quiet,
@@ -475,5 +486,5 @@ def push_converted(folder: Path, step: PushStep, *, status: Status = quiet) -> P
         status(f"kept in {step.repo} (not conversion outputs): {', '.join(pushed.kept)}")
     status(f"pushed to {pushed.repo_url} ({step.branch or 'main'}) at commit {pushed.commit}"
            + ("" if pushed.changed else " (unchanged: no new commit)"))
-    status("load it with:\n" + loading_snippet(step.repo, pushed.commit))
+    status("load it with:\n" + loading_snippet(step.repo, pushed.commit, folder))
     return pushed

@@ -10,19 +10,17 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import LongRoPEError, OutputError, SourceError
+from .checkpoint_files import has_tokenizer
+from .errors import HubError, LongRoPEError, OutputError, SourceError
 from .outputs import check_output_folder, check_outside, check_writable_place
 
-# What AutoTokenizer can build a tokenizer from: the fast tokenizer file, a sentencepiece model, or a
-# byte-level BPE vocabulary with its merges.
-TOKENIZER_FILES = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
 JSON_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def check_tokenizer(folder: Path) -> None:
     """The checkpoint has tokenizer files, and those in JSON parse. Raises SourceError."""
     folder = Path(folder)
-    if not any(all((folder / name).is_file() for name in group) for group in TOKENIZER_FILES):
+    if not has_tokenizer(path.name for path in folder.iterdir() if path.is_file()):
         raise SourceError(f"'{folder}' has no tokenizer (tokenizer.json, tokenizer.model, or vocab.json with "
                           "merges.txt): copy the tokenizer files of the model it was made from into it")
     for name in JSON_TOKENIZER_FILES:
@@ -97,14 +95,16 @@ def check_evaluation_inputs(checkpoint: Path, data: Sequence[str], out: Path | N
 
 
 def check_push(repo_id: str) -> None:
-    """A push to `repo_id` can work: the id is valid and a token is there that the Hub accepts.
-    Raises LongRoPEError."""
+    """A push to `repo_id` can work: not offline (HF_HUB_OFFLINE), the id is valid and a token is there that
+    the Hub accepts. Raises LongRoPEError (HubError offline)."""
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
-    from .hub import endpoint, hub_errors
+    from .hub import endpoint, hub_errors, hub_offline, offline_push_message
 
+    if hub_offline():
+        raise HubError(offline_push_message(repo_id))
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .card import LOADING_REQUIREMENT, updated_card
-from .checkpoint_files import CARD_FILE, FACTORS_FILE, is_conversion_output
+from .card import LOADING_REQUIREMENT, loading_code, updated_card
+from .checkpoint_files import CARD_FILE, FACTORS_FILE, has_tokenizer, is_conversion_output
 from .errors import HubError, LongRoPEError
 from .hub import first_line, hub_errors
 from .outputs import write_text_atomically
@@ -133,9 +133,9 @@ def _undo(api, repo_id: str, branch: str | None, created_repo: bool, created_bra
             "on the Hub")
 
 
-def loading_snippet(repo_id: str, commit: str) -> str:
-    """Python that loads the pushed commit with the shipped modeling code, and the transformers it needs."""
+def loading_snippet(repo_id: str, commit: str, folder: Path) -> str:
+    """Python that loads the commit pushed from `folder` with the shipped modeling code (and its tokenizer, when
+    the folder has one), and the transformers it needs."""
+    tokenizer = has_tokenizer(path.name for path in Path(folder).iterdir() if path.is_file())
     return (f"# needs {LOADING_REQUIREMENT} (pip install -U '{LOADING_REQUIREMENT}')\n"
-            "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-            f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True, revision="{commit}")\n'
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", revision="{commit}")')
+            + loading_code(repo_id, commit, tokenizer).rstrip("\n"))

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .documents import data_provenance, portable_document_name
 from .errors import DataError, LongRoPEError, TargetError
 from .evolution import (
     DEFAULT_SPACE,
@@ -44,6 +45,7 @@ from .factors import (
     baseline_factor_sets,
     compose,
     new_provenance,
+    provenance_count,
     source_factor_set,
 )
 from .perplexity import token_nll, use_factor_set
@@ -339,6 +341,13 @@ class SearchPlan:
         return forwards + extra * documents
 
     @property
+    def progress_work(self) -> list[int]:
+        """The planned document evaluations as progress.Progress steps: those replayed from a resumed log (they
+        come first, in the order they were logged) cost nothing, each other one a forward."""
+        replayed = min(len(self.log.known), self.planned_document_evaluations)
+        return [0] * replayed + [1] * (self.planned_document_evaluations - replayed)
+
+    @property
     def caps_line(self) -> str:
         """What the search will cost at most, in words: the first status line, and the dry run's."""
         space = self.task.space
@@ -514,17 +523,19 @@ class SearchRun:
         best_perplexity = baselines[outcome.baseline] if outcome.baseline else result.best_perplexity
         provenance = {
             "source": self.source.name,
-            "data": self.data,
+            "data": data_provenance(self.data),
             "documents": len(self.documents),
             "eval_length": self.eval_length,
-            "evaluations": round(result.evaluations, 2),
+            "evaluations": provenance_count(result.evaluations),
             "best_perplexity": round(best_perplexity, 4),
             "baseline_perplexities": {name: round(ppl, 4) for name, ppl in baselines.items()},
             "preset": self.preset_name,
             "space": ({"name": "critical", "critical_dimension": self.task.space.critical} if self.task.space.critical
                       else {"name": "full"}),
-            **({"windows": self.document_names} if any("#window" in name for name in self.document_names) else {}),
-            "budget": {"max_evals": self.max_evals, "time_budget_s": self.time_budget,
+            **({"windows": [portable_document_name(name, self.data) for name in self.document_names]}
+               if any("#window" in name for name in self.document_names) else {}),
+            "budget": {"max_evals": None if self.max_evals is None else provenance_count(self.max_evals),
+                       "time_budget_s": self.time_budget,
                        "seconds_this_run": round(seconds, 1), "stopped_by": result.stopped_by},
             "seed": self.seed,
             **({"warning": outcome.warning} if outcome.warning else {}),

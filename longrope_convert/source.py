@@ -150,6 +150,12 @@ def describe_config(config: Any, name: str, folder: Path) -> SourceModel:
             f"source '{name}' is a '{model_type}' model; longrope-convert converts Llama checkpoints "
             "(model_type 'llama')"
         )
+    quantization = config.get("quantization_config")
+    if quantization is not None:  # the weights are not the plain tensors a Llama loads (GPTQ, AWQ, bnb, FP8...)
+        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
+        raise SourceError(
+            f"source '{name}' is quantized (quant_method '{method}'); longrope-convert converts unquantized "
+            "checkpoints (fp32, bf16, fp16): convert the model it was quantized from, then quantize the result")
     rope = read_rope_settings(config)
     partial = rope.parameters.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 
@@ -53,6 +54,10 @@ CASES = [
     ("convert", "corrupt files", "LongRoPE config not monotone", "(rope_scaling): field 'long_factor[1]': must be "
                                                                  "non-decreasing"),
     ("convert", "wrong types", "not a Llama", "is a 'mistral' model"),
+    ("convert", "wrong types", "GPTQ weights", "is quantized (quant_method 'gptq'); longrope-convert converts "
+                                               "unquantized checkpoints"),
+    ("convert", "wrong types", "bitsandbytes weights", "is quantized (quant_method 'bitsandbytes')"),
+    ("convert", "wrong types", "FP8 weights of the right shapes", "is quantized (quant_method 'fp8')"),
     ("convert", "wrong types", "dynamic NTK scaling", "(rope_scaling): rope_type 'dynamic' (dynamic NTK) changes its "
      "frequencies with the sequence length"),
     ("convert", "wrong types", "hidden_size a string", "'hidden_size' must be a positive integer, got '64'"),
@@ -122,6 +127,7 @@ CASES = [
     ("push", "missing files", "no login", "needs a login: run `hf auth login` or set HF_TOKEN"),
     ("push", "missing files", "Hub source without output head", "no tensor 'lm_head.weight'"),
     ("push", "corrupt files", "Hub source with truncated weights", "do not fit its size"),
+    ("push", "offline", "HF_HUB_OFFLINE set", "HF_HUB_OFFLINE is set: pushing to 'me/pushed' needs http"),
 ]
 
 
@@ -183,6 +189,23 @@ def arrange(command: str, case: str, tmp_path: Path, tiny_llama_dir: Path, conve
                                            "short_factor": [1.0] * 8, "original_max_position_embeddings": 32})
     elif case == "not a Llama":
         edit_json(config, model_type="mistral")
+    elif case == "GPTQ weights":  # GPTQ packs each projection into qweight/qzeros/scales of other shapes
+        edit_json(config, quantization_config={"quant_method": "gptq", "bits": 4, "group_size": 128})
+        tensors = load_file(weights)
+        weight = tensors.pop("model.layers.0.self_attn.q_proj.weight")
+        tensors["model.layers.0.self_attn.q_proj.qweight"] = weight[: weight.shape[0] // 8].to(torch.int32)
+        weights.unlink()
+        save_file(tensors, weights, metadata={"format": "pt"})
+    elif case == "bitsandbytes weights":
+        edit_json(config, quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                               "bnb_4bit_quant_type": "nf4"})
+    elif case == "FP8 weights of the right shapes":  # as a fine-grained FP8 checkpoint: shapes match the config
+        edit_json(config, quantization_config={"quant_method": "fp8", "activation_scheme": "dynamic",
+                                               "weight_block_size": [128, 128]})
+        tensors = {name: tensor.to(torch.float8_e4m3fn) if name.endswith("proj.weight") else tensor
+                   for name, tensor in load_file(weights).items()}
+        weights.unlink()
+        save_file(tensors, weights, metadata={"format": "pt"})
     elif case == "dynamic NTK scaling":
         edit_json(config, rope_parameters=None, rope_theta=500000.0, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     elif case == "hidden_size a string":
@@ -421,6 +444,8 @@ def test_push_bad_input_is_one_line_and_writes_nothing(command, kind, case, expe
         save_file(tensors, tmp_path / "headless.safetensors", metadata={"format": "pt"})
         files["model.safetensors"] = (tmp_path / "headless.safetensors").read_bytes()
         (tmp_path / "headless.safetensors").unlink()
+    elif case == "HF_HUB_OFFLINE set":
+        env["HF_HUB_OFFLINE"] = "1"
     elif case == "Hub source with truncated weights":
         source = "org/truncated"
         files["model.safetensors"] = files["model.safetensors"][:-100]
@@ -447,3 +472,22 @@ def test_os_errors_are_one_line_naming_the_paths(code, says):
     assert "\n" not in line
     assert cli.os_error_message(OSError("Can't load tokenizer for 'x'.\nMake sure that ...")) == (
         "Can't load tokenizer for 'x'.")
+
+
+def test_push_command_offline_says_offline_mode(converted, tmp_path, capfd, monkeypatch):
+    """`push` and the library's push_folder, with HF_HUB_OFFLINE set: offline mode named, nothing written."""
+    from longrope_convert.errors import HubError
+    from longrope_convert.publish import push_folder
+
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(converted, folder)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_TOKEN", "hf_TESTtoken")
+    before = snapshot(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["longrope-convert", "push", str(folder), "--to", "me/pushed"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    one_line(exited.value.code, *capfd.readouterr(), "HF_HUB_OFFLINE is set: pushing to 'me/pushed' needs")
+    with pytest.raises(HubError, match="HF_HUB_OFFLINE is set: pushing to 'me/pushed'"):
+        push_folder(folder, "me/pushed")  # without the CLI's check first: the Hub call itself fails offline
+    assert snapshot(tmp_path) == before

@@ -79,6 +79,7 @@ def converted_folder(tmp_path: Path, card: str) -> Path:
     folder = tmp_path / "checkpoint"
     folder.mkdir()
     shutil.copyfile(SEARCHED, folder / FACTORS_FILE)
+    shutil.copyfile(TESTBED / "tokenizer.json", folder / "tokenizer.json")
     (folder / CARD_FILE).write_text(card)
     return folder
 
@@ -143,3 +144,47 @@ def test_a_card_without_tool_sections_gets_them_after_its_text(tmp_path, existin
     refreshed = refresh_card(folder)
     assert front_matter(refreshed)["library_name"] == "transformers"
     assert existing in refreshed and refreshed.index("<!-- longrope-convert:begin summary") > len(existing)
+
+
+def test_the_tokenizer_is_loaded_in_the_card_and_the_push_snippet_only_when_the_checkpoint_has_one(tiny_source,
+                                                                                                   tmp_path):
+    from longrope_convert.publish import loading_snippet
+
+    with_tokenizer, without = tmp_path / "testbed-2k", tmp_path / "tiny-256"
+    write_checkpoint(read_source(TESTBED), analytic_factor_set("yarn", read_source(TESTBED).fingerprint, 2048),
+                     with_tokenizer, "init:yarn")
+    tiny = read_source(tiny_source)  # saved without tokenizer files
+    write_checkpoint(tiny, analytic_factor_set("yarn", tiny.fingerprint, 256), without, "init:yarn")
+    assert 'AutoTokenizer.from_pretrained("' in (with_tokenizer / CARD_FILE).read_text()
+    assert 'AutoTokenizer.from_pretrained("' in loading_snippet("me/testbed-2k", "abc123", with_tokenizer)
+    for text in ((without / CARD_FILE).read_text(), refresh_card(without), loading_snippet("me/tiny", "abc", without)):
+        assert "AutoTokenizer" not in text and 'AutoModelForCausalLM.from_pretrained("' in text
+    assert "The checkpoint has no tokenizer files" in (without / CARD_FILE).read_text()
+
+
+@pytest.mark.parametrize("shipped", sorted((ROOT / "factors").glob("*/*.json")), ids=lambda path: path.parent.name)
+def test_shipped_factor_files_name_their_data_without_a_path_and_cards_show_whole_counts(shipped):
+    """Each shipped file records its data by name and content hash (no path of the machine it was searched on);
+    its card shows them by name and whole counts without '.0'. A file written before (a path, 24.0) shows the
+    same."""
+    factor_set = load_factor_set(shipped)
+    data = factor_set.provenance["data"]
+    assert all(set(entry) == {"name", "sha256"} and "/" not in entry["name"] for entry in data)
+    rows = {line.split(" | ")[0]: line for line in model_card(factor_set, None, {}, "me/x").splitlines()
+            if line.startswith("| ")}
+    assert rows["| data"] == "| data | " + ", ".join(f"`{e['name']}` (sha256 `{e['sha256'][:12]}`)" for e in data) + " |"
+    older = replace(factor_set, provenance={**factor_set.provenance, "evaluations": 24.0, "budget": {"max_evals": 24.0},
+                                            "data": ["../shared/corpus/prose/austen.txt", "pg19:test"]})
+    card = model_card(older, None, {}, "me/x")
+    assert "| evaluations | 24 |" in card and '{"max_evals": 24}' in card and "24.0" not in card
+    assert "| data | `austen.txt`, `pg19:test` |" in card and "shared" not in card
+
+
+def test_the_evaluation_names_its_texts_without_a_path():
+    accuracy = {"LongRoPE": {"1024": {"0.5": 1.0}}}
+    evaluation = {**EVALUATION, "perplexity": {**EVALUATION["perplexity"], "documents": ["/home/me/corpus/a.txt"]},
+                  "needles": {"depths": [0.5], "trials": 1, "seed": 0, "chat_template": False, "source_window": None,
+                              "haystack": "/home/me/corpus/books.jsonl:1, ../corpus/b.txt",
+                              "tasks": {"niah_single": {"accuracy": accuracy}}}}
+    card = model_card(load_factor_set(SEARCHED), None, {}, "me/x", evaluation=evaluation)
+    assert "haystack from books.jsonl:1, b.txt" in card and "(a.txt)" in card and "corpus" not in card

@@ -281,8 +281,8 @@ def test_reconverting_a_longrope_checkpoint_keeps_its_factors(longrope_stage, tm
     assert all(r >= 1 for r in relative) and (method != "pi" or relative == pytest.approx([2.0] * HALF))
     assert second.model.rope_scaling["long_factor"] == first.long_factor
     assert second.provenance["composition"]["extends"] == [TARGET, 2 * TARGET]
-    if method == "default":  # YaRN's 0.1 ln 2 + 1 on top of the first stage's attention factor
-        assert second.long_mscale == pytest.approx(1.2 * (0.1 * math.log(2) + 1))
+    if method == "default":  # the llama3 init's own attention scale, 1, on top of the first stage's
+        assert second.long_mscale == pytest.approx(1.2) and second.method == "init:llama3"
     before = AutoModelForCausalLM.from_pretrained(stage, trust_remote_code=True).eval()
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "stage2", trust_remote_code=True).eval()
     ids = torch.randint(3, 256, (2, TINY_WINDOW))

@@ -245,3 +245,17 @@ def test_console_script_end_to_end(tiny_source, tmp_path):
     assert "wrote" in done.stderr and done.stdout == ""
     failed = subprocess.run([script, tmp_path / "nothing", "--target", "256"], capture_output=True, text=True)
     assert failed.returncode == 1 and failed.stderr == f"error: source '{tmp_path / 'nothing'}' is not a folder\n"
+
+
+def test_bare_command_shows_usage_and_commands(capfd, monkeypatch):
+    """`longrope-convert` alone: its usage and commands on stderr, exit 2, as click >= 8.2 does for a bare group;
+    no "error:" (nothing went wrong)."""
+    from longrope_convert import cli
+
+    monkeypatch.setattr(sys, "argv", ["longrope-convert"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    out, err = capfd.readouterr()
+    assert exited.value.code == 2 and out == ""
+    assert err.startswith("Usage: ") and "longrope-convert [OPTIONS] COMMAND [ARGS]..." in err.splitlines()[0]
+    assert "Commands:" in err and "  eval " in err and "error" not in err.lower()

@@ -102,3 +102,69 @@ def test_fewer_long_documents_than_asked_give_consecutive_windows(tmp_path, toke
     assert plain_names == names[:2] and all(torch.equal(a, b) for a, b in zip(plain, ids))
     enough, enough_names, _ = tokenized_documents(tokenizer, read_documents([books]), length, limit=2, windows=True)
     assert enough_names == names[:2]  # enough documents: no windows
+
+
+def test_data_is_recorded_by_name_and_content_never_by_a_path(tmp_path, monkeypatch):
+    """What a factor file records of --data (documents.data_provenance) and the names of its documents
+    (portable_document_name): names and SHA-256s of contents, not where the files lay on this machine."""
+    import hashlib
+
+    from longrope_convert.documents import data_provenance, portable_document_name
+
+    (tmp_path / "corpus" / "books" / "more").mkdir(parents=True)
+    (tmp_path / "corpus" / "books" / "a.txt").write_text("one")
+    (tmp_path / "corpus" / "books" / "more" / "b.jsonl").write_text('{"text": "two"}\n')
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    book, books = "../corpus/books/a.txt", "../corpus/books"
+    records = data_provenance([book, books, "pg19:test", f"{books}:train"])
+    a_sha = hashlib.sha256(b"one").hexdigest()
+    assert records[0] == {"name": "a.txt", "sha256": a_sha}
+    assert records[1]["name"] == "books" and records[1]["files"] == 2 and len(records[1]["sha256"]) == 64
+    assert records[2:] == [{"dataset": "pg19:test"}, {"dataset": "books:train"}]
+    assert "corpus" not in json.dumps(records) and str(tmp_path) not in json.dumps(records)
+    (tmp_path / "corpus" / "books" / "a.txt").write_text("one!")  # another content, another hash
+    assert data_provenance([book])[0]["sha256"] != a_sha and data_provenance([books])[0] != records[1]
+    names = [document.name for document in read_documents([books])]
+    assert [portable_document_name(name, ["pg19", books]) for name in names] == ["books/a.txt", "books/more/b.jsonl:1"]
+    assert portable_document_name("../corpus/books/a.txt#window2", [book]) == "a.txt#window2"
+    assert portable_document_name("../corpus/books:7#window2", [f"{books}:train"]) == "books:7#window2"
+    assert portable_document_name("pg19:3", ["pg19:test"]) == "pg19:3"
+
+
+@pytest.mark.parametrize("hub", ["refuses connections", "accepts and never answers"])
+def test_an_unreachable_hub_is_detected_once_before_datasets_retries(hub, tmp_path):
+    """`eval --data pg19` with the Hub's endpoint on 127.0.0.1 refusing connections, or accepting them and never
+    answering: one request (one connection), then one line naming the endpoint; none of `datasets`' retries."""
+    import socket
+
+    source = read_source(TESTBED)
+    checkpoint = write_checkpoint(source, analytic_factor_set("pi", source.fingerprint, 1024), tmp_path / "tiny-1k",
+                                  "init:pi").output
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    if hub == "refuses connections":
+        server.close()
+    else:
+        server.listen(8)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home"), "HF_ENDPOINT": f"http://127.0.0.1:{port}",
+           "HF_HUB_ETAG_TIMEOUT": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    done = subprocess.run([sys.executable, "-m", "longrope_convert", "eval", str(checkpoint), "--lengths", "512",
+                           "--data", "pg19"], capture_output=True, text=True, env=env)
+    assert done.returncode == 1 and "Retry" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1] == (f"error: data 'pg19': cannot reach http://127.0.0.1:{port} to get 'pg19' "
+                                            "(no network?); with a cached copy, set HF_HUB_OFFLINE=1 to use it")
+    if hub == "accepts and never answers":
+        server.settimeout(0)
+        connections = []
+        while True:
+            try:
+                connections.append(server.accept()[0])
+            except BlockingIOError:
+                break
+        assert len(connections) == 1  # detected once
+        for connection in connections:
+            connection.close()
+        server.close()

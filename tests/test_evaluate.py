@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -241,13 +242,20 @@ def test_eval_command_writes_results_plots_and_card(tmp_path):
                            "--passkey-lengths", "512", "--depths", "0.5", "--trials", "1", "--card", "--json"],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    # stderr is not a terminal: a status line per document forward (2 documents x 2 lengths x each method) and
+    # passkey prompt (each method's, and the source's), in order, with the time left once it can be estimated
+    steps = 2 * 2 * len(json.loads(done.stdout)["perplexity"]["perplexity"]) + len((checkpoint / "eval" / "needle_answers.jsonl").read_text().splitlines())
+    progress = [line for line in done.stderr.splitlines() if line.startswith("eval: ")]
+    assert [line.split(" done")[0] for line in progress] == [
+        f"eval: {step}/{steps} document forwards and needle prompts" for step in range(1, steps + 1)]
+    assert all(re.search(r" done, about (\d+ s|\d+ min \d\d s) left$", line) for line in progress[1:])
     results = json.loads(done.stdout)
     table = results["perplexity"]["perplexity"]
-    assert list(table) == ["LongRoPE (init:llama3)", "none", "pi", "ntk", "yarn", "llama3"]  # the search's baselines
+    assert list(table) == ["LongRoPE (init:yarn)", "none", "pi", "ntk", "yarn", "llama3"]  # the search's baselines
     assert len({round(by_length["256"], 6) for by_length in table.values()}) == 1  # inside the window: the source
-    assert len({round(by_length["1024"], 6) for by_length in table.values()}) == 5  # llama3 is the checkpoint's set
+    assert len({round(by_length["1024"], 6) for by_length in table.values()}) == 5  # yarn is the checkpoint's set
     assert table["pi"]["1024"] != table["pi"]["256"]
-    assert table["none"]["1024"] > table["LongRoPE (init:llama3)"]["1024"]  # beyond the window, scaling helps
+    assert table["none"]["1024"] > table["LongRoPE (init:yarn)"]["1024"]  # beyond the window, scaling helps
     stored = json.loads((checkpoint / "eval" / "results.json").read_text())
     assert stored["perplexity"] == results["perplexity"]
     assert set(read_series(checkpoint / "eval" / "perplexity.png")) == set(table)
@@ -276,7 +284,7 @@ def test_eval_command_measures_the_needle_tasks(tiny_checkpoint, tmp_path):
     assert list(needles["tasks"]) == ["niah_single", "niah_multivalue"]
     for task, measured in needles["tasks"].items():
         assert measured["answer_tokens"] == 128
-        assert measured["accuracy"] == {"LongRoPE (init:llama3)": {"1024": {"0.5": 0.0}}}  # 2.2M parameters
+        assert measured["accuracy"] == {"LongRoPE (init:yarn)": {"1024": {"0.5": 0.0}}}  # 2.2M parameters
         assert read_series(out / f"{task}.png") == measured["accuracy"]
     answers = [json.loads(line) for line in (out / "needle_answers.jsonl").read_text().splitlines()]
     assert len(answers) == 2 and {a["score"] for a in answers} == {0.0}

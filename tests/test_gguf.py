@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 
 from llama_cpp_runtime import baseline_nll, by_context_gguf, llama_cpp_forward, write_llama_gguf
 from longrope_convert import gguf as gguf_export
-from longrope_convert.convert import write_checkpoint
+from longrope_convert.convert import default_output, write_checkpoint
 from longrope_convert.factors import (
     analytic_factor_set,
     factor_set_from_json,
@@ -309,6 +309,22 @@ def test_an_existing_output_is_kept_unless_overwrite(plain_gguf, tmp_path, capfd
     (tmp_path / "folder").mkdir()
     code, _, err = run_cli(capfd, monkeypatch, *arguments[:-1], tmp_path / "folder", "--overwrite")
     assert code == 1 and "is a folder; give a file name" in error_line(err) and leftovers(tmp_path) == []
+
+
+def test_an_extended_gguf_extended_again_gets_a_clean_default_name(plain_gguf, tmp_path, capfd, monkeypatch):
+    """X-longrope-512.gguf extended to 1024 becomes X-longrope-1k.gguf, not X-longrope-512-longrope-1k.gguf; the
+    same rule names a re-converted checkpoint folder."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(plain_gguf, tmp_path / plain_gguf.name)
+    assert run_cli(capfd, monkeypatch, "gguf", plain_gguf.name, "--factors", "yarn", "--target", 512)[0] == 0
+    first = tmp_path / "tiny-llama-256-longrope-512.gguf"
+    assert fields(first)["llama.context_length"] == 512
+    assert run_cli(capfd, monkeypatch, "gguf", first.name, "--factors", "yarn", "--target", 1024)[0] == 0
+    assert fields(tmp_path / "tiny-llama-256-longrope-1k.gguf")["llama.context_length"] == 1024
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "tiny-llama-256-longrope-1k.gguf", "tiny-llama-256-longrope-512.gguf", "tiny-llama-256.gguf"]
+    assert default_output("org/SmolLM2-longrope-16k", 32768) == Path("SmolLM2-longrope-32k")
+    assert default_output("my-longrope-model", 32768) == Path("my-longrope-model-longrope-32k")
 
 
 def test_the_output_is_checked_as_every_output_is(plain_gguf, tmp_path, capfd, monkeypatch):

@@ -1,5 +1,6 @@
 """The factor search: fitness, in-place swapping, operators, resume, torch.distributed, real gains."""
 
+import hashlib
 import json
 import math
 import re
@@ -133,8 +134,12 @@ def test_the_first_line_states_the_caps_and_one_long_document_gives_windows(tmp_
     assert any(line.startswith("note: --data has 1 document of at least 1024 tokens for --documents 3: the search "
                                "takes consecutive 1024-token windows") for line in stderr)
     provenance = load_factor_set(out).provenance
-    assert provenance["windows"] == windows and provenance["space"] == {"name": "critical", "critical_dimension": 12}
-    assert provenance["evaluations"] <= 12
+    assert provenance["windows"] == ["chapter.jsonl:1", "chapter.jsonl:1#window2", "chapter.jsonl:1#window3"]
+    assert provenance["space"] == {"name": "critical", "critical_dimension": 12}
+    assert provenance["evaluations"] <= 12 and provenance["budget"]["max_evals"] == 12
+    # the data by name and content, never by a path of this machine; counts as integers when whole
+    assert provenance["data"] == [{"name": "chapter.jsonl", "sha256": hashlib.sha256(chapter.read_bytes()).hexdigest()}]
+    assert str(tmp_path) not in out.read_text() and '"max_evals": 12,' in out.read_text()
 
 
 def test_budgets_that_end_before_evolution_are_labelled_so_and_a_time_budget_holds(tmp_path):

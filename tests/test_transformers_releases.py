@@ -38,7 +38,7 @@ def test_the_supported_range_is_stated_the_same_everywhere():
     setup.read(REPOSITORY / "setup.cfg")
     assert LOADING_REQUIREMENT in setup["options"]["install_requires"].split()
     assert f"`{LOADING_REQUIREMENT}`" in (REPOSITORY / "README.md").read_text()
-    assert LOADING_REQUIREMENT in loading_snippet("me/model", "abc123").splitlines()[0]
+    assert LOADING_REQUIREMENT in loading_snippet("me/model", "abc123", REPOSITORY).splitlines()[0]
     assert RELEASES_UNDER_TEST[0].startswith(f"{minimum}.")
 
 
