@@ -3,7 +3,8 @@
     python benchmarks/search_quality.py --before /work/wt/e4bb5fa --work ~/search-quality \\
         [--testbeds tiny-llama-256 tiny-llama3-256] [--seeds 0 1 2] [--paper-seeds 0] [--jobs 2]
         [--variants before after no-n-hat paper row] [--reuse LOG ...]
-    python benchmarks/search_quality.py --work ~/search-cost --variants default critical --issue18 /work/wt/a8868b3
+    python benchmarks/search_quality.py --work ~/search-cost --variants default critical default-no-n-hat \
+        --issue18 /work/wt/a8868b3
 
 Each variant (VARIANTS) searches each testbed (tests/testbed/<name>, window 256) for 2048 tokens on the
 search text, 4 chapters of Tom Sawyer (tests/data/tom_sawyer_chapters.jsonl), once per seed; every
@@ -74,10 +75,12 @@ VARIANTS = {
     "default": Variant("default preset, full space", "this", settings={"space": "full"}, n_hat_sweeps=False),
     "critical": Variant("default preset, critical space", "this", settings={"space": "critical"},
                         n_hat_sweeps=False),
+    "default-no-n-hat": Variant("default preset, full space, --no-n-hat", "this",
+                                settings={"space": "full", "n_hat": False}, n_hat_sweeps=False),
 }
 # "row" is left out unless asked for: the second table measures both scales on every searched lambda for less.
 DEFAULT_VARIANTS = ("before", "after", "no-n-hat", "paper")
-COST_VARIANTS = ("default", "critical")  # the cost table's own; it shows "paper" and "after" too when in --work
+COST_VARIANTS = ("default", "critical", "default-no-n-hat")  # the cost table's own; it shows "paper" and "after" too when in --work
 BASELINES = {"none": "none (RoPE unchanged)", "pi": "PI", "ntk": "NTK", "yarn": "YaRN", "llama3": "llama3"}
 
 
@@ -281,7 +284,7 @@ def table(testbed: str, variants: dict[str, Variant], results: dict[str, dict[in
 
 
 FORWARD_MARKS = (300, 600)  # the cost table's "best within" columns
-COST_ROWS = ("default", "critical", "after", "paper", "before")  # in this order, those with results in --work
+COST_ROWS = ("default", "default-no-n-hat", "critical", "paper", "after", "before")  # in this order, those with results in --work
 
 
 def best_within(log: Path, marks: tuple[int, ...] = FORWARD_MARKS) -> dict[str, float | None]:
@@ -318,8 +321,9 @@ def cost_table(testbed: str, results: dict[str, dict[int, dict]], logs: dict[str
     marks = " / ".join(map(str, FORWARD_MARKS))
     lines = [f"**{testbed}**, 256 → 2048 tokens (critical dimension {critical} of {dims})\n",
              f"| search | seeds | document forwards | best search ppl within {marks} forwards, at the end (median) "
-             "| search ppl per seed | held-out ppl per seed | held-out median | ÷ paper's | ÷ best of PI/NTK/YaRN |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| search ppl per seed | n̂ found | held-out ppl per seed | held-out median | ÷ paper's "
+             "| ÷ best of PI/NTK/YaRN |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name in (name for name in COST_ROWS if results.get(name)):
         runs, seeds = results[name], sorted(results[name])
         within = [best_within(logs[name][seed]) for seed in seeds]
@@ -330,10 +334,10 @@ def cost_table(testbed: str, results: dict[str, dict[int, dict]], logs: dict[str
         to_paper = f"{held_out / paper_held_out:.4f}" if paper_held_out else "–"
         lines.append(f"| {VARIANTS[name].label} | {', '.join(map(str, seeds))} "
                      f"| {' / '.join(str(runs[s]['forwards']) for s in seeds)} | {best} | {searched} "
-                     f"| {held_out_each} | **{held_out:.3f}** | {to_paper} | {held_out / classic:.4f} |")
+                     f"| {' / '.join(str(runs[s]['factor_set']['n_hat']) for s in seeds)} | {held_out_each} | **{held_out:.3f}** | {to_paper} | {held_out / classic:.4f} |")
     for name, label in BASELINES.items():
         measured = baselines[name]
-        lines.append(f"| {label} | | 0 | | {measured['search']:.3f} | | {measured['held_out']:.3f} | "
+        lines.append(f"| {label} | | 0 | | {measured['search']:.3f} | 0 | | {measured['held_out']:.3f} | "
                      f"| {measured['held_out'] / classic:.4f} |")
     return "\n".join(lines)
 

@@ -106,7 +106,7 @@ PRESETS = {
 
 
 # The search spaces (SearchSpace.critical 0, or LongRoPE2's critical dimension) and the one that measured better on
-# both testbeds (BENCHMARKS.md, "Search: cost").
+# both testbeds (BENCHMARKS.md, "Search: fidelity and cost").
 SPACES = ("full", "critical")
 DEFAULT_SPACE = "full"
 

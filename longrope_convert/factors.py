@@ -75,7 +75,7 @@ FORMAT = "longrope-factors"
 VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 # The attention scale of the positions below n_hat (FactorSet.n_hat_mscale) in the sets this version makes:
-# the short set's, as LongRoPE's research code (see BENCHMARKS.md, "Search": both measured at 8x).
+# the short set's, as LongRoPE's research code (both measured: BENCHMARKS.md, "Search: fidelity and cost").
 N_HAT_MSCALE = "short"
 ANALYTIC_METHODS = ("pi", "ntk", "yarn", "llama3", "ntk-cd", "yarn-cd")
 # Provenance methods of factors an evolutionary search produced; other "search:..." labels (a search stopped
@@ -85,7 +85,7 @@ SEARCHED_METHODS = ("search", "search:short")
 CLASSIC_METHODS = ("pi", "ntk", "yarn", "llama3")
 # What a conversion gets without searched factors (`init:llama3`, never presented as searched): of the analytic sets,
 # the one with the lowest perplexity at 8x on held-out text on both testbeds, at its own attention scale (1), which
-# measured better there than LongRoPE's sqrt(1 + ln s / ln L) (BENCHMARKS.md, "Search: cost").
+# measured better there than LongRoPE's sqrt(1 + ln s / ln L) (BENCHMARKS.md, "Search: fidelity and cost").
 DEFAULT_INIT = "llama3"
 # Rotary angles are computed from float32 positions (as in stock transformers), which hold integers exactly
 # only up to 2**24: beyond it neighbouring positions share an angle.
