@@ -106,10 +106,10 @@ def convert_checkpoint(*, source: str | Path, target: int, factors: str | Path |
     """
     plan = plan_job(source=str(source), target=target, revision=revision,
                     factors=None if factors is None else str(factors), output=_path(output), overwrite=overwrite,
-                    copy_weights=copy_weights, search_data=[str(entry) for entry in search_data],
+                    copy_weights=copy_weights, search_data=_entries(search_data),
                     search_log=_path(search_log), resume=_path(resume), search_settings=search_settings,
                     device_map=device_map, gguf_pattern=gguf, eval_lengths=list(eval_lengths),
-                    eval_data=[str(entry) for entry in eval_data], push_to=push_to, private=private, branch=branch,
+                    eval_data=_entries(eval_data), push_to=push_to, private=private, branch=branch,
                     commit_message=commit_message, status=status)
     return run_job(plan, status=status, progress=progress)
 
@@ -150,7 +150,7 @@ def search_factors(*, source: str | Path, data: Sequence[str | Path], target: in
         ...                        settings=SearchSettings(max_evals=40), status=print)
         >>> found.summary["best_perplexity"], found.factors_file
     """
-    return search_and_convert(source=str(source), target=target, data=[str(entry) for entry in data],
+    return search_and_convert(source=str(source), target=target, data=_entries(data),
                               out=_path(out), revision=revision, log=_path(log), resume=_path(resume), short=short,
                               settings=settings, convert_to=_path(convert_to), device_map=device_map,
                               arguments=arguments, status=status, progress=progress)
@@ -211,7 +211,7 @@ def evaluate_checkpoint(*, checkpoint: str | Path, lengths: Sequence[int] = (), 
     checkpoint = Path(checkpoint)
     if card and out is not None and Path(out).resolve() != (checkpoint / EVAL_DIR).resolve():
         raise LongRoPEError(f"the card reads the results in {checkpoint / EVAL_DIR}: write them there to update it")
-    plan = plan_evaluation(checkpoint, data=[str(entry) for entry in data], lengths=list(lengths),
+    plan = plan_evaluation(checkpoint, data=_entries(data), lengths=list(lengths),
                            baselines=baselines, protocol=protocol, stride=stride, documents=documents,
                            passkey_lengths=list(passkey_lengths), needle_lengths=list(needle_lengths),
                            needles=list(needles), depths=list(depths), trials=trials, seed=seed,
@@ -317,3 +317,8 @@ def _card_text(folder: Path) -> str:
 
 def _path(value: str | Path | None) -> Path | None:
     return None if value is None else Path(value)
+
+
+def _entries(data: str | Path | Sequence[str | Path]) -> list[str]:
+    """A list of --data entries; one path or id given alone is one entry (not its characters)."""
+    return [str(data)] if isinstance(data, (str, Path)) else [str(entry) for entry in data]

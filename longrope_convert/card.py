@@ -171,8 +171,10 @@ def _usage_section(factor_set: FactorSet, repo: str, revision: str | None, confi
         "`inputs_embeds`, manual loops).\n\n"
         "Without remote code, stock transformers (5.x, 4.57) and vLLM read the standard `longrope` `rope_scaling` of "
         "`config.json` and run the model as a plain Llama with LongRoPE scaling, with the same factors and attention "
-        f"factor ({factor_set.long_mscale:.4f}). What differs: no n̂; the attention factor is applied to short inputs "
-        "too, so they are not exactly the source model; cached generation keeps short-factor keys and values after "
+        f"factor ({factor_set.long_mscale:.4f}). What differs: no n̂; "
+        + ("" if factor_set.long_mscale == 1.0 else
+           "the attention factor is applied to short inputs too, so they are not exactly the source model; ")
+        + "cached generation keeps short-factor keys and values after "
         "crossing the window; transformers 4.45 uses the long factors at every length.\n\n"
         + _vllm_text(factor_set, repo, config))
 
@@ -226,6 +228,9 @@ def _factors_section(factor_set: FactorSet, plotted: bool) -> str:
     elif factor_set.method.startswith("search"):
         how = (f"Factors from a search that ran no evolution step (`{factor_set.method}`): **not searched by "
                "evolution**.")
+    elif factor_set.method.startswith("baseline:"):
+        how = (f"Factors **not searched**: `{factor_set.method}`, an analytic set that the search measured better than "
+               "every candidate it scored, so it wrote that set instead.")
     else:
         how = (f"Factors **not searched**: `{factor_set.method}`, an analytic initialisation. Searched factors "
                "usually give lower perplexity; run `longrope-convert search` to get them.")

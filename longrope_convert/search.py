@@ -341,13 +341,6 @@ class SearchPlan:
         return forwards + extra * documents
 
     @property
-    def progress_work(self) -> list[int]:
-        """The planned document evaluations as progress.Progress steps: those replayed from a resumed log (they
-        come first, in the order they were logged) cost nothing, each other one a forward."""
-        replayed = min(len(self.log.known), self.planned_document_evaluations)
-        return [0] * replayed + [1] * (self.planned_document_evaluations - replayed)
-
-    @property
     def caps_line(self) -> str:
         """What the search will cost at most, in words: the first status line, and the dry run's."""
         space = self.task.space
@@ -477,6 +470,13 @@ class SearchRun:
     @property
     def planned_document_evaluations(self) -> int:
         return self.plan.planned_document_evaluations
+
+    @property
+    def progress_work(self) -> list[int]:
+        """The planned document evaluations as progress.StepTimer steps: those replayed from a resumed log (they
+        come first, in the order they were logged) cost nothing, each other one a forward."""
+        replayed = min(len(self.log.known), self.planned_document_evaluations)
+        return [0] * replayed + [1] * (self.planned_document_evaluations - replayed)
 
     @property
     def caps_line(self) -> str:

@@ -43,6 +43,20 @@ def test_card_metadata_and_honest_provenance():
     assert "`tiny-llama-256` with its context window extended from 256 to 2,048 tokens" in card
 
 
+def test_the_card_says_what_stock_readers_change_and_why_a_baseline_was_written():
+    """Stock readers apply the attention factor to short inputs too: only a factor other than 1 (YaRN's) makes them
+    differ from the source there, not llama3's 1. A search whose verdict is a baseline says so, not 'run a search'."""
+    fingerprint = read_source(TESTBED).fingerprint
+    yarn, llama3 = (analytic_factor_set(method, fingerprint, 2048) for method in ("yarn", "llama3"))
+    assert llama3.long_mscale == 1.0 and yarn.long_mscale > 1.0
+    differs = "the attention factor is applied to short inputs too, so they are not exactly the source model"
+    assert differs in model_card(yarn, None, {}, "me/x") and differs not in model_card(llama3, None, {}, "me/x")
+    verdict = replace(llama3, provenance={**llama3.provenance, "method": "baseline:llama3"})
+    card = model_card(verdict, None, {}, "me/x")
+    assert "`baseline:llama3`, an analytic set that the search measured better than every candidate" in card
+    assert "run `longrope-convert search`" not in card
+
+
 def test_a_search_without_evolution_is_not_called_searched():
     searched = load_factor_set(SEARCHED)
     warning = "The budget ended before any evolution step: these are the best starting factors."
