@@ -89,6 +89,7 @@ class Preset:
     selection_documents: int | None = None  # candidates are ranked on the first this many documents (None: all) ...
     finalists: int = 0  # ... and the fittest this many confirmed on every document at the end (rank_finalists)
     max_evals: float | None = None  # the preset's budget in evaluations (--max-evals replaces it)
+    n_hat: bool = True  # whether n_hat is searched unless the caller says (--n-hat / --no-n-hat)
 
 
 PRESETS = {
@@ -98,10 +99,11 @@ PRESETS = {
                     racing=False, patience=None, n_hat_sweep=5, n_hat_sweep_from=10, n_hat_tries=5),
     # Tuned on the two testbeds (benchmarks/search_quality.py): few parents and mostly mutations exploit fast;
     # racing spends about one document on a child that would not be a parent; two documents rank candidates and
-    # the finalists are confirmed on the others.
+    # the finalists are confirmed on the others. n_hat is not searched: with it, held-out perplexity was higher on
+    # both testbeds in all 3 seeds (BENCHMARKS.md, "Search: fidelity and cost").
     "default": Preset(population=16, parents=3, mutations=12, crossovers=4, iterations=60, mutation_p=0.15,
                       racing=True, patience=10, n_hat_sweep=1, n_hat_sweep_from=1, n_hat_tries=1, block_p=0.5,
-                      selection_documents=2, finalists=4, max_evals=140),
+                      selection_documents=2, finalists=4, max_evals=140, n_hat=False),
 }
 
 

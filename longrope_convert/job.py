@@ -103,7 +103,7 @@ class SearchSettings:
     max_evals: float | None = None
     time_budget: float | None = None
     seed: int = 0
-    n_hat: bool = True
+    n_hat: bool | None = None  # None: the preset's (paper: searched; default: not)
     max_factor: float | None = None
     baselines: bool = True
 

@@ -364,12 +364,13 @@ class SearchPlan:
 
 def plan_search(*, source, data: list[str], target: int | None, log_path: Path | None = None, documents: int = 4,
                 preset: str = "default", max_evals: float | None = None, time_budget: float | None = None,
-                seed: int = 0, n_hat: bool = True, short: bool = False, max_factor: float | None = None,
+                seed: int = 0, n_hat: bool | None = None, short: bool = False, max_factor: float | None = None,
                 resume: bool = False, baselines: bool = True, n_hat_mscale: str | None = None,
                 space: str | None = None) -> SearchPlan:
     """Check a search of `source` (a source.SourceModel) and prepare it without loading the model: the task, the
     documents of `data` tokenized (`documents` of them, of the evaluation length: `target`, or the original window
-    with `short`), the budget (`max_evals` evaluations, default the preset's; `time_budget` seconds). Writes
+    with `short`), the budget (`max_evals` evaluations, default the preset's; `time_budget` seconds), n_hat searched
+    or not (`n_hat`, default the preset's). Writes
     nothing. Raises LongRoPEError for settings that cannot be searched, DataError for unreadable data,
     LongRoPEError when no document is long enough."""
     from transformers import AutoTokenizer
@@ -379,6 +380,10 @@ def plan_search(*, source, data: list[str], target: int | None, log_path: Path |
     from .preflight import check_search_inputs
 
     check_search_inputs(source, data, log_path, resume)
+    if preset not in PRESETS:
+        raise LongRoPEError(f"{{preset}} must be one of {', '.join(PRESETS)}, got {preset!r}", setting="preset",
+                            value=preset)
+    n_hat = PRESETS[preset].n_hat if n_hat is None else n_hat
     task, eval_length = _search_task(source, target, short, n_hat, max_factor, n_hat_mscale, space)
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
     tokens, names, skipped = tokenized_documents(tokenizer, read_documents(list(data)), eval_length, limit=documents,
@@ -423,7 +428,7 @@ class SearchRun:
 
     def __init__(self, *, source=None, data: list[str] = (), target: int | None = None, log_path: Path,
                  documents: int = 4, preset: str = "default", max_evals: float | None = None,
-                 time_budget: float | None = None, seed: int = 0, n_hat: bool = True, short: bool = False,
+                 time_budget: float | None = None, seed: int = 0, n_hat: bool | None = None, short: bool = False,
                  max_factor: float | None = None, resume: bool = False, baselines: bool = True,
                  device_map: str | None = None, n_hat_mscale: str | None = None, space: str | None = None,
                  plan: SearchPlan | None = None, status: Callable[[str], None] = lambda message: None) -> None:

@@ -393,3 +393,16 @@ def test_a_model_with_nan_logits_is_named_as_such_not_blamed_on_the_budget(tmp_p
                     log_path=tmp_path / "search.log.jsonl")
     with pytest.raises(LongRoPEError, match=r"gave a NaN or infinite perplexity: the model's logits are not finite"):
         run.execute()
+
+
+@pytest.mark.parametrize("preset, n_hat, searched", [("default", None, False), ("paper", None, True),
+                                                     ("default", True, True), ("paper", False, False)])
+def test_n_hat_is_searched_as_the_preset_says_unless_asked(preset, n_hat, searched):
+    """The paper preset searches n_hat as the paper does; the default preset does not (it measured worse on held-out
+    text, BENCHMARKS.md); --n-hat / --no-n-hat override either."""
+    from longrope_convert.search import plan_search
+
+    plan = plan_search(source=read_source(TESTBED), data=[str(SEARCH_DATA)], target=1024, documents=1, preset=preset,
+                       n_hat=n_hat)
+    choices = plan.task.space.n_hat_choices
+    assert (choices == (0,)) != searched and (not searched or max(choices) == 128)
