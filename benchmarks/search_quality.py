@@ -412,6 +412,7 @@ def main() -> None:
 
     report = []
     for testbed in args.testbeds:
+        first = len(report)
         scorer = Scorer(testbed)
         results: dict[str, dict[int, dict]] = {}
         for job in (job for job in jobs if job["testbed"] == testbed):
@@ -434,7 +435,7 @@ def main() -> None:
             report.append(analytic_table(testbed, scorer, args.work / f"{testbed}-analytic.json"))
         else:
             report.append(table(testbed, variants, results, baselines))
-        print(report[-1] + "\n", flush=True)
+        print("\n\n".join(report[first:]) + "\n", flush=True)
     (args.work / "table.md").write_text("\n\n".join(report) + "\n")
     print(f"(also in {args.work / 'table.md'}; the machine's load: {os.getloadavg()})")
 
