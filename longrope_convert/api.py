@@ -37,7 +37,7 @@ from .job import (
 )
 from .needles import RULER_TASKS
 from .preflight import check_push
-from .publish import PushResult
+from .publish import PushResult, check_converted
 
 if TYPE_CHECKING:
     from .gguf import GGUFResult
@@ -249,6 +249,7 @@ def push_checkpoint(*, folder: str | Path, repo: str, private: bool = False, bra
         >>> pushed = push_checkpoint(folder="./smollm2-16k", repo="me/SmolLM2-135M-LongRoPE-16k")
         >>> pushed.commit
     """
+    check_converted(Path(folder))  # the folder first: a wrong folder says so before any login or network
     check_push(repo)
     return push_converted(Path(folder), PushStep(repo, private, branch, commit_message), status=status)
 

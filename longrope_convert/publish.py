@@ -52,7 +52,7 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, branch: st
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     folder = Path(folder)
-    _check_converted(folder)
+    check_converted(folder)
     card = updated_card(folder, repo=repo_id, revision=branch)
     api = HfApi()
     with hub_errors(repo_id, branch, pushing=True):
@@ -84,7 +84,8 @@ def push_folder(folder: Path, repo_id: str, *, private: bool = False, branch: st
                       kept=sorted(remote - set(deleted)))
 
 
-def _check_converted(folder: Path) -> None:
+def check_converted(folder: Path) -> None:
+    """Raise LongRoPEError unless `folder` is a checkpoint this tool wrote (a longrope config and its factor file)."""
     config = folder / "config.json"
     rope = (json.loads(config.read_text()).get("rope_scaling") or {}) if config.is_file() else {}
     if rope.get("rope_type") != "longrope" or not (folder / FACTORS_FILE).is_file():

@@ -389,3 +389,13 @@ def test_hub_round_trip_with_smollm2(hub, env, tmp_path, smollm2_dir):
     assert from_hub.returncode == 0, from_hub.stderr
     assert from_hub.stdout == from_folder.stdout and from_hub.stdout.startswith("LongRoPELlamaForCausalLM [")
     assert any("/me/SmolLM2-135M-LongRoPE-16k/resolve/" in r["path"] for r in hub.requests)
+
+
+def test_push_of_a_folder_not_converted_says_so_before_asking_for_a_login(tmp_path):
+    """A wrong folder is named as such first: no token and no Hub are needed to learn it."""
+    env = {key: value for key, value in os.environ.items() if key not in ("HF_TOKEN", "HF_HUB_OFFLINE")}
+    done = subprocess.run([sys.executable, "-m", "longrope_convert", "push", str(TESTBED), "--to", "me/x"],
+                          capture_output=True, text=True, env={**env, "HF_HOME": str(tmp_path / "hf")})
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert f"'{TESTBED}' is not a checkpoint written by longrope-convert" in done.stderr
+    assert "login" not in done.stderr
