@@ -443,12 +443,11 @@ def evaluate_with_progress(plan, *, out: Path | None, command: str, device_map: 
     from .evaluate import run_evaluation
 
     timer = StepTimer(plan.work)
-
-    def measured() -> None:
-        timer.step()
-        step(timer.time_left())
-
     with progress("eval", timer.total, plan.step_unit) as step:
+        def measured() -> None:
+            timer.step()
+            step(timer.time_left())
+
         return run_evaluation(plan, out=out, command=command, device_map=device_map, status=status,
                               on_step=measured)
 
