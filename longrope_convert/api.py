@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from .card import EVAL_DIR, needle_table, needle_verdict, perplexity_table, refresh_card
 from .convert import ConversionResult
 from .errors import LongRoPEError
-from .evolution import DEFAULT_SPACE, PRESETS, SPACES
+from .evolution import DEFAULT_OBJECTIVE, DEFAULT_SPACE, OBJECTIVES, PRESETS, SPACES
 from .factors import ANALYTIC_METHODS, DEFAULT_INIT, FactorSet
 from .job import (
     JobPlan,
@@ -49,11 +49,13 @@ __all__ = [
     "JobPlan", "JobResult", "ConversionResult", "SearchSettings", "SearchOutcome", "EvaluationResult", "PushResult",
     "FactorSet", "Progress", "Status", "no_progress", "quiet",
     "ANALYTIC_METHODS", "DEFAULT_INIT", "DEFAULT_SPACE", "SEARCH_PRESETS", "SEARCH_SPACES", "RULER_TASKS",
+    "DEFAULT_OBJECTIVE", "SEARCH_OBJECTIVES",
     "EVAL_DIR", "LongRoPEError",
 ]
 
 SEARCH_PRESETS = PRESETS  # {name: evolution.Preset}: "default" (few evaluations) and "paper" (LongRoPE's settings)
 SEARCH_SPACES = SPACES  # "full", "critical"
+SEARCH_OBJECTIVES = OBJECTIVES  # "ppl" (perplexity of the documents), "needle" (of needle items' answer tokens)
 
 
 def convert_checkpoint(*, source: str | Path, target: int, factors: str | Path | None = None,

@@ -244,8 +244,8 @@ def _factors_section(factor_set: FactorSet, plotted: bool) -> str:
     if composition:
         how += _composition_text(factor_set, composition)
         rows += _composition_rows(factor_set, composition)
-    for key in ("data", "documents", "eval_length", "evaluations", "best_perplexity", "baseline_perplexities",
-                "preset", "budget", "seed", "base_factors", "tool_version", "created"):
+    for key in ("data", "documents", "eval_length", "objective", "evaluations", "best_perplexity",
+                "baseline_perplexities", "preset", "budget", "seed", "base_factors", "tool_version", "created"):
         if key in provenance:
             rows.append((key, _provenance_text(key, provenance[key])))
     table = "| | |\n|---|---|\n" + "".join(f"| {key} | {value} |\n" for key, value in rows)
@@ -258,6 +258,9 @@ def _provenance_text(key: str, value: Any) -> str:
     file), counts as integers when whole, objects as JSON."""
     if key == "data" and isinstance(value, list):
         return ", ".join(_data_text(entry) for entry in value)
+    if key == "objective" and isinstance(value, dict) and value.get("name") == "needle":
+        return (f"needle: answer-token perplexity of {len(value.get('depths', []))} {value.get('task')} items "
+                f"({sum(value.get('answer_tokens', []))} answer tokens)")
     if key == "evaluations" and isinstance(value, (int, float)):
         return f"{provenance_count(value):g}"
     if key == "base_factors" and isinstance(value, dict):

@@ -17,9 +17,11 @@ from . import __version__
 from .api import (
     ANALYTIC_METHODS,
     DEFAULT_INIT,
+    DEFAULT_OBJECTIVE,
     DEFAULT_SPACE,
     EVAL_DIR,
     RULER_TASKS,
+    SEARCH_OBJECTIVES,
     SEARCH_PRESETS,
     SEARCH_SPACES,
     SearchSettings,
@@ -118,6 +120,10 @@ def search_options(command):
         click.option("--space", type=click.Choice(list(SEARCH_SPACES)), default=None,
                      help=f"'full': every factor searched; 'critical': LongRoPE2's space, factors >= the extension "
                           f"from the critical dimension on and a ramp below it. Default: {DEFAULT_SPACE}."),
+        click.option("--objective", type=click.Choice(list(SEARCH_OBJECTIVES)), default=DEFAULT_OBJECTIVE,
+                     show_default=True,
+                     help="'ppl': perplexity of the documents; 'needle': perplexity of the answer tokens only of "
+                          "needle items (four keys asked, RULER's multi-query) built on them (LongRoPE2)."),
         click.option("--max-evals", type=click.FloatRange(min=1), default=None, callback=_finite,
                      help="Budget in evaluations (one candidate on all documents; baselines not counted), never "
                           "exceeded; replaces the preset's."),
@@ -145,8 +151,8 @@ def search_options(command):
     return command
 
 
-SEARCH_SETTINGS = ("documents", "preset", "space", "max_evals", "time_budget", "seed", "n_hat", "max_factor",
-                   "baselines", "device_map")
+SEARCH_SETTINGS = ("documents", "preset", "space", "objective", "max_evals", "time_budget", "seed", "n_hat",
+                   "max_factor", "baselines", "device_map")
 
 
 @cli.command(epilog=EXAMPLES)

@@ -111,6 +111,12 @@ PRESETS = {
 # both testbeds (BENCHMARKS.md, "Search: fidelity and cost").
 SPACES = ("full", "critical")
 DEFAULT_SPACE = "full"
+# What a search's Fitness measures (search.ModelFitness): "ppl", the perplexity of whole documents (LongRoPE);
+# "needle", the perplexity of the answer tokens of needle items built on the documents (LongRoPE2's needle-driven
+# perplexity, search.needle_documents).
+OBJECTIVES = ("ppl", "needle")
+DEFAULT_OBJECTIVE = "ppl"
+OBJECTIVE_LABELS = {"ppl": "perplexity", "needle": "answer-token perplexity"}
 
 
 @dataclass(frozen=True, order=True)

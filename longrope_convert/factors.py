@@ -103,6 +103,9 @@ PROVENANCE_FIELDS = {
     "best_perplexity": "fitness of the chosen factors",
     "baseline_perplexities": "fitness of the analytic sets on the same data",
     "preset": "search preset",
+    "objective": "what the fitness measured when not plain perplexity: 'needle', the perplexity of the answer "
+                 "tokens of needle items built on the data (LongRoPE2), with the items' task, depths, answer "
+                 "tokens per item and a hash of the positions scored",
     "space": "search space: 'full' (every lambda searched) or 'critical' (LongRoPE2: lambda >= the extension from "
              "its critical dimension on, a geometric ramp below it), with that dimension",
     "windows": "the documents as windows of the evaluation length, when --data had fewer long documents than "

@@ -33,6 +33,7 @@ from .convert import (
     write_planned,
 )
 from .errors import LongRoPEError
+from .evolution import DEFAULT_OBJECTIVE, OBJECTIVE_LABELS
 from .factors import CLASSIC_METHODS, FactorSet
 from .fetch import open_source
 from .preflight import check_data, check_push, check_search_outputs
@@ -95,7 +96,8 @@ class SearchSettings:
     ("default" or "paper") and `space` ("full" or "critical"; None: evolution.DEFAULT_SPACE), its budgets
     (`max_evals` evaluations, one = a candidate on every document, None: the preset's; `time_budget` seconds from
     the first evaluation), `seed`, whether n_hat is searched, the factors' upper bound `max_factor` (None: 1.25 x
-    the extension), and whether the baselines are measured on the same documents."""
+    the extension), whether the baselines are measured on the same documents, and the `objective` the fitness
+    measures ("ppl": perplexity of the documents; "needle": of the answer tokens of needle items built on them)."""
 
     documents: int = 4
     preset: str = "default"
@@ -106,6 +108,7 @@ class SearchSettings:
     n_hat: bool | None = None  # None: the preset's (paper: searched; default: not)
     max_factor: float | None = None
     baselines: bool = True
+    objective: str = DEFAULT_OBJECTIVE  # "ppl" or "needle" (evolution.OBJECTIVES)
 
 
 @dataclass
@@ -408,7 +411,8 @@ def run_search(model: SourceModel, *, data: list[str], target: int | None, out: 
     if not run.is_main:
         return None
     factor_set.save(out)
-    status(f"wrote {out}: method {summary['method']}, perplexity {summary['best_perplexity']:.4f} (n_hat "
+    status(f"wrote {out}: method {summary['method']}, {OBJECTIVE_LABELS[summary['objective']]} "
+           f"{summary['best_perplexity']:.4f} (n_hat "
            f"{summary['n_hat']}) after {summary['evaluations']:g} evaluations; baselines: "
            + (", ".join(f"{k} {v:.4f}" for k, v in summary["baselines"].items()) or "none measured"))
     return SearchOutcome(factors_file=Path(out), log=Path(log), factor_set=factor_set, summary=summary)

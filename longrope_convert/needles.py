@@ -14,7 +14,7 @@ drawn from the item's seed, as RULER draws them all (variable tracking: its late
 order). The token positions of each needle and of its value come from the assembled ids themselves.
 
 With `gold=True` the expected answer's tokens follow the prompt and the item is exactly `length` tokens,
-for scoring answers without generating (a search objective); otherwise the prompt leaves `answer_tokens`
+for scoring answers without generating (the search's needle objective: objective_items); otherwise the prompt leaves `answer_tokens`
 tokens of room for generation and the answer is scored as RULER scores it (string_match_all: the share
 of expected values found in the output, case-insensitive), the passkey as the first number answered.
 
@@ -291,7 +291,8 @@ class NeedleItem:
     `length` tokens); needle_spans[i] = (first, end) token positions of the i-th needle placed (in order of
     position); values[i] its value (for variable tracking: the variable it assigns), value_positions[i] the
     positions of that value's tokens, asked[i] whether the question asks for it; answer_span the expected
-    answer's positions (gold items; else None)."""
+    answer's positions and answer_positions those of its values' tokens, without the separators between them
+    (gold items; else None and [])."""
 
     task: str
     length: int
@@ -305,6 +306,7 @@ class NeedleItem:
     asked: list[bool]
     haystack_tokens: int
     answer_span: tuple[int, int] | None = None
+    answer_positions: list[int] = field(default_factory=list)  # gold items: the tokens of the answer's values
     chat_template: bool = False
     needles: Needles | None = field(default=None, repr=False)
 
@@ -325,13 +327,16 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
-def _value_positions(tokenizer, needle: str, value: str, first: int) -> list[int]:
-    """Positions (from `first`, where the needle's tokens start) of the tokens that hold `value` in " " + needle."""
-    text = " " + needle
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    begin = text.index(value)
-    end = begin + len(value)
-    return [first + i for i, (a, b) in enumerate(encoded["offset_mapping"]) if a < end and b > begin]
+def _value_positions(tokenizer, text: str, values: list[str], first: int) -> list[int]:
+    """Positions (from `first`, where the tokens of `text` start) of the tokens that hold `values` in `text`,
+    each value found after the one before."""
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    spans, begin = [], 0
+    for value in values:
+        begin = text.index(value, begin)
+        spans.append((begin, begin + len(value)))
+        begin += len(value)
+    return [first + i for i, (a, b) in enumerate(offsets) if any(a < end and b > start for start, end in spans)]
 
 
 def _pieces(tokenizer, task: NeedleTask, drawn: Needles, chat: tuple[str, str], gold: bool):
@@ -377,15 +382,17 @@ def build_item(tokenizer, task: NeedleTask, haystack: Haystack, length: int, dep
         ids += haystack.ids[cut:places[i]]
         cut = places[i]
         spans.append((len(ids), len(ids) + len(needles[i])))
-        values.append(_value_positions(tokenizer, drawn.needles[i], drawn.values_in_needles[i], len(ids)))
+        values.append(_value_positions(tokenizer, " " + drawn.needles[i], [drawn.values_in_needles[i]], len(ids)))
         ids += needles[i]
     ids += haystack.ids[cut:fill] + suffix
     answer_span = (len(ids), len(ids) + len(answer)) if gold else None
+    answer_positions = _value_positions(tokenizer, drawn.gold, drawn.answers, len(ids)) if gold else []
     ids += answer
     return NeedleItem(task=task.name, length=length, depth=depth, trial=trial, input_ids=ids, answers=drawn.answers,
                       needle_spans=spans, values=[drawn.values_in_needles[i] for i in order], value_positions=values,
                       asked=[drawn.values_in_needles[i] in drawn.answers for i in order], haystack_tokens=fill,
-                      answer_span=answer_span, chat_template=bool(chat[0]), needles=drawn)
+                      answer_span=answer_span, answer_positions=answer_positions, chat_template=bool(chat[0]),
+                      needles=drawn)
 
 
 def _nearest(starts: list[int], position: float) -> int:
@@ -416,3 +423,52 @@ def build_items(tokenizer, task: NeedleTask, haystack: Haystack, lengths: Iterab
         items += [build_item(tokenizer, task, haystack, length, depth, rng, chat=chat, gold=gold, trial=trial)
                   for depth, trial, rng in seeds]
     return items
+
+
+def haystack_windows(tokenizer, texts: Iterable[tuple[str, str]], tokens: int,
+                     count: int) -> tuple[list[Haystack], int]:
+    """`count` haystacks of `tokens` tokens from (name, text) pairs, and how many texts were too short: the first
+    window of each text long enough, then, when those are fewer than `count`, their next windows ("NAME#window2",
+    ...), as the perplexity objective takes documents. Fewer when the texts do not hold `count` windows; texts are
+    read no further than needed."""
+    long, skipped = [], 0
+    for name, text in texts:
+        if text.strip() and len((haystack := tokenized_haystack(tokenizer, text, name)).ids) >= tokens:
+            long.append(haystack)
+            if len(long) == count:
+                break
+        else:
+            skipped += 1
+    windows, window = [], 0
+    while len(windows) < count and any(len(h.ids) >= (window + 1) * tokens for h in long):
+        for haystack in long:
+            if len(windows) < count and len(haystack.ids) >= (window + 1) * tokens:
+                windows.append(_window(haystack, window * tokens, tokens, window + 1))
+        window += 1
+    return windows, skipped
+
+
+def _window(haystack: Haystack, first: int, tokens: int, number: int) -> Haystack:
+    end = first + tokens
+    starts = [first] + [s for s in haystack.sentence_starts if first < s < end] + [end]
+    name = haystack.name if number == 1 else f"{haystack.name}#window{number}"
+    return Haystack(name, haystack.ids[first:end], [s - first for s in starts])
+
+
+OBJECTIVE_TASK = "niah_multiquery"  # four needles and four questions per item: the most answer tokens of RULER's
+
+
+def objective_items(tokenizer, haystacks: list[Haystack], length: int, *, task: str = OBJECTIVE_TASK, seed: int = 0,
+                    chat: tuple[str, str] = ("", "")) -> list[NeedleItem]:
+    """The items of a needle-driven search objective (LongRoPE2, arXiv 2502.20082: the loss on answer tokens only):
+    a gold item of `task` of exactly `length` tokens on each haystack (haystack_windows), item k of n with its
+    first needle at depth (k + 1/2) / n, so the depths spread across the items. Only the haystack is cut; each
+    item's answer_positions are the tokens to score. Raises ItemTooShort when `length` cannot hold the task."""
+    needle_task = NEEDLE_TASKS[task]
+    depths = [(k + 0.5) / len(haystacks) for k in range(len(haystacks))]
+    needed = max((required_tokens(tokenizer, needle_task, item_seed(seed, task, length, depth, k), chat=chat,
+                                  gold=True) for k, depth in enumerate(depths)), default=0)
+    if needed > length:
+        raise ItemTooShort(task, length, needed)
+    return [build_item(tokenizer, needle_task, haystack, length, depth, item_seed(seed, task, length, depth, k),
+                       chat=chat, gold=True, trial=k) for k, (haystack, depth) in enumerate(zip(haystacks, depths))]

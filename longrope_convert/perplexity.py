@@ -139,8 +139,10 @@ def logits_chunk_size(lm_head: torch.nn.Linear, positions: int) -> int:
 
 
 @torch.inference_mode()
-def token_nll(model, input_ids: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
-    """Negative log-likelihood in nats of tokens 1 .. n-1 of each row of input_ids [batch, n]: [batch, n-1] float32.
+def token_nll(model, input_ids: torch.Tensor, chunk_size: int | None = None,
+              positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Negative log-likelihood in nats of tokens 1 .. n-1 of each row of input_ids [batch, n]: [batch, n-1] float32;
+    with `positions` (token indices >= 1 of a single row), of those tokens only: [1, len(positions)].
 
     `model` is a causal LM with `.model` (the backbone) and `.lm_head`, as Llama has; the backbone
     runs once. The LM head and the loss then run on flat [positions, vocab] logits (the layout
@@ -152,14 +154,18 @@ def token_nll(model, input_ids: torch.Tensor, chunk_size: int | None = None) -> 
     input_ids = input_ids.to(model.device)
     hidden = model.model(input_ids=input_ids, use_cache=False).last_hidden_state  # [batch, n, hidden]
     head = model.lm_head
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).to(head.weight.device)  # [batch x (n-1), hidden]
-    targets = input_ids[:, 1:].reshape(-1).to(head.weight.device)
+    if positions is not None:  # the token at p is predicted from the hidden state at p - 1
+        positions = positions.to(input_ids.device)
+        hidden, targets = hidden[0, positions - 1].to(head.weight.device), input_ids[0, positions].to(head.weight.device)
+    else:
+        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).to(head.weight.device)  # [batch x (n-1), hidden]
+        targets = input_ids[:, 1:].reshape(-1).to(head.weight.device)
     chunk_size = chunk_size or logits_chunk_size(head, targets.numel())
     nll = torch.empty(targets.shape, dtype=torch.float32, device=hidden.device)
     for start in range(0, targets.numel(), chunk_size):
         logits = head(hidden[start : start + chunk_size]).float()  # [chunk, vocab]
         nll[start : start + chunk_size] = F.cross_entropy(logits, targets[start : start + chunk_size], reduction="none")
-    return nll.view(input_ids.shape[0], -1)
+    return nll.view(1 if positions is not None else input_ids.shape[0], -1)
 
 
 def perplexity(nll: torch.Tensor) -> float:

@@ -1,7 +1,9 @@
 """The search of LongRoPE factors (lambda and n_hat) for a model: task, fitness, baselines, the run.
 
 Fitness: perplexity of the model with a candidate's factors over K documents of the evaluation
-length (each: BOS + its first length - 1 tokens), exp(total NLL / total tokens). The model is
+length (each: BOS + its first length - 1 tokens), exp(total NLL / total tokens); with the needle
+objective (LongRoPE2, arXiv 2502.20082), over the answer tokens only of K needle items of that
+length built on the documents (needles.objective_items). The model is
 loaded once and every candidate is swapped into its rotary embedding in place (the module that
 ships in checkpoints). Documents longer than the original window use the long set; a short-factor
 search evaluates at the original window, where the short set is in use.
@@ -14,6 +16,8 @@ critical dimension), then mutants of them.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -26,8 +30,11 @@ import torch
 from .documents import data_provenance, portable_document_name
 from .errors import DataError, LongRoPEError, TargetError
 from .evolution import (
+    DEFAULT_OBJECTIVE,
     DEFAULT_SPACE,
     NLL,
+    OBJECTIVE_LABELS,
+    OBJECTIVES,
     PRESETS,
     SPACES,
     Candidate,
@@ -48,6 +55,7 @@ from .factors import (
     provenance_count,
     source_factor_set,
 )
+from .needles import OBJECTIVE_TASK, ItemTooShort, chat_frame, haystack_windows, objective_items
 from .perplexity import token_nll, use_factor_set
 from .search_log import LOG_VERSION, SearchLog, config_sha256, file_sha256, tokens_sha256
 from .source_rope import critical_dimension, long_attention_scales
@@ -114,20 +122,23 @@ def short_search_task(checkpoint: FactorSet, high: float | None = None) -> Searc
     return SearchTask(base=checkpoint, long_mode=False, space=space, initial=initial)
 
 
-def document_nll(model, factor_set: FactorSet, input_ids: torch.Tensor) -> NLL:
-    """(sum of token NLLs, tokens) of one document [1, length] under a factor set swapped into the model."""
+def document_nll(model, factor_set: FactorSet, input_ids: torch.Tensor, scored: torch.Tensor | None = None) -> NLL:
+    """(sum of token NLLs, tokens) of one document [1, length] under a factor set swapped into the model: of every
+    token after the first, or of the tokens at the `scored` positions only."""
     use_factor_set(model, factor_set)  # the document's length selects the long or short set
-    nll = token_nll(model, input_ids)
+    nll = token_nll(model, input_ids, positions=scored)
     return math.fsum(nll.double().flatten().tolist()), nll.numel()
 
 
 class ModelFitness:
-    """NLL of factor sets on the search documents: replayed from the log when known, computed otherwise
-    (spread over the torchrun processes). Implements evolution.Fitness for the task's candidates."""
+    """NLL of factor sets on the search documents (of their `scored` positions, when given: the needle objective):
+    replayed from the log when known, computed otherwise (spread over the torchrun processes). Implements
+    evolution.Fitness for the task's candidates."""
 
     def __init__(self, model, token_ids: list[torch.Tensor], log: SearchLog, workers: Workers,
-                 task: SearchTask) -> None:
+                 task: SearchTask, scored: list[torch.Tensor] | None = None) -> None:
         self.model, self.token_ids, self.log, self.workers, self.task = model, token_ids, log, workers, task
+        self.scored = scored or [None] * len(token_ids)
         self.documents = len(token_ids)
         self.computed, self.seconds = 0, 0.0  # document evaluations computed (not replayed) and their time
 
@@ -149,7 +160,8 @@ class ModelFitness:
         def compute(request) -> tuple[float, int, float]:
             _, _, factor_set, doc = request
             started = time.perf_counter()
-            return *document_nll(self.model, factor_set, self.token_ids[doc]), time.perf_counter() - started
+            nll = document_nll(self.model, factor_set, self.token_ids[doc], self.scored[doc])
+            return *nll, time.perf_counter() - started
 
         def record(request, result) -> None:
             item, key, _, doc = request
@@ -246,7 +258,7 @@ class Verdict:
     baseline: str | None = None
 
 
-def verdict(result: SearchResult, baselines: dict[str, float], long_mode: bool) -> Verdict:
+def verdict(result: SearchResult, baselines: dict[str, float], long_mode: bool, measure: str = "perplexity") -> Verdict:
     """Honest label of a search's outcome. "search" ("search:short") only for a search that evolved
     and whose best is not worse than any baseline it measured. A measured baseline that is better
     wins: its factors are written ("baseline:<name>"), since knowingly shipping worse factors helps
@@ -260,7 +272,7 @@ def verdict(result: SearchResult, baselines: dict[str, float], long_mode: bool) 
             why = (f"The {BUDGET_LABELS.get(result.stopped_by, 'budget')} ended before any candidate was scored "
                    "on all documents")
         else:
-            why = (f"The search's best (perplexity {result.best_perplexity:.4f} after {result.evaluations:.1f} "
+            why = (f"The search's best ({measure} {result.best_perplexity:.4f} after {result.evaluations:.1f} "
                    f"evaluations) is worse than {label} ({perplexity:.4f}) on the same data")
         return Verdict(f"baseline:{best_baseline}", f"{why}, so these are the factors of {label}, not searched ones.",
                        best_baseline)
@@ -278,9 +290,10 @@ def verdict(result: SearchResult, baselines: dict[str, float], long_mode: bool) 
 
 def search_log_header(source, task: SearchTask, names: list[str], token_ids: list[torch.Tensor],
                       skipped_documents: int, eval_length: int, seed: int, preset_name: str,
-                      budget: dict[str, Any]) -> dict[str, Any]:
+                      budget: dict[str, Any], objective: dict[str, Any] | None = None) -> dict[str, Any]:
     """The log's first line: the settings a resume must share, with content hashes of the documents'
-    tokens and of the model's config and weight files (these hash the weights: ~1.3 GB/s)."""
+    tokens and of the model's config and weight files (these hash the weights: ~1.3 GB/s), and the needle
+    objective's settings with a hash of its masks (absent for perplexity, as in logs before it)."""
     return {
         "version": LOG_VERSION,
         "source": source.name,
@@ -298,6 +311,7 @@ def search_log_header(source, task: SearchTask, names: list[str], token_ids: lis
         "seed": seed,
         "preset": preset_name,
         "budget": budget,
+        **({"objective": objective} if objective else {}),
     }
 
 
@@ -320,6 +334,9 @@ class SearchPlan:
     seed: int
     baselines: bool
     budget: dict[str, Any]  # as asked, for the log header: {"max_evals": None for the preset's, "time_budget"}
+    objective: str = DEFAULT_OBJECTIVE
+    scored: list[torch.Tensor] | None = None  # the needle objective: per document, the positions scored
+    objective_settings: dict[str, Any] | None = None  # the needle objective's, for the log header and factor file
 
     @property
     def preset(self):
@@ -351,14 +368,16 @@ class SearchPlan:
             where = f"full space: all {space.dims} dimensions searched"
         budget = ("no evaluation cap" if self.max_evals is None
                   else f"at most {self.max_evals:g} evaluations (one = a candidate on every document)")
+        documents = (f"{len(self.documents)} needle items, {sum(map(len, self.scored))} answer tokens scored"
+                     if self.scored else f"{len(self.documents)} documents")
         return (f"search: preset {self.preset_name}, {where}; {budget}, at most {self.planned_document_evaluations} "
-                f"document forwards of {self.eval_length} tokens in all ({len(self.documents)} documents"
+                f"document forwards of {self.eval_length} tokens in all ({documents}"
                 + (", baselines included)" if self.baselines else ")"))
 
     def summary(self) -> dict[str, Any]:
         return {"data": self.data, "documents": len(self.documents), "eval_length": self.eval_length,
                 "preset": self.preset_name, "max_evals": self.max_evals, "time_budget_s": self.time_budget,
-                "seed": self.seed, "baselines": self.baselines,
+                "seed": self.seed, "baselines": self.baselines, "objective": self.objective,
                 "space": "critical" if self.task.space.critical else "full", "max_document_forwards": self.planned_document_evaluations, "caps": self.caps_line}
 
 
@@ -366,13 +385,13 @@ def plan_search(*, source, data: list[str], target: int | None, log_path: Path |
                 preset: str = "default", max_evals: float | None = None, time_budget: float | None = None,
                 seed: int = 0, n_hat: bool | None = None, short: bool = False, max_factor: float | None = None,
                 resume: bool = False, baselines: bool = True, n_hat_mscale: str | None = None,
-                space: str | None = None) -> SearchPlan:
+                space: str | None = None, objective: str = DEFAULT_OBJECTIVE) -> SearchPlan:
     """Check a search of `source` (a source.SourceModel) and prepare it without loading the model: the task, the
     documents of `data` tokenized (`documents` of them, of the evaluation length: `target`, or the original window
-    with `short`), the budget (`max_evals` evaluations, default the preset's; `time_budget` seconds), n_hat searched
-    or not (`n_hat`, default the preset's). Writes
-    nothing. Raises LongRoPEError for settings that cannot be searched, DataError for unreadable data,
-    LongRoPEError when no document is long enough."""
+    with `short`; with the "needle" `objective`, as many needle items built on them, needle_documents), the budget
+    (`max_evals` evaluations, default the preset's; `time_budget` seconds), n_hat searched or not (`n_hat`, default
+    the preset's). Writes nothing. Raises LongRoPEError for settings that cannot be searched, DataError for
+    unreadable data, LongRoPEError when no document is long enough."""
     from transformers import AutoTokenizer
 
     from .documents import read_documents
@@ -384,10 +403,18 @@ def plan_search(*, source, data: list[str], target: int | None, log_path: Path |
         raise LongRoPEError(f"{{preset}} must be one of {', '.join(PRESETS)}, got {preset!r}", setting="preset",
                             value=preset)
     n_hat = PRESETS[preset].n_hat if n_hat is None else n_hat
+    if objective not in OBJECTIVES:
+        raise LongRoPEError(f"{{objective}} must be one of {', '.join(OBJECTIVES)}, got {objective!r}",
+                            setting="objective", value=objective)
     task, eval_length = _search_task(source, target, short, n_hat, max_factor, n_hat_mscale, space)
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
-    tokens, names, skipped = tokenized_documents(tokenizer, read_documents(list(data)), eval_length, limit=documents,
-                                                 windows=True)
+    scored = objective_settings = None
+    if objective == "needle":
+        tokens, names, skipped, scored, objective_settings = needle_documents(
+            tokenizer, read_documents(list(data)), eval_length, documents)
+    else:
+        tokens, names, skipped = tokenized_documents(tokenizer, read_documents(list(data)), eval_length,
+                                                     limit=documents, windows=True)
     if not tokens:
         raise DataError(f"{{data}} has no document of at least {eval_length} tokens ({skipped} shorter ones skipped)",
                         setting="data", bound=eval_length)
@@ -395,7 +422,28 @@ def plan_search(*, source, data: list[str], target: int | None, log_path: Path |
                       document_names=names, skipped_documents=skipped, requested_documents=documents,
                       preset_name=preset, max_evals=PRESETS[preset].max_evals if max_evals is None else max_evals,
                       time_budget=time_budget, seed=seed, baselines=baselines,
-                      budget={"max_evals": max_evals, "time_budget": time_budget})
+                      budget={"max_evals": max_evals, "time_budget": time_budget}, objective=objective,
+                      scored=scored, objective_settings=objective_settings)
+
+
+def needle_documents(tokenizer, documents, length: int, count: int):
+    """The needle objective's documents: a needle item of `length` tokens (needles.objective_items, in the
+    tokenizer's chat template when it has one) on each of `count` haystack windows of `documents`. Returns their
+    token ids [1, length], names (the windows'), how many documents were too short, the positions scored in each
+    (the answer values' tokens) and the objective's settings with a hash of every mask. Raises LongRoPEError when
+    `length` cannot hold an item."""
+    windows, skipped = haystack_windows(tokenizer, ((d.name, d.text) for d in documents), length, count)
+    chat = chat_frame(tokenizer, use_chat_template=True)
+    try:
+        items = objective_items(tokenizer, windows, length, chat=chat)
+    except ItemTooShort as error:
+        raise LongRoPEError(f"{{objective}} needle: {error}", setting="objective", value="needle") from None
+    masks = [item.answer_positions for item in items]
+    settings = {"name": "needle", "task": OBJECTIVE_TASK, "items_seed": 0, "chat_template": bool(chat[0]),
+                "depths": [round(item.depth, 4) for item in items], "answer_tokens": [len(mask) for mask in masks],
+                "masks_sha256": hashlib.sha256(json.dumps(masks).encode()).hexdigest()}
+    return ([torch.tensor([item.input_ids]) for item in items], [window.name for window in windows], skipped,
+            [torch.tensor(mask) for mask in masks], settings)
 
 
 def _search_task(source, target: int | None, short: bool, n_hat: bool, max_factor: float | None,
@@ -431,7 +479,8 @@ class SearchRun:
                  time_budget: float | None = None, seed: int = 0, n_hat: bool | None = None, short: bool = False,
                  max_factor: float | None = None, resume: bool = False, baselines: bool = True,
                  device_map: str | None = None, n_hat_mscale: str | None = None, space: str | None = None,
-                 plan: SearchPlan | None = None, status: Callable[[str], None] = lambda message: None) -> None:
+                 objective: str = DEFAULT_OBJECTIVE, plan: SearchPlan | None = None,
+                 status: Callable[[str], None] = lambda message: None) -> None:
         from .convert import longrope_config
         from .perplexity import load_longrope_model
 
@@ -439,7 +488,7 @@ class SearchRun:
             plan = plan_search(source=source, data=data, target=target, log_path=log_path, documents=documents,
                                preset=preset, max_evals=max_evals, time_budget=time_budget, seed=seed, n_hat=n_hat,
                                short=short, max_factor=max_factor, resume=resume, baselines=baselines,
-                               n_hat_mscale=n_hat_mscale, space=space)
+                               n_hat_mscale=n_hat_mscale, space=space, objective=objective)
         self.plan = plan
         self.workers = Workers()
         self.status = status if self.workers.is_main else (lambda message: None)
@@ -461,9 +510,15 @@ class SearchRun:
         if len(self.documents) < documents:
             self.status(f"warning: --documents {documents}, but --data has only {len(self.documents)} windows of "
                         f"{self.eval_length} tokens; the search uses those")
+        if plan.objective_settings:
+            settings = plan.objective_settings
+            self.status(f"objective: answer-token perplexity of {len(self.documents)} {settings['task']} needle items "
+                        f"({sum(settings['answer_tokens'])} answer tokens; needles at depths "
+                        f"{', '.join(f'{d:.0%}' for d in settings['depths'])}"
+                        + (", in the chat template)" if settings["chat_template"] else ")"))
         self.log = SearchLog(log_path, lambda: search_log_header(
             source, self.task, self.document_names, self.documents, skipped, self.eval_length, self.seed,
-            self.preset_name, plan.budget), resume, self.workers)
+            self.preset_name, plan.budget, plan.objective_settings), resume, self.workers)
         if resume:
             self.status(f"search log: {len(self.log.known)} evaluations replayed from {log_path}")
         where = f"device map {device_map}" if device_map else str(self.workers.device)
@@ -494,7 +549,7 @@ class SearchRun:
         before every document evaluation. `on_evaluation` is called per finished document evaluation
         (replayed ones too), `on_best` with each new best perplexity of the search."""
         started = time.perf_counter()
-        fitness = ModelFitness(self.model, self.documents, self.log, self.workers, self.task)
+        fitness = ModelFitness(self.model, self.documents, self.log, self.workers, self.task, self.plan.scored)
         evolution = Evolution(self.task.space, self.task.initial, self.preset, fitness, seed=self.seed,
                               max_evals=self.max_evals, on_evaluation=on_evaluation, on_best=on_best)
         # what comes after the evolution: the finalists' confirmation and the other attention scales
@@ -521,7 +576,7 @@ class SearchRun:
         if result.best is None and scored and not any(math.isfinite(nll) for nll in scored):
             raise LongRoPEError(f"every evaluation ({len(scored)} documents) gave a NaN or infinite perplexity: the "
                                 "model's logits are not finite (check its weights and dtype); nothing to write")
-        outcome = verdict(result, baselines, self.task.long_mode)
+        outcome = verdict(result, baselines, self.task.long_mode, OBJECTIVE_LABELS[self.plan.objective])
         if outcome.warning:
             self.status(f"warning: {outcome.warning}")
         written = sets[outcome.baseline] if outcome.baseline else searched
@@ -535,6 +590,7 @@ class SearchRun:
             "best_perplexity": round(best_perplexity, 4),
             "baseline_perplexities": {name: round(ppl, 4) for name, ppl in baselines.items()},
             "preset": self.preset_name,
+            **({"objective": self.plan.objective_settings} if self.plan.objective_settings else {}),
             "space": ({"name": "critical", "critical_dimension": self.task.space.critical} if self.task.space.critical
                       else {"name": "full"}),
             **({"windows": [portable_document_name(name, self.data) for name in self.document_names]}
@@ -548,7 +604,8 @@ class SearchRun:
         if "composition" in written.provenance:  # what the set is composed on (factors.compose)
             provenance["composition"] = written.provenance["composition"]
         factor_set = replace(written, provenance=new_provenance(outcome.method, **provenance))
-        summary = {"method": outcome.method, "warning": outcome.warning, "best_perplexity": best_perplexity,
+        summary = {"method": outcome.method, "warning": outcome.warning, "objective": self.plan.objective,
+                   "best_perplexity": best_perplexity,
                    "search_best_perplexity": result.best_perplexity, "evaluations": result.evaluations,
                    "iterations": result.iterations, "stopped_by": result.stopped_by, "n_hat": factor_set.n_hat,
                    "baselines": baselines, "history": result.history, "seconds": seconds,

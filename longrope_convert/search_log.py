@@ -110,7 +110,7 @@ class SearchLog:
 def header_difference(logged: dict[str, Any], header: dict[str, Any]) -> str:
     """What differs between a logged header and the resumed search's, in words ("" when nothing does);
     the budget may change between runs."""
-    for field in ("mode", "target_length", "eval_length"):  # these change the documents' tokens too: name them first
+    for field in ("mode", "target_length", "eval_length", "objective"):  # these change the documents' tokens too
         if logged.get(field) != header.get(field):
             return f"the setting '{field}' changed (the log has {logged.get(field)!r})"
     logged_documents, documents = logged.get("documents") or [], header["documents"]
@@ -126,8 +126,8 @@ def header_difference(logged: dict[str, Any], header: dict[str, Any]) -> str:
     for name in sorted(set(weights) | set(logged_weights)):
         if logged_weights.get(name) != weights.get(name):
             return f"the model's weights changed ({name})"
-    for field, value in header.items():
-        if field not in ("budget", "documents", "model_files") and logged.get(field) != value:
+    for field in {**logged, **header}:  # a setting absent from one side (the perplexity objective's) differs too
+        if field not in ("kind", "budget", "documents", "model_files") and logged.get(field) != header.get(field):
             return f"the setting '{field}' changed (the log has {logged.get(field)!r})"
     return ""
 

@@ -1,6 +1,7 @@
 """Needle items (RULER's tasks and the passkey): exact sizes, needles where they were put, answers from the ids,
 the chat template, scoring. Tokenizers only: no model runs here."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,10 @@ from longrope_convert.needles import (
     build_items,
     chat_frame,
     haystack_from_texts,
+    haystack_windows,
     item_seed,
     noise_haystack,
+    objective_items,
     read_passkey,
     required_tokens,
     string_match_all,
@@ -53,9 +56,14 @@ def test_items_fill_the_length_exactly_and_hold_their_needles_at_depth(tokenizer
             assert text.startswith(tokenizer.bos_token + drawn.intro)
             for needle in drawn.needles:
                 assert needle in text
-            if gold:  # the expected answer's tokens close the item
+            if gold:  # the expected answer's tokens close the item; only its values' tokens are to be scored
                 assert item.answer_span[1] == length
                 assert tokenizer.decode(item.input_ids[item.answer_span[0]:]) == drawn.gold
+                scored = item.answer_positions
+                assert item.answer_span[0] <= scored[0] and scored[-1] < length
+                assert tokenizer.decode([item.input_ids[p] for p in scored]).replace(" ", "") == "".join(item.answers)
+                rest = [p for p in range(*item.answer_span) if p not in scored]  # separators and the full stop
+                assert not any(c.isalnum() for c in tokenizer.decode([item.input_ids[p] for p in rest]))
             # each needle's value, read back from the ids at the positions given
             for (first, end), positions, value in zip(item.needle_spans, item.value_positions, item.values):
                 assert first <= positions[0] and positions[-1] < end
@@ -120,6 +128,31 @@ def test_the_chat_template_wraps_the_prompt_and_is_recorded(smollm2_dir, haystac
     assert not plain.chat_template and "<|im_start|>assistant" not in tokenizer.decode(plain.input_ids)
     assert chat_frame(tokenizer, False) == ("", "")
     assert chat_frame(AutoTokenizer.from_pretrained(TESTBED), True) == ("", "")  # it has no template
+
+
+def test_objective_items_take_a_window_each_with_their_depths_spread(tokenizer):
+    """The search's needle objective: one gold item per haystack window (each text's first window, then second
+    windows), exactly the length, first needles at depths spread over the items, the haystack cut only."""
+    texts = [(f"chapter{i}", json.loads(line)["text"])
+             for i, line in enumerate((DATA / "tom_sawyer_chapters.jsonl").read_text().splitlines())]
+    windows, skipped = haystack_windows(tokenizer, [("short", "Too short."), *texts], 2048, 8)
+    assert skipped == 1
+    assert [w.name for w in windows] == [f"chapter{i}" for i in range(6)] + ["chapter0#window2", "chapter3#window2"]
+    assert all(len(w.ids) == 2048 and w.sentence_starts[0] == 0 for w in windows)
+    items = objective_items(tokenizer, windows, 2048)
+    assert [item.depth for item in items] == [(k + 0.5) / 8 for k in range(8)]
+    for item, window in zip(items, windows):
+        assert len(item.input_ids) == 2048 and item.answer_span[1] == 2048 and len(item.answers) == 4
+        haystack, cut = [], 1 + len(tokenizer(item.needles.intro, add_special_tokens=False).input_ids)
+        for first, end in item.needle_spans:  # what lies between the needles is the window's text, in order
+            haystack += item.input_ids[cut:first]
+            cut = end
+        suffix = tokenizer(item.needles.question + item.needles.answer_prefix, add_special_tokens=False).input_ids
+        haystack += item.input_ids[cut:item.answer_span[0] - len(suffix)]
+        assert haystack == window.ids[:item.haystack_tokens]
+        assert item.input_ids[item.answer_span[0] - len(suffix):item.answer_span[0]] == suffix
+    with pytest.raises(ItemTooShort):
+        objective_items(tokenizer, windows[:1], 200)
 
 
 def test_sentence_starts_are_where_sentences_start(tokenizer):

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
 
 from conftest import DATA, TINY_WINDOW, edit_json
 from longrope_convert.job import resume_command
@@ -25,7 +26,15 @@ from longrope_convert.errors import LongRoPEError
 from longrope_convert.evolution import Candidate, SearchResult, SearchSpace
 from longrope_convert.factors import analytic_factor_set, load_factor_set
 from longrope_convert.perplexity import load_longrope_model, perplexity, token_nll, use_factor_set
-from longrope_convert.search import ModelFitness, SearchRun, Verdict, long_search_task, verdict
+from longrope_convert.search import (
+    ModelFitness,
+    SearchRun,
+    Verdict,
+    document_nll,
+    long_search_task,
+    plan_search,
+    verdict,
+)
 from longrope_convert.search_log import LOG_VERSION, SearchLog
 from longrope_convert.source import read_source
 from longrope_convert.source_rope import critical_dimension
@@ -35,6 +44,7 @@ TESTBED = Path(__file__).parent / "testbed" / "tiny-llama-256"
 SEARCH_DATA = DATA / "tom_sawyer_chapters.jsonl"
 HELD_OUT = DATA / "sherlock_adventures.jsonl"
 CLI = [sys.executable, "-m", "longrope_convert"]
+TOKENIZER = AutoTokenizer.from_pretrained(TESTBED)
 
 
 def test_the_llama3_shaped_testbed_has_llama_3_8b_s_shape_where_rope_scaling_matters():
@@ -292,9 +302,9 @@ def test_resume_is_refused_when_a_document_the_config_or_the_weights_changed(tmp
     shutil.copytree(TESTBED, model)
     shutil.copy(SEARCH_DATA, data)
 
-    def open_search(resume: bool, target: int = 1024) -> SearchRun:
+    def open_search(resume: bool, target: int = 1024, objective: str = "ppl") -> SearchRun:
         return SearchRun(source=read_source(model), data=[str(data)], target=target, documents=2, log_path=log,
-                         resume=resume)
+                         resume=resume, objective=objective)
 
     open_search(resume=False)
     with pytest.raises(LongRoPEError, match="exists; pass resume"):
@@ -302,6 +312,8 @@ def test_resume_is_refused_when_a_document_the_config_or_the_weights_changed(tmp
     open_search(resume=True)  # unchanged: accepted
     with pytest.raises(LongRoPEError, match="the setting 'target_length' changed"):  # not "document ... changed"
         open_search(resume=True, target=2048)
+    with pytest.raises(LongRoPEError, match="the setting 'objective' changed"):
+        open_search(resume=True, objective="needle")
 
     books = data.read_text()
     data.write_text(books.replace("Tom", "Sid", 1))
@@ -321,6 +333,46 @@ def test_resume_is_refused_when_a_document_the_config_or_the_weights_changed(tmp
     save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(LongRoPEError, match=r"the model's weights changed \(model.safetensors\)"):
         open_search(resume=True)
+
+
+def test_the_needle_objective_scores_the_answer_values_only_on_whole_items(tmp_path):
+    """--objective needle: each document is a needle item of exactly the target length, and its fitness is the NLL
+    of the tokens of the answer's values: the masked sum of every token's NLL, blind to what follows them."""
+    plan = plan_search(source=read_source(TESTBED), data=[str(SEARCH_DATA)], target=1024, documents=2,
+                       objective="needle")
+    assert "2 needle items, " in plan.caps_line and plan.objective_settings["task"] == "niah_multiquery"
+    model = model_with(TESTBED, plan.task.base)
+    factor_set = analytic_factor_set("yarn", read_source(TESTBED).fingerprint, 1024)
+    for ids, scored in zip(plan.documents, plan.scored):
+        assert ids.shape == (1, 1024) and ids[0, 0] == 0  # BOS, no chat template on the testbed
+        digits = "".join(d for d in TOKENIZER.decode(ids[0, scored]) if not d.isspace())
+        assert len(digits) == 4 * 7 and digits.isdigit() and scored.tolist() == sorted(scored.tolist())
+        with torch.no_grad():
+            nll, tokens = document_nll(model, factor_set, ids, scored)
+            every = token_nll(model, ids)[0]  # with the set just swapped in; token p's NLL is every[p - 1]
+            assert tokens == len(scored) and math.isclose(nll, every[scored - 1].double().sum().item(), rel_tol=1e-5)
+            after = ids.clone()
+            after[0, scored[-1] + 1:] = 3  # what follows the last value (the full stop) is not scored
+            assert document_nll(model, factor_set, after, scored) == (nll, tokens)
+            value = ids.clone()
+            value[0, scored[-1]] = ids[0, scored[-2]] if ids[0, scored[-1]] != ids[0, scored[-2]] else 3
+            assert document_nll(model, factor_set, value, scored)[0] != nll
+
+
+def test_a_needle_search_writes_its_objective_and_words_its_fitness(tmp_path):
+    out, stderr = tmp_path / "f.json", []
+    summary = run_search(TESTBED, "--target", 1024, "--data", SEARCH_DATA, "--documents", 2, "--max-evals", 4,
+                         "--no-baselines", "--objective", "needle", "--out", out, stderr=stderr)
+    assert summary["objective"] == "needle"
+    objective = load_factor_set(out).provenance["objective"]
+    assert objective["name"] == "needle" and objective["depths"] == [0.25, 0.75] and len(objective["answer_tokens"]) == 2
+    assert any(line.startswith("objective: answer-token perplexity of 2 niah_multiquery needle items")
+               for line in stderr)
+    assert any(line.startswith(f"wrote {out}: method ") and "answer-token perplexity" in line for line in stderr)
+    done = subprocess.run([*CLI, "search", *map(str, (TESTBED, "--target", 300, "--data", SEARCH_DATA, "--objective",
+                                                       "needle", "--out", tmp_path / "g.json"))],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "--objective needle: niah_multiquery at 300 tokens" in done.stderr
 
 
 def test_the_fitness_reports_each_evaluation_once_it_is_logged(tiny_llama_dir, tmp_path):
