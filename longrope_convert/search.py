@@ -43,6 +43,7 @@ from .evolution import (
     SearchSpace,
     n_hat_choices,
     perplexity_of,
+    rank_finalists,
 )
 from .factors import (
     ANALYTIC_METHODS,
@@ -136,15 +137,17 @@ class ModelFitness:
     evolution.Fitness for the task's candidates."""
 
     def __init__(self, model, token_ids: list[torch.Tensor], log: SearchLog, workers: Workers,
-                 task: SearchTask, scored: list[torch.Tensor] | None = None) -> None:
+                 task: SearchTask, scored: list[torch.Tensor] | None = None, key_prefix: str = "") -> None:
         self.model, self.token_ids, self.log, self.workers, self.task = model, token_ids, log, workers, task
         self.scored = scored or [None] * len(token_ids)
+        self.key_prefix = key_prefix  # logged as "<prefix><candidate key>": other documents than the search's
         self.documents = len(token_ids)
         self.computed, self.seconds = 0, 0.0  # document evaluations computed (not replayed) and their time
 
     def nll(self, requests: Sequence[tuple[Candidate, int]], on_result: Callable[[Candidate, int, NLL], None],
             keep_going: Callable[[], bool]) -> None:
-        self.evaluate([(c, c.key, self.task.factor_set(c), doc) for c, doc in requests], on_result, keep_going)
+        self.evaluate([(c, self.key_prefix + c.key, self.task.factor_set(c), doc) for c, doc in requests], on_result,
+                      keep_going)
 
     def evaluate(self, requests: Sequence[tuple[Any, str, FactorSet, int]], on_result: Callable[[Any, int, NLL], None],
                  keep_going: Callable[[], bool]) -> None:
@@ -315,6 +318,22 @@ def search_log_header(source, task: SearchTask, names: list[str], token_ids: lis
     }
 
 
+NEEDLE_FINALISTS = 4  # "ppl+needle": the fittest this many by perplexity are ranked on the needle items
+
+
+@dataclass
+class NeedleDocuments:
+    """Needle items as the search scores them: token ids [1, length], the names of their haystack windows, how many
+    documents were too short, the positions scored in each (its answer values' tokens), and the settings that made
+    them with a hash of every mask (for the log header and the factor file)."""
+
+    tokens: list[torch.Tensor]
+    names: list[str]
+    skipped: int
+    scored: list[torch.Tensor]
+    settings: dict[str, Any]
+
+
 @dataclass
 class SearchPlan:
     """A search checked and prepared before any model is loaded (task, documents tokenized, budget), so that bad
@@ -335,8 +354,13 @@ class SearchPlan:
     baselines: bool
     budget: dict[str, Any]  # as asked, for the log header: {"max_evals": None for the preset's, "time_budget"}
     objective: str = DEFAULT_OBJECTIVE
-    scored: list[torch.Tensor] | None = None  # the needle objective: per document, the positions scored
-    objective_settings: dict[str, Any] | None = None  # the needle objective's, for the log header and factor file
+    # "needle": the documents above are these items; "ppl+needle": they rank the perplexity's finalists
+    needles: NeedleDocuments | None = None
+
+    @property
+    def scored(self) -> list[torch.Tensor] | None:
+        """The positions the fitness scores in each document (None: every token)."""
+        return self.needles.scored if self.objective == "needle" else None
 
     @property
     def preset(self):
@@ -355,7 +379,12 @@ class SearchPlan:
         if self.max_evals is not None:
             forwards = min(forwards, math.floor(self.max_evals * documents + 1e-9))
         extra = (len(baseline_sets(self.task)) if self.baselines else 0) + max(len(self.task.attention_scales) - 1, 0)
-        return forwards + extra * documents
+        return forwards + extra * documents + self.needle_ranking_forwards
+
+    @property
+    def needle_ranking_forwards(self) -> int:
+        """"ppl+needle": the forwards that rank the perplexity's finalists on the needle items."""
+        return NEEDLE_FINALISTS * len(self.needles.tokens) if self.objective == "ppl+needle" else 0
 
     @property
     def caps_line(self) -> str:
@@ -370,6 +399,9 @@ class SearchPlan:
                   else f"at most {self.max_evals:g} evaluations (one = a candidate on every document)")
         documents = (f"{len(self.documents)} needle items, {sum(map(len, self.scored))} answer tokens scored"
                      if self.scored else f"{len(self.documents)} documents")
+        if self.objective == "ppl+needle":
+            documents += (f"; the {NEEDLE_FINALISTS} fittest ranked on {len(self.needles.tokens)} needle items, "
+                          f"{sum(map(len, self.needles.scored))} answer tokens scored")
         return (f"search: preset {self.preset_name}, {where}; {budget}, at most {self.planned_document_evaluations} "
                 f"document forwards of {self.eval_length} tokens in all ({documents}"
                 + (", baselines included)" if self.baselines else ")"))
@@ -408,10 +440,11 @@ def plan_search(*, source, data: list[str], target: int | None, log_path: Path |
                             setting="objective", value=objective)
     task, eval_length = _search_task(source, target, short, n_hat, max_factor, n_hat_mscale, space)
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
-    scored = objective_settings = None
+    needles = None
+    if objective != "ppl":
+        needles = needle_documents(tokenizer, read_documents(list(data)), eval_length, documents, objective)
     if objective == "needle":
-        tokens, names, skipped, scored, objective_settings = needle_documents(
-            tokenizer, read_documents(list(data)), eval_length, documents)
+        tokens, names, skipped = needles.tokens, needles.names, needles.skipped
     else:
         tokens, names, skipped = tokenized_documents(tokenizer, read_documents(list(data)), eval_length,
                                                      limit=documents, windows=True)
@@ -423,27 +456,26 @@ def plan_search(*, source, data: list[str], target: int | None, log_path: Path |
                       preset_name=preset, max_evals=PRESETS[preset].max_evals if max_evals is None else max_evals,
                       time_budget=time_budget, seed=seed, baselines=baselines,
                       budget={"max_evals": max_evals, "time_budget": time_budget}, objective=objective,
-                      scored=scored, objective_settings=objective_settings)
+                      needles=needles)
 
 
-def needle_documents(tokenizer, documents, length: int, count: int):
-    """The needle objective's documents: a needle item of `length` tokens (needles.objective_items, in the
-    tokenizer's chat template when it has one) on each of `count` haystack windows of `documents`. Returns their
-    token ids [1, length], names (the windows'), how many documents were too short, the positions scored in each
-    (the answer values' tokens) and the objective's settings with a hash of every mask. Raises LongRoPEError when
-    `length` cannot hold an item."""
+def needle_documents(tokenizer, documents, length: int, count: int, objective: str) -> NeedleDocuments:
+    """The needle items of `objective` ("needle", "ppl+needle"): one of `length` tokens (needles.objective_items, in
+    the tokenizer's chat template when it has one) on each of `count` haystack windows of `documents`. Raises
+    LongRoPEError when `length` cannot hold an item."""
     windows, skipped = haystack_windows(tokenizer, ((d.name, d.text) for d in documents), length, count)
     chat = chat_frame(tokenizer, use_chat_template=True)
     try:
         items = objective_items(tokenizer, windows, length, chat=chat)
     except ItemTooShort as error:
-        raise LongRoPEError(f"{{objective}} needle: {error}", setting="objective", value="needle") from None
-    masks = [item.answer_positions for item in items]
-    settings = {"name": "needle", "task": OBJECTIVE_TASK, "items_seed": 0, "chat_template": bool(chat[0]),
+        raise LongRoPEError(f"{{objective}} {objective}: {error}", setting="objective", value=objective) from None
+    masks, tokens = [item.answer_positions for item in items], [torch.tensor([item.input_ids]) for item in items]
+    settings = {"name": objective, "task": OBJECTIVE_TASK, "items_seed": 0, "chat_template": bool(chat[0]),
                 "depths": [round(item.depth, 4) for item in items], "answer_tokens": [len(mask) for mask in masks],
+                "items_sha256": [tokens_sha256(ids) for ids in tokens],
                 "masks_sha256": hashlib.sha256(json.dumps(masks).encode()).hexdigest()}
-    return ([torch.tensor([item.input_ids]) for item in items], [window.name for window in windows], skipped,
-            [torch.tensor(mask) for mask in masks], settings)
+    return NeedleDocuments(tokens, [window.name for window in windows], skipped,
+                           [torch.tensor(mask) for mask in masks], settings)
 
 
 def _search_task(source, target: int | None, short: bool, n_hat: bool, max_factor: float | None,
@@ -510,15 +542,17 @@ class SearchRun:
         if len(self.documents) < documents:
             self.status(f"warning: --documents {documents}, but --data has only {len(self.documents)} windows of "
                         f"{self.eval_length} tokens; the search uses those")
-        if plan.objective_settings:
-            settings = plan.objective_settings
-            self.status(f"objective: answer-token perplexity of {len(self.documents)} {settings['task']} needle items "
-                        f"({sum(settings['answer_tokens'])} answer tokens; needles at depths "
-                        f"{', '.join(f'{d:.0%}' for d in settings['depths'])}"
-                        + (", in the chat template)" if settings["chat_template"] else ")"))
+        if plan.needles:
+            settings = plan.needles.settings
+            items = (f"{len(plan.needles.tokens)} {settings['task']} needle items ({sum(settings['answer_tokens'])} "
+                     f"answer tokens; needles at depths {', '.join(f'{d:.0%}' for d in settings['depths'])}"
+                     + (", in the chat template)" if settings["chat_template"] else ")"))
+            self.status(f"objective: answer-token perplexity of {items}" if plan.objective == "needle" else
+                        f"objective: perplexity; its {NEEDLE_FINALISTS} fittest ranked at the end on the answer-token "
+                        f"perplexity of {items}")
         self.log = SearchLog(log_path, lambda: search_log_header(
             source, self.task, self.document_names, self.documents, skipped, self.eval_length, self.seed,
-            self.preset_name, plan.budget, plan.objective_settings), resume, self.workers)
+            self.preset_name, plan.budget, plan.needles.settings if plan.needles else None), resume, self.workers)
         if resume:
             self.status(f"search log: {len(self.log.known)} evaluations replayed from {log_path}")
         where = f"device map {device_map}" if device_map else str(self.workers.device)
@@ -552,8 +586,9 @@ class SearchRun:
         fitness = ModelFitness(self.model, self.documents, self.log, self.workers, self.task, self.plan.scored)
         evolution = Evolution(self.task.space, self.task.initial, self.preset, fitness, seed=self.seed,
                               max_evals=self.max_evals, on_evaluation=on_evaluation, on_best=on_best)
-        # what comes after the evolution: the finalists' confirmation and the other attention scales
-        final_forwards = (evolution.reserve + max(len(self.task.attention_scales) - 1, 0)) * len(self.documents)
+        # what comes after the evolution: the finalists' confirmation, the other attention scales, the needle ranking
+        final_forwards = ((evolution.reserve + max(len(self.task.attention_scales) - 1, 0)) * len(self.documents)
+                          + self.plan.needle_ranking_forwards)
 
         def keep_going(reserve: float = 0.0) -> bool:
             """Within the time budget, leaving `reserve` forwards' worth of time (at the mean time of those computed)."""
@@ -566,6 +601,9 @@ class SearchRun:
         sets = baseline_sets(self.task) if self.baselines else {}
         baselines = baseline_perplexities(sets, fitness, keep_going, on_evaluation)
         result = evolution.run()
+        needle_ranking = {}
+        if self.plan.objective == "ppl+needle" and result.best is not None:
+            result, needle_ranking = self.rank_on_needles(evolution, result, keep_going, on_evaluation)
         attention_scales = measured_attention_scales(self.task, fitness, result, keep_going, on_evaluation)
         if result.best is not None:
             searched, searched_perplexity = searched_factor_set(self.task, result, attention_scales)
@@ -590,7 +628,7 @@ class SearchRun:
             "best_perplexity": round(best_perplexity, 4),
             "baseline_perplexities": {name: round(ppl, 4) for name, ppl in baselines.items()},
             "preset": self.preset_name,
-            **({"objective": self.plan.objective_settings} if self.plan.objective_settings else {}),
+            **({"objective": {**self.plan.needles.settings, **needle_ranking}} if self.plan.needles else {}),
             "space": ({"name": "critical", "critical_dimension": self.task.space.critical} if self.task.space.critical
                       else {"name": "full"}),
             **({"windows": [portable_document_name(name, self.data) for name in self.document_names]}
@@ -611,6 +649,26 @@ class SearchRun:
                    "baselines": baselines, "history": result.history, "seconds": seconds,
                    "finalists": [(perplexity, candidate.key) for perplexity, candidate in result.finalists]}
         return factor_set, summary
+
+    def rank_on_needles(self, evolution: Evolution, result: SearchResult, keep_going: Callable[[], bool],
+                        on_evaluation: Callable[[], None]) -> tuple[SearchResult, dict[str, Any]]:
+        """"ppl+needle": the NEEDLE_FINALISTS fittest by perplexity on every document (the evolution's finalists,
+        else its best scores) ranked on the needle items (evolution.rank_finalists, logged as "needle:<key>"); the
+        winner with its perplexity, and the ranking for the factor file. When keep_going() stops it before any
+        finalist is scored, the perplexity's best stays."""
+        needles = self.plan.needles
+        by_perplexity = result.finalists or sorted(
+            (score, candidate) for candidate, score in evolution.scores.items() if math.isfinite(score))
+        perplexity = {candidate: score for score, candidate in by_perplexity[:NEEDLE_FINALISTS]}
+        fitness = ModelFitness(self.model, needles.tokens, self.log, self.workers, self.task, needles.scored,
+                               key_prefix="needle:")
+        ranked = rank_finalists(list(perplexity), fitness, range(fitness.documents), {}, keep_going, on_evaluation)
+        if not ranked:
+            return result, {}
+        winner = ranked[0][1]
+        return (replace(result, best=winner, best_perplexity=perplexity[winner]),
+                {"ranked": [{"candidate": candidate.key, "answer_perplexity": round(answer, 4),
+                             "perplexity": round(perplexity[candidate], 4)} for answer, candidate in ranked]})
 
     @property
     def is_main(self) -> bool:
