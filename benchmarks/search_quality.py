@@ -71,7 +71,7 @@ VARIANTS = {
     "row": Variant("after, default preset, long mscale below n̂ (n_hat_mscale row)", "issue18",
                    settings={"n_hat_mscale": "row"}),
     "paper": Variant("after, --preset paper", "issue18", preset="paper", paper_seeds=True),
-    # the paper preset searches n_hat: 5 tries per mutated child make it up to 4,609 evaluations (18,436 forwards);
+    # the paper preset searches n_hat: 5 tries per mutated child make it up to 4,604 evaluations on the testbeds;
     # this machine got 1,200 of them (its run resumes the paper variant's log with the cap)
     "paper-1200": Variant("--preset paper, stopped at 1,200 evaluations", "issue18", preset="paper",
                           settings={"max_evals": 1200}, paper_seeds=True),
