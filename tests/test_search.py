@@ -375,6 +375,25 @@ def test_a_needle_search_writes_its_objective_and_words_its_fitness(tmp_path):
     assert done.returncode != 0 and "--objective needle: niah_multiquery at 300 tokens" in done.stderr
 
 
+def test_ppl_then_needle_ranks_the_fittest_by_perplexity_on_needle_items(tmp_path):
+    """--objective ppl+needle: the evolution on perplexity, then its 4 fittest scored on needle items (logged apart,
+    as needle:<key>) and the one with the lowest answer-token perplexity written, with its own perplexity."""
+    out = tmp_path / "f.json"
+    summary = run_search(TESTBED, "--target", 1024, "--data", SEARCH_DATA, "--documents", 2, "--max-evals", 5,
+                         "--no-baselines", "--objective", "ppl+needle", "--out", out)
+    entries = log_entries(out.with_name("f.json.log.jsonl"))
+    needle_entries = [e for e in entries if e["setting"].startswith("needle:")]
+    after = [e for e in entries[entries.index(needle_entries[0]):] if not e["setting"].startswith("attention:")]
+    assert len(needle_entries) == 4 * 2 and after == needle_entries  # after the evolution, before other scales
+    factor_set = load_factor_set(out)
+    ranked = factor_set.provenance["objective"]["ranked"]
+    assert [r["answer_perplexity"] for r in ranked] == sorted(r["answer_perplexity"] for r in ranked)
+    perplexities = {e["setting"] for e in entries if not e["setting"].startswith(("needle:", "attention:"))}
+    assert {f"needle:{r['candidate']}" for r in ranked} == {e["setting"] for e in needle_entries}
+    assert {r["candidate"] for r in ranked} <= perplexities
+    assert summary["objective"] == "ppl+needle" and round(summary["search_best_perplexity"], 4) == ranked[0]["perplexity"]
+
+
 def test_the_fitness_reports_each_evaluation_once_it_is_logged(tiny_llama_dir, tmp_path):
     """Per finished evaluation, not per batch: when on_result is called, that evaluation's line is in the log."""
     source = read_source(tiny_llama_dir)
