@@ -1,17 +1,25 @@
 """The needle-driven search objective (`search --objective needle`) against perplexity, at 8x on the testbeds.
 
-    python benchmarks/search_quality.py --work W --variants default-no-n-hat needle --seeds 0 1 2 \
-        --testbeds tiny-llama-256 tiny-llama3-256 tiny-llama-256-needles
-    python benchmarks/needle_objective.py --work W --testbeds tiny-llama-256 tiny-llama3-256 tiny-llama-256-needles
+    python benchmarks/search_quality.py --work W --variants default-no-n-hat needle --seeds 0 1 2
+    python benchmarks/search_quality.py --work W --variants ppl+needle --seeds 0 1 2 --reuse W/*default-no-n-hat-*.log.jsonl
+    python benchmarks/needle_objective.py --work W
+    # the testbed trained to retrieve (tests/testbed/train.py --needles), with the task it retrieves in its window:
+    python benchmarks/search_quality.py --work W --testbeds tiny-llama-256-needles \
+        --variants default-no-n-hat needle-single --seeds 0 1 2
+    python benchmarks/search_quality.py --work W --testbeds tiny-llama-256-needles --variants ppl+needle-single \
+        --seeds 0 1 2 --reuse W/tiny-llama-256-needles-default-no-n-hat-*.log.jsonl
+    python benchmarks/needle_objective.py --work W --testbeds tiny-llama-256-needles \
+        --variants default-no-n-hat needle-single ppl+needle-single
 
-The first command searches each testbed (window 256) for 2048 tokens on the search text (4 chapters of Tom Sawyer)
-with the default preset, once with the perplexity objective and once with the needle objective, for each seed.
-This script then measures every factor set found, and the analytic sets, on the evaluation text (The Adventures of
-Sherlock Holmes), which no search saw and no testbed was trained on:
+The search_quality.py commands search each testbed (window 256) for 2048 tokens on the search text (4 chapters of
+Tom Sawyer) with the default preset, with the perplexity objective and with the needle objectives (the --reuse
+runs replay the perplexity search and score its finalists on needle items), for each seed. This script then
+measures every factor set found, and the analytic sets, on the evaluation text (The Adventures of Sherlock Holmes),
+which no search saw and no testbed was trained on:
 
 - held-out perplexity: 4 stories, BOS + their first 2047 tokens (as search_quality.py);
-- answer-token perplexity: the needle objective's own measure (needles.objective_items: RULER multi-query items,
-  four keys asked, only the tokens of the answer's values scored) on 8 haystack windows of the held-out text;
+- answer-token perplexity: the needle objective's own measure (needles.objective_items: only the tokens of the
+  answer's values scored) on 8 haystack windows of the held-out text, for niah_single and niah_multiquery items;
 - retrieval gap: the answer tokens' mean NLL on the same items with the digits of the needles changed (d -> d+5
   mod 10, with_needle_digits_changed) minus that with the true needles, in nats per answer token: what the model takes from the needles. At 0
   the answers are guessed from the prompt alone; a model that copies every digit gets about ln 10 = 2.3;
@@ -33,8 +41,9 @@ TESTBEDS = ROOT / "tests" / "testbed"
 EVALUATION_TEXT = ROOT / "tests" / "data" / "sherlock_adventures.jsonl"
 TARGET, DOCUMENTS, ITEMS = 2048, 4, 8
 TASKS = ("niah_single", "niah_multikey", "niah_multiquery")
+ANSWER_TASKS = ("niah_single", "niah_multiquery")
 DEPTHS, TRIALS = (0.1, 0.3, 0.5, 0.7, 0.9), 2
-OBJECTIVES = {"default-no-n-hat": "perplexity", "needle": "needle"}  # search_quality.py's variants
+VARIANTS = ("default-no-n-hat", "needle", "ppl+needle")  # search_quality.py's, with its labels
 BASELINES = ("none", "pi", "ntk", "yarn", "llama3")
 
 
@@ -53,7 +62,7 @@ def with_needle_digits_changed(tokenizer, item) -> list[int]:
     return ids
 
 
-def measure(testbed: str, work: Path, seeds: list[int]) -> dict:
+def measure(testbed: str, work: Path, seeds: list[int], variants: list[str]) -> dict:
     """Every measure of every factor set (the searches' in `work`, the analytic ones) on the held-out text."""
     import torch
     from transformers import AutoTokenizer
@@ -75,58 +84,65 @@ def measure(testbed: str, work: Path, seeds: list[int]) -> dict:
     model = load_longrope_model(folder, longrope_config(source.config, source_factor_set(fingerprint, TARGET)))
     sets = {f"{variant}-{seed}": factor_set_from_json(
                 json.loads((work / f"{testbed}-{variant}-{seed}.json").read_text())["factor_set"])
-            for variant in OBJECTIVES for seed in seeds}
+            for variant in variants for seed in seeds}
     sets.update(baseline_factor_sets(fingerprint, TARGET))
     documents = tokenized_documents(tokenizer, read_documents([str(EVALUATION_TEXT)]), TARGET, DOCUMENTS)[0]
     texts = [(document.name, document.text) for document in read_documents([str(EVALUATION_TEXT)])]
     windows, _ = haystack_windows(tokenizer, texts, TARGET, ITEMS)
-    items = objective_items(tokenizer, windows, TARGET, chat=chat_frame(tokenizer, True))
-    scored = [torch.tensor(item.answer_positions) for item in items]
-    true_ids = [torch.tensor([item.input_ids]) for item in items]
-    control_ids = [torch.tensor([with_needle_digits_changed(tokenizer, item)]) for item in items]
+    answer_items = {task: objective_items(tokenizer, windows, TARGET, task=task, chat=chat_frame(tokenizer, True))
+                    for task in ANSWER_TASKS}
     niah, _ = needle_items(tokenizer, {task: [TARGET] for task in TASKS}, list(DEPTHS), TRIALS, seed=0,
                            haystack_texts=texts)
     results = {}
     with torch.inference_mode():
         for name, factor_set in sets.items():
-            answer = [document_nll(model, factor_set, ids, positions) for ids, positions in zip(true_ids, scored)]
-            control = [document_nll(model, factor_set, ids, positions) for ids, positions in zip(control_ids, scored)]
-            tokens = sum(count for _, count in answer)
-            results[name] = {
-                "held_out": perplexity_of(document_nll(model, factor_set, ids) for ids in documents),
-                "answer_ppl": perplexity_of(answer),
-                "retrieval_gap": (sum(nll for nll, _ in control) - sum(nll for nll, _ in answer)) / tokens,
-            }
+            results[name] = {"held_out": perplexity_of(document_nll(model, factor_set, ids) for ids in documents)}
+            for task, items in answer_items.items():
+                answer, control = [], []
+                for item in items:
+                    scored = torch.tensor(item.answer_positions)
+                    answer.append(document_nll(model, factor_set, torch.tensor([item.input_ids]), scored))
+                    control.append(document_nll(model, factor_set, torch.tensor(
+                        [with_needle_digits_changed(tokenizer, item)]), scored))
+                tokens = sum(count for _, count in answer)
+                results[name][task] = {"answer_ppl": perplexity_of(answer), "retrieval_gap": (
+                    sum(nll for nll, _ in control) - sum(nll for nll, _ in answer)) / tokens}
             print(f"{testbed} {name}: {results[name]}", flush=True)
     accuracy, answers = needle_accuracy(model, tokenizer, sets, niah, {name: {task: [TARGET] for task in TASKS}
                                                                      for name in sets}, batch_size=5)
     for name in sets:
         results[name]["niah"] = {task: 100 * statistics.mean(accuracy[task][name][TARGET].values()) for task in TASKS}
-    return {"testbed": testbed, "seeds": seeds, "answer_tokens": [len(s) for s in scored], "sets": results,
-            "answers": answers}
+    return {"testbed": testbed, "seeds": seeds, "variants": variants, "sets": results, "answers": answers,
+            "answer_tokens": {task: sum(len(item.answer_positions) for item in items)
+                              for task, items in answer_items.items()}}
 
 
 def table(measured: dict) -> str:
-    """The Markdown table of one testbed: per objective, each seed and the median; then the analytic sets."""
+    """The Markdown table of one testbed: per search variant, each seed and the median; then the analytic sets."""
+    from search_quality import VARIANTS as LABELS
+
     sets, seeds = measured["sets"], measured["seeds"]
-    lines = [f"**{measured['testbed']}** ({sum(measured['answer_tokens'])} answer tokens in {ITEMS} held-out items)",
-             "", "| factors | held-out ppl | answer-token ppl | retrieval gap (nats/token) | "
-             + " | ".join(f"{task} %" for task in TASKS) + " |", "|---|---|---|---|" + "---|" * len(TASKS)]
+    tokens = ", ".join(f"{task} {count}" for task, count in measured["answer_tokens"].items())
+    lines = [f"**{measured['testbed']}** (answer tokens in the {ITEMS} held-out items: {tokens})", "",
+             "| factors | held-out ppl | " + " | ".join(f"{task}: answer ppl | {task}: retrieval gap"
+                                                      for task in ANSWER_TASKS)
+             + " | " + " | ".join(f"NIAH {task} %" for task in TASKS) + " |",
+             "|---|---|" + "---|---|" * len(ANSWER_TASKS) + "---|" * len(TASKS)]
 
     def cells(values: list[float], digits: int) -> str:
         each = " / ".join(f"{v:.{digits}f}" for v in values)
         return f"{each} (**{statistics.median(values):.{digits}f}**)" if len(values) > 1 else each
 
-    for variant, label in OBJECTIVES.items():
-        runs = [sets[f"{variant}-{seed}"] for seed in seeds]
-        lines.append(f"| searched, {label} objective, seeds {', '.join(map(str, seeds))} | "
-                     f"{cells([r['held_out'] for r in runs], 3)} | {cells([r['answer_ppl'] for r in runs], 2)} | "
-                     f"{cells([r['retrieval_gap'] for r in runs], 3)} | "
-                     + " | ".join(cells([r['niah'][task] for r in runs], 0) for task in TASKS) + " |")
-    for name in BASELINES:
-        run = sets[name]
-        lines.append(f"| {name} | {run['held_out']:.3f} | {run['answer_ppl']:.2f} | {run['retrieval_gap']:.3f} | "
-                     + " | ".join(f"{run['niah'][task]:.0f}" for task in TASKS) + " |")
+    def row(label: str, runs: list[dict]) -> str:
+        answer = [cells([r[task][key] for r in runs], digits) for task in ANSWER_TASKS
+                  for key, digits in (("answer_ppl", 2), ("retrieval_gap", 3))]
+        niah = [cells([r["niah"][task] for r in runs], 0) for task in TASKS]
+        return f"| {label} | {cells([r['held_out'] for r in runs], 3)} | " + " | ".join(answer + niah) + " |"
+
+    for variant in measured["variants"]:
+        lines.append(row(f"{LABELS[variant].label}, seeds {', '.join(map(str, seeds))}",
+                         [sets[f"{variant}-{seed}"] for seed in seeds]))
+    lines += [row(name, [sets[name]]) for name in BASELINES]
     return "\n".join(lines)
 
 
@@ -135,11 +151,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="search_quality.py's --work folder")
     parser.add_argument("--testbeds", nargs="+", default=["tiny-llama-256", "tiny-llama3-256"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     args = parser.parse_args()
     for testbed in args.testbeds:
         out = args.work / f"needle_objective-{testbed}.json"
         if not out.exists():
-            out.write_text(json.dumps(measure(testbed, args.work, args.seeds), indent=1))
+            out.write_text(json.dumps(measure(testbed, args.work, args.seeds, args.variants), indent=1))
         print(table(json.loads(out.read_text())) + "\n", flush=True)
 
 

@@ -83,9 +83,17 @@ VARIANTS = {
                         settings={"space": "critical", "n_hat": True}, n_hat_sweeps=False),
     "default-no-n-hat": Variant("default preset, full space, n̂ not searched (the default)", "this",
                                 settings={"space": "full", "n_hat": False}, n_hat_sweeps=False),
-    # issue 26: the needle-driven objective, all else as the default (benchmarks/needle_objective.py compares)
+    # issue 26: the needle-driven objectives, all else as the default (benchmarks/needle_objective.py compares)
     "needle": Variant("default preset, --objective needle", "this",
                       settings={"space": "full", "n_hat": False, "objective": "needle"}, n_hat_sweeps=False),
+    "ppl+needle": Variant("default preset, --objective ppl+needle", "this",
+                          settings={"space": "full", "n_hat": False, "objective": "ppl+needle"}, n_hat_sweeps=False),
+    "needle-single": Variant("default preset, --objective needle --needle-task niah_single", "this",
+                             settings={"space": "full", "n_hat": False, "objective": "needle",
+                                       "needle_task": "niah_single"}, n_hat_sweeps=False),
+    "ppl+needle-single": Variant("default preset, --objective ppl+needle --needle-task niah_single", "this",
+                                 settings={"space": "full", "n_hat": False, "objective": "ppl+needle",
+                                           "needle_task": "niah_single"}, n_hat_sweeps=False),
 }
 # "row" is left out unless asked for: the second table measures both scales on every searched lambda for less.
 DEFAULT_VARIANTS = ("before", "after", "no-n-hat", "paper")

@@ -12,7 +12,7 @@ API = ("convert_checkpoint", "plan_job", "run_job", "search_factors", "evaluate_
        "export_gguf", "evaluation_tables", "JobPlan", "JobResult", "ConversionResult", "SearchSettings",
        "SearchOutcome", "EvaluationResult", "PushResult", "FactorSet", "Progress", "Status", "no_progress", "quiet",
        "ANALYTIC_METHODS", "DEFAULT_INIT", "DEFAULT_SPACE", "SEARCH_PRESETS", "SEARCH_SPACES", "RULER_TASKS",
-       "DEFAULT_OBJECTIVE", "SEARCH_OBJECTIVES",
+       "DEFAULT_OBJECTIVE", "SEARCH_OBJECTIVES", "DEFAULT_NEEDLE_TASK",
        "EVAL_DIR", "LongRoPEError")
 __all__ = ["__version__", *API]
 

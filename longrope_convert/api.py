@@ -35,7 +35,7 @@ from .job import (
     run_job,
     search_and_convert,
 )
-from .needles import RULER_TASKS
+from .needles import OBJECTIVE_TASK, RULER_TASKS
 from .preflight import check_push
 from .publish import PushResult, check_converted
 
@@ -49,13 +49,14 @@ __all__ = [
     "JobPlan", "JobResult", "ConversionResult", "SearchSettings", "SearchOutcome", "EvaluationResult", "PushResult",
     "FactorSet", "Progress", "Status", "no_progress", "quiet",
     "ANALYTIC_METHODS", "DEFAULT_INIT", "DEFAULT_SPACE", "SEARCH_PRESETS", "SEARCH_SPACES", "RULER_TASKS",
-    "DEFAULT_OBJECTIVE", "SEARCH_OBJECTIVES",
+    "DEFAULT_OBJECTIVE", "SEARCH_OBJECTIVES", "DEFAULT_NEEDLE_TASK",
     "EVAL_DIR", "LongRoPEError",
 ]
 
 SEARCH_PRESETS = PRESETS  # {name: evolution.Preset}: "default" (few evaluations) and "paper" (LongRoPE's settings)
 SEARCH_SPACES = SPACES  # "full", "critical"
-SEARCH_OBJECTIVES = OBJECTIVES  # "ppl" (perplexity of the documents), "needle" (of needle items' answer tokens)
+SEARCH_OBJECTIVES = OBJECTIVES  # "ppl" (perplexity of the documents), "needle" (of needle items' answer tokens), ...
+DEFAULT_NEEDLE_TASK = OBJECTIVE_TASK  # the needle objective's items: RULER's multi-query (one of RULER_TASKS)
 
 
 def convert_checkpoint(*, source: str | Path, target: int, factors: str | Path | None = None,

@@ -17,6 +17,7 @@ from . import __version__
 from .api import (
     ANALYTIC_METHODS,
     DEFAULT_INIT,
+    DEFAULT_NEEDLE_TASK,
     DEFAULT_OBJECTIVE,
     DEFAULT_SPACE,
     EVAL_DIR,
@@ -123,7 +124,10 @@ def search_options(command):
         click.option("--objective", type=click.Choice(list(SEARCH_OBJECTIVES)), default=DEFAULT_OBJECTIVE,
                      show_default=True,
                      help="'ppl': perplexity of the documents; 'needle': perplexity of the answer tokens only of "
-                          "needle items (four keys asked, RULER's multi-query) built on them (LongRoPE2)."),
+                          "needle items built on them (LongRoPE2); 'ppl+needle': perplexity, its 4 fittest ranked "
+                          "on the needle items."),
+        click.option("--needle-task", type=click.Choice(list(RULER_TASKS)), default=DEFAULT_NEEDLE_TASK,
+                     show_default=True, help="The needle items' task (RULER's) for --objective needle|ppl+needle."),
         click.option("--max-evals", type=click.FloatRange(min=1), default=None, callback=_finite,
                      help="Budget in evaluations (one candidate on all documents; baselines not counted), never "
                           "exceeded; replaces the preset's."),
@@ -151,8 +155,8 @@ def search_options(command):
     return command
 
 
-SEARCH_SETTINGS = ("documents", "preset", "space", "objective", "max_evals", "time_budget", "seed", "n_hat",
-                   "max_factor", "baselines", "device_map")
+SEARCH_SETTINGS = ("documents", "preset", "space", "objective", "needle_task", "max_evals", "time_budget", "seed",
+                   "n_hat", "max_factor", "baselines", "device_map")
 
 
 @cli.command(epilog=EXAMPLES)

@@ -36,6 +36,7 @@ from .errors import LongRoPEError
 from .evolution import DEFAULT_OBJECTIVE, OBJECTIVE_LABELS
 from .factors import CLASSIC_METHODS, FactorSet
 from .fetch import open_source
+from .needles import OBJECTIVE_TASK
 from .preflight import check_data, check_push, check_search_outputs
 from .progress import StepTimer
 from .publish import PushResult, loading_snippet, push_folder
@@ -97,7 +98,8 @@ class SearchSettings:
     (`max_evals` evaluations, one = a candidate on every document, None: the preset's; `time_budget` seconds from
     the first evaluation), `seed`, whether n_hat is searched, the factors' upper bound `max_factor` (None: 1.25 x
     the extension), whether the baselines are measured on the same documents, and the `objective` the fitness
-    measures ("ppl": perplexity of the documents; "needle": of the answer tokens of needle items built on them)."""
+    measures ("ppl": perplexity of the documents; "needle": of the answer tokens of `needle_task` items built on
+    them; "ppl+needle": perplexity, its fittest ranked on those items)."""
 
     documents: int = 4
     preset: str = "default"
@@ -108,7 +110,8 @@ class SearchSettings:
     n_hat: bool | None = None  # None: the preset's (paper: searched; default: not)
     max_factor: float | None = None
     baselines: bool = True
-    objective: str = DEFAULT_OBJECTIVE  # "ppl" or "needle" (evolution.OBJECTIVES)
+    objective: str = DEFAULT_OBJECTIVE  # "ppl", "needle" or "ppl+needle" (evolution.OBJECTIVES)
+    needle_task: str = OBJECTIVE_TASK  # the needle items' task (one of needles.RULER_TASKS)
 
 
 @dataclass

@@ -56,7 +56,7 @@ from .factors import (
     provenance_count,
     source_factor_set,
 )
-from .needles import OBJECTIVE_TASK, ItemTooShort, chat_frame, haystack_windows, objective_items
+from .needles import OBJECTIVE_TASK, RULER_TASKS, ItemTooShort, chat_frame, haystack_windows, objective_items
 from .perplexity import token_nll, use_factor_set
 from .search_log import LOG_VERSION, SearchLog, config_sha256, file_sha256, tokens_sha256
 from .source_rope import critical_dimension, long_attention_scales
@@ -417,10 +417,11 @@ def plan_search(*, source, data: list[str], target: int | None, log_path: Path |
                 preset: str = "default", max_evals: float | None = None, time_budget: float | None = None,
                 seed: int = 0, n_hat: bool | None = None, short: bool = False, max_factor: float | None = None,
                 resume: bool = False, baselines: bool = True, n_hat_mscale: str | None = None,
-                space: str | None = None, objective: str = DEFAULT_OBJECTIVE) -> SearchPlan:
+                space: str | None = None, objective: str = DEFAULT_OBJECTIVE,
+                needle_task: str = OBJECTIVE_TASK) -> SearchPlan:
     """Check a search of `source` (a source.SourceModel) and prepare it without loading the model: the task, the
     documents of `data` tokenized (`documents` of them, of the evaluation length: `target`, or the original window
-    with `short`; with the "needle" `objective`, as many needle items built on them, needle_documents), the budget
+    with `short`; with the "needle" `objective`, as many `needle_task` items built on them, needle_documents), the budget
     (`max_evals` evaluations, default the preset's; `time_budget` seconds), n_hat searched or not (`n_hat`, default
     the preset's). Writes nothing. Raises LongRoPEError for settings that cannot be searched, DataError for
     unreadable data, LongRoPEError when no document is long enough."""
@@ -438,11 +439,15 @@ def plan_search(*, source, data: list[str], target: int | None, log_path: Path |
     if objective not in OBJECTIVES:
         raise LongRoPEError(f"{{objective}} must be one of {', '.join(OBJECTIVES)}, got {objective!r}",
                             setting="objective", value=objective)
+    if needle_task not in RULER_TASKS:
+        raise LongRoPEError(f"{{needle_task}} must be one of {', '.join(RULER_TASKS)}, got {needle_task!r}",
+                            setting="needle_task", value=needle_task)
     task, eval_length = _search_task(source, target, short, n_hat, max_factor, n_hat_mscale, space)
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
     needles = None
     if objective != "ppl":
-        needles = needle_documents(tokenizer, read_documents(list(data)), eval_length, documents, objective)
+        needles = needle_documents(tokenizer, read_documents(list(data)), eval_length, documents, objective,
+                                   needle_task)
     if objective == "needle":
         tokens, names, skipped = needles.tokens, needles.names, needles.skipped
     else:
@@ -459,18 +464,19 @@ def plan_search(*, source, data: list[str], target: int | None, log_path: Path |
                       needles=needles)
 
 
-def needle_documents(tokenizer, documents, length: int, count: int, objective: str) -> NeedleDocuments:
-    """The needle items of `objective` ("needle", "ppl+needle"): one of `length` tokens (needles.objective_items, in
-    the tokenizer's chat template when it has one) on each of `count` haystack windows of `documents`. Raises
-    LongRoPEError when `length` cannot hold an item."""
+def needle_documents(tokenizer, documents, length: int, count: int, objective: str,
+                     task: str = OBJECTIVE_TASK) -> NeedleDocuments:
+    """The needle items of `objective` ("needle", "ppl+needle"): one of `task` and `length` tokens
+    (needles.objective_items, in the tokenizer's chat template when it has one) on each of `count` haystack windows
+    of `documents`. Raises LongRoPEError when `length` cannot hold an item."""
     windows, skipped = haystack_windows(tokenizer, ((d.name, d.text) for d in documents), length, count)
     chat = chat_frame(tokenizer, use_chat_template=True)
     try:
-        items = objective_items(tokenizer, windows, length, chat=chat)
+        items = objective_items(tokenizer, windows, length, task=task, chat=chat)
     except ItemTooShort as error:
         raise LongRoPEError(f"{{objective}} {objective}: {error}", setting="objective", value=objective) from None
     masks, tokens = [item.answer_positions for item in items], [torch.tensor([item.input_ids]) for item in items]
-    settings = {"name": objective, "task": OBJECTIVE_TASK, "items_seed": 0, "chat_template": bool(chat[0]),
+    settings = {"name": objective, "task": task, "items_seed": 0, "chat_template": bool(chat[0]),
                 "depths": [round(item.depth, 4) for item in items], "answer_tokens": [len(mask) for mask in masks],
                 "items_sha256": [tokens_sha256(ids) for ids in tokens],
                 "masks_sha256": hashlib.sha256(json.dumps(masks).encode()).hexdigest()}
@@ -511,7 +517,7 @@ class SearchRun:
                  time_budget: float | None = None, seed: int = 0, n_hat: bool | None = None, short: bool = False,
                  max_factor: float | None = None, resume: bool = False, baselines: bool = True,
                  device_map: str | None = None, n_hat_mscale: str | None = None, space: str | None = None,
-                 objective: str = DEFAULT_OBJECTIVE, plan: SearchPlan | None = None,
+                 objective: str = DEFAULT_OBJECTIVE, needle_task: str = OBJECTIVE_TASK, plan: SearchPlan | None = None,
                  status: Callable[[str], None] = lambda message: None) -> None:
         from .convert import longrope_config
         from .perplexity import load_longrope_model
@@ -520,7 +526,7 @@ class SearchRun:
             plan = plan_search(source=source, data=data, target=target, log_path=log_path, documents=documents,
                                preset=preset, max_evals=max_evals, time_budget=time_budget, seed=seed, n_hat=n_hat,
                                short=short, max_factor=max_factor, resume=resume, baselines=baselines,
-                               n_hat_mscale=n_hat_mscale, space=space, objective=objective)
+                               n_hat_mscale=n_hat_mscale, space=space, objective=objective, needle_task=needle_task)
         self.plan = plan
         self.workers = Workers()
         self.status = status if self.workers.is_main else (lambda message: None)
