@@ -274,7 +274,7 @@ def table(testbed: str, variants: dict[str, Variant], results: dict[str, dict[in
              "|---|---|---|---|---|---|---|---|"]
     for name, variant in variants.items():
         runs = results.get(name) or {}
-        if not runs:
+        if not runs or not variant.n_hat_sweeps:  # the cost table shows the others
             continue
         seeds = sorted(runs)
         held_out = [runs[s]["held_out"] for s in seeds]
