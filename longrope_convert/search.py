@@ -453,7 +453,7 @@ def plan_search(*, source, data: list[str], target: int | None, log_path: Path |
     else:
         tokens, names, skipped = tokenized_documents(tokenizer, read_documents(list(data)), eval_length,
                                                      limit=documents, windows=True)
-    if not tokens:
+    if not tokens or needles is not None and not needles.tokens:  # no item to rank ppl+needle's finalists on either
         raise DataError(f"{{data}} has no document of at least {eval_length} tokens ({skipped} shorter ones skipped)",
                         setting="data", bound=eval_length)
     return SearchPlan(source=source, task=task, eval_length=eval_length, data=list(data), documents=tokens,
