@@ -244,10 +244,12 @@ def _factors_section(factor_set: FactorSet, plotted: bool) -> str:
     if composition:
         how += _composition_text(factor_set, composition)
         rows += _composition_rows(factor_set, composition)
+    needle_fitness = (provenance.get("objective") or {}).get("name") == "needle"  # the fitness: answer tokens only
     for key in ("data", "documents", "eval_length", "objective", "evaluations", "best_perplexity",
                 "baseline_perplexities", "preset", "budget", "seed", "base_factors", "tool_version", "created"):
         if key in provenance:
-            rows.append((key, _provenance_text(key, provenance[key])))
+            measured_on_answers = key in ("best_perplexity", "baseline_perplexities") and needle_fitness
+            rows.append((f"{key} (answer tokens)" if measured_on_answers else key, _provenance_text(key, provenance[key])))
     table = "| | |\n|---|---|\n" + "".join(f"| {key} | {value} |\n" for key, value in rows)
     plot = "\nλ per frequency dimension against the classic methods: ![factors](eval/factors.png)\n" if plotted else ""
     return f"## Factors\n\n{how}The full factor set is in `longrope_factors.json`.\n\n{table}{plot}"
@@ -258,9 +260,12 @@ def _provenance_text(key: str, value: Any) -> str:
     file), counts as integers when whole, objects as JSON."""
     if key == "data" and isinstance(value, list):
         return ", ".join(_data_text(entry) for entry in value)
-    if key == "objective" and isinstance(value, dict) and value.get("name") == "needle":
-        return (f"needle: answer-token perplexity of {len(value.get('depths', []))} {value.get('task')} items "
-                f"({sum(value.get('answer_tokens', []))} answer tokens)")
+    if key == "objective" and isinstance(value, dict) and "answer_tokens" in value:
+        items = (f"answer-token perplexity of {len(value['answer_tokens'])} {value.get('task')} items "
+                 f"({sum(value['answer_tokens'])} answer tokens)")
+        if value.get("name") == "needle":
+            return f"needle: {items}"
+        return f"{value.get('name')}: perplexity, its {len(value.get('ranked', []))} fittest ranked on the {items}"
     if key == "evaluations" and isinstance(value, (int, float)):
         return f"{provenance_count(value):g}"
     if key == "base_factors" and isinstance(value, dict):

@@ -442,6 +442,9 @@ def plan_search(*, source, data: list[str], target: int | None, log_path: Path |
     if needle_task not in RULER_TASKS:
         raise LongRoPEError(f"{{needle_task}} must be one of {', '.join(RULER_TASKS)}, got {needle_task!r}",
                             setting="needle_task", value=needle_task)
+    if objective == "ppl" and needle_task != OBJECTIVE_TASK:
+        raise LongRoPEError("{needle_task} applies to {objective} needle or ppl+needle", setting="needle_task",
+                            value=needle_task)
     task, eval_length = _search_task(source, target, short, n_hat, max_factor, n_hat_mscale, space)
     tokenizer = AutoTokenizer.from_pretrained(source.folder)
     needles = None
@@ -653,7 +656,8 @@ class SearchRun:
                    "search_best_perplexity": result.best_perplexity, "evaluations": result.evaluations,
                    "iterations": result.iterations, "stopped_by": result.stopped_by, "n_hat": factor_set.n_hat,
                    "baselines": baselines, "history": result.history, "seconds": seconds,
-                   "finalists": [(perplexity, candidate.key) for perplexity, candidate in result.finalists]}
+                   "finalists": [(perplexity, candidate.key) for perplexity, candidate in result.finalists],
+                   **({"needle_ranking": needle_ranking["ranked"]} if needle_ranking else {})}
         return factor_set, summary
 
     def rank_on_needles(self, evolution: Evolution, result: SearchResult, keep_going: Callable[[], bool],

@@ -112,7 +112,7 @@ def header_difference(logged: dict[str, Any], header: dict[str, Any]) -> str:
     the budget may change between runs."""
     for field in ("mode", "target_length", "eval_length", "objective"):  # these change the documents' tokens too
         if logged.get(field) != header.get(field):
-            return f"the setting '{field}' changed (the log has {logged.get(field)!r})"
+            return _setting_changed(field, logged.get(field), header.get(field))
     logged_documents, documents = logged.get("documents") or [], header["documents"]
     if [d.get("name") for d in logged_documents] != [d["name"] for d in documents]:
         return f"the documents changed (the log has {[d.get('name') for d in logged_documents]})"
@@ -128,8 +128,19 @@ def header_difference(logged: dict[str, Any], header: dict[str, Any]) -> str:
             return f"the model's weights changed ({name})"
     for field in {**logged, **header}:  # a setting absent from one side (the perplexity objective's) differs too
         if field not in ("kind", "budget", "documents", "model_files") and logged.get(field) != header.get(field):
-            return f"the setting '{field}' changed (the log has {logged.get(field)!r})"
+            return _setting_changed(field, logged.get(field), header.get(field))
     return ""
+
+
+def _setting_changed(field: str, logged: Any, now: Any) -> str:
+    """A changed setting in words; of settings that are objects (the needle objective's), the first part that
+    differs, and an absent one as the perplexity objective's."""
+    if isinstance(logged, dict) and isinstance(now, dict):
+        part = next(key for key in {**logged, **now} if logged.get(key) != now.get(key))
+        return f"the setting '{field}' changed (its '{part}' was {logged.get(part)!r}, now {now.get(part)!r})"
+    if field == "objective":
+        logged, now = ((value or {}).get("name", "ppl") for value in (logged, now))
+    return f"the setting '{field}' changed (the log has {logged!r}, this search {now!r})"
 
 
 def read_evaluations(content: bytes, path: Path) -> tuple[dict[tuple[str, int], NLL], int]:

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
 from conftest import DATA, TINY_WINDOW, edit_json
+from longrope_convert.card import _factors_section
 from longrope_convert.job import resume_command
 from longrope_convert.convert import longrope_config
 from longrope_convert.errors import LongRoPEError
@@ -312,7 +313,7 @@ def test_resume_is_refused_when_a_document_the_config_or_the_weights_changed(tmp
     open_search(resume=True)  # unchanged: accepted
     with pytest.raises(LongRoPEError, match="the setting 'target_length' changed"):  # not "document ... changed"
         open_search(resume=True, target=2048)
-    with pytest.raises(LongRoPEError, match="the setting 'objective' changed"):
+    with pytest.raises(LongRoPEError, match="the setting 'objective' changed \\(the log has 'ppl', this search 'needle'\\)"):
         open_search(resume=True, objective="needle")
 
     books = data.read_text()
@@ -340,7 +341,7 @@ def test_the_needle_objective_scores_the_answer_values_only_on_whole_items(tmp_p
     of the tokens of the answer's values: the masked sum of every token's NLL, blind to what follows them."""
     plan = plan_search(source=read_source(TESTBED), data=[str(SEARCH_DATA)], target=1024, documents=2,
                        objective="needle")
-    assert "2 needle items, " in plan.caps_line and plan.objective_settings["task"] == "niah_multiquery"
+    assert "2 needle items, " in plan.caps_line and plan.needles.settings["task"] == "niah_multiquery"
     model = model_with(TESTBED, plan.task.base)
     factor_set = analytic_factor_set("yarn", read_source(TESTBED).fingerprint, 1024)
     for ids, scored in zip(plan.documents, plan.scored):
@@ -373,6 +374,11 @@ def test_a_needle_search_writes_its_objective_and_words_its_fitness(tmp_path):
                                                        "needle", "--out", tmp_path / "g.json"))],
                           capture_output=True, text=True)
     assert done.returncode != 0 and "--objective needle: niah_multiquery at 300 tokens" in done.stderr
+    with pytest.raises(LongRoPEError, match="needle_task applies to objective needle or ppl\\+needle"):
+        plan_search(source=read_source(TESTBED), data=[str(SEARCH_DATA)], target=1024, needle_task="vt")
+    section = _factors_section(load_factor_set(out), plotted=False)  # the card says what the fitness measured
+    assert "| objective | needle: answer-token perplexity of 2 niah_multiquery items (" in section
+    assert "| best_perplexity (answer tokens) |" in section
 
 
 def test_ppl_then_needle_ranks_the_fittest_by_perplexity_on_needle_items(tmp_path):
@@ -392,6 +398,9 @@ def test_ppl_then_needle_ranks_the_fittest_by_perplexity_on_needle_items(tmp_pat
     assert {f"needle:{r['candidate']}" for r in ranked} == {e["setting"] for e in needle_entries}
     assert {r["candidate"] for r in ranked} <= perplexities
     assert summary["objective"] == "ppl+needle" and round(summary["search_best_perplexity"], 4) == ranked[0]["perplexity"]
+    assert summary["needle_ranking"] == ranked
+    assert "| objective | ppl+needle: perplexity, its 4 fittest ranked on the answer-token perplexity of 2 " in (
+        _factors_section(factor_set, plotted=False))
 
 
 def test_the_fitness_reports_each_evaluation_once_it_is_logged(tiny_llama_dir, tmp_path):
