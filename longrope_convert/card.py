@@ -249,7 +249,8 @@ def _factors_section(factor_set: FactorSet, plotted: bool) -> str:
                 "baseline_perplexities", "preset", "budget", "seed", "base_factors", "tool_version", "created"):
         if key in provenance:
             measured_on_answers = key in ("best_perplexity", "baseline_perplexities") and needle_fitness
-            rows.append((f"{key} (answer tokens)" if measured_on_answers else key, _provenance_text(key, provenance[key])))
+            label = f"{key} (answer tokens)" if measured_on_answers else key
+            rows.append((label, _provenance_text(key, provenance[key])))
     table = "| | |\n|---|---|\n" + "".join(f"| {key} | {value} |\n" for key, value in rows)
     plot = "\nλ per frequency dimension against the classic methods: ![factors](eval/factors.png)\n" if plotted else ""
     return f"## Factors\n\n{how}The full factor set is in `longrope_factors.json`.\n\n{table}{plot}"

@@ -11,7 +11,8 @@ from typing import Any
 # The Python API's argument names that messages may name, as placeholders `{name}` (never a path's own braces).
 SETTINGS = frozenset({"target", "factors", "revision", "output", "overwrite", "out", "log", "resume", "convert_to",
                       "data", "short", "space", "push_to", "lengths", "needle_lengths", "passkey_lengths", "needles",
-                      "stride", "beyond_target", "baselines", "device_map", "gguf", "preset", "objective", "needle_task"})
+                      "stride", "beyond_target", "baselines", "device_map", "gguf", "preset", "objective",
+                      "needle_task"})
 PLACEHOLDER = re.compile(r"\{(" + "|".join(sorted(SETTINGS)) + r")\}")
 
 

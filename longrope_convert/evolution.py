@@ -113,7 +113,8 @@ SPACES = ("full", "critical")
 DEFAULT_SPACE = "full"
 # What a search's Fitness measures (search.ModelFitness): "ppl", the perplexity of whole documents (LongRoPE);
 # "needle", the perplexity of the answer tokens of needle items built on the documents (LongRoPE2's needle-driven
-# perplexity, search.needle_documents); "ppl+needle", perplexity, with its fittest few ranked on needle items at the end.
+# perplexity, search.needle_documents); "ppl+needle", perplexity, with its fittest few ranked on needle items at the
+# end.
 OBJECTIVES = ("ppl", "needle", "ppl+needle")
 DEFAULT_OBJECTIVE = "ppl"
 OBJECTIVE_LABELS = {"ppl": "perplexity", "needle": "answer-token perplexity", "ppl+needle": "perplexity"}

@@ -14,8 +14,8 @@ drawn from the item's seed, as RULER draws them all (variable tracking: its late
 order). The token positions of each needle and of its value come from the assembled ids themselves.
 
 With `gold=True` the expected answer's tokens follow the prompt and the item is exactly `length` tokens,
-for scoring answers without generating (the search's needle objective: objective_items); otherwise the prompt leaves `answer_tokens`
-tokens of room for generation and the answer is scored as RULER scores it (string_match_all: the share
+for scoring answers without generating (the search's needle objective: objective_items); otherwise the prompt
+leaves `answer_tokens` tokens of room for generation and the answer is scored as RULER scores it (string_match_all: the share
 of expected values found in the output, case-insensitive), the passkey as the first number answered.
 
 Torch-free; deterministic for a seed.

@@ -156,7 +156,8 @@ def token_nll(model, input_ids: torch.Tensor, chunk_size: int | None = None,
     head = model.lm_head
     if positions is not None:  # the token at p is predicted from the hidden state at p - 1
         positions = positions.to(input_ids.device)
-        hidden, targets = hidden[0, positions - 1].to(head.weight.device), input_ids[0, positions].to(head.weight.device)
+        hidden = hidden[0, positions - 1].to(head.weight.device)
+        targets = input_ids[0, positions].to(head.weight.device)
     else:
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1]).to(head.weight.device)  # [batch x (n-1), hidden]
         targets = input_ids[:, 1:].reshape(-1).to(head.weight.device)

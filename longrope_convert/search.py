@@ -421,8 +421,8 @@ def plan_search(*, source, data: list[str], target: int | None, log_path: Path |
                 needle_task: str = OBJECTIVE_TASK) -> SearchPlan:
     """Check a search of `source` (a source.SourceModel) and prepare it without loading the model: the task, the
     documents of `data` tokenized (`documents` of them, of the evaluation length: `target`, or the original window
-    with `short`; with the "needle" `objective`, as many `needle_task` items built on them, needle_documents), the budget
-    (`max_evals` evaluations, default the preset's; `time_budget` seconds), n_hat searched or not (`n_hat`, default
+    with `short`; with the "needle" `objective`, as many `needle_task` items built on them, needle_documents), the
+    budget (`max_evals` evaluations, default the preset's; `time_budget` seconds), n_hat searched or not (`n_hat`, default
     the preset's). Writes nothing. Raises LongRoPEError for settings that cannot be searched, DataError for
     unreadable data, LongRoPEError when no document is long enough."""
     from transformers import AutoTokenizer
